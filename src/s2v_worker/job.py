@@ -1,0 +1,263 @@
+"""The job schema: a pure function from RunPod's job JSON to a validated `JobRequest`.
+
+Nothing here touches the network, the disk or the GPU, so every rule is tested directly (and by
+property-based tests) without a model. Each violated rule raises `JobInputError`, whose message names
+the field and the rule; the runner returns that message to the client as `{"error": ...}`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+# The official Wan2.2 S2V default negative prompt (wan/configs/wan_s2v_14B.py, `sample_neg_prompt`).
+# It is read from the installed package at load time too; this copy lets validation run without it,
+# and a test checks that the two are the same.
+DEFAULT_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+RESOLUTIONS = ("480p", "720p")
+SOLVERS = ("unipc", "dpm++")
+OUTPUT_FPS = (24, 16)
+MAX_SEED = 2**62  # seed + clip index must stay inside torch's int64 generator seed
+MAX_PROMPT_CHARS = 5000
+
+
+class JobInputError(ValueError):
+    """The job's JSON breaks a rule of the schema. The message is safe to return to the client."""
+
+
+@dataclass(frozen=True)
+class MediaSource:
+    """Where one input comes from: an http(s) URL or base64 text (raw or a data: URI)."""
+
+    field: str  # the job field it came from, used in error messages
+    url: str | None = None
+    base64: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageOverride:
+    """RunPod's per-job `s3Config`: replaces the bucket settings for this job only."""
+
+    access_id: str
+    access_secret: str
+    bucket_name: str
+    endpoint_url: str
+
+    def __repr__(self) -> str:
+        return f"StorageOverride(bucket_name={self.bucket_name!r}, endpoint_url={self.endpoint_url!r})"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str
+    negative_prompt: str
+    resolution: str
+    sample_steps: int
+    guidance_scale: float
+    shift: float
+    solver: str
+    seed: int | None
+    infer_frames: int
+    max_clips: int | None
+    fps: int
+    init_first_frame: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    image: MediaSource
+    audio: MediaSource
+    pose_video: MediaSource | None
+    generation: GenerationSettings
+    storage: StorageOverride | None
+
+
+# --- field rules ----------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _string(field: str, value: Any, *, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    if not isinstance(value, str):
+        raise JobInputError(f"'{field}' must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise JobInputError(f"'{field}' must be at most {max_chars} characters, got {len(value)}")
+    return value
+
+
+def _choice(choices: tuple) -> Callable[[str, Any], Any]:
+    def check(field: str, value: Any) -> Any:
+        if value not in choices or isinstance(value, bool):
+            allowed = ", ".join(repr(c) for c in choices)
+            raise JobInputError(f"'{field}' must be one of {allowed}, got {value!r}")
+        return value
+
+    return check
+
+
+def _int_range(low: int, high: int, *, multiple_of: int = 1) -> Callable[[str, Any], int]:
+    def check(field: str, value: Any) -> int:
+        if not _is_int(value):
+            raise JobInputError(f"'{field}' must be an integer, got {type(value).__name__}")
+        if not low <= value <= high:
+            raise JobInputError(f"'{field}' must be between {low} and {high}, got {value}")
+        if value % multiple_of:
+            raise JobInputError(f"'{field}' must be a multiple of {multiple_of}, got {value}")
+        return value
+
+    return check
+
+
+def _number_range(low: float, high: float, *, low_open: bool = False) -> Callable[[str, Any], float]:
+    def check(field: str, value: Any) -> float:
+        if not _is_number(value):
+            raise JobInputError(f"'{field}' must be a number, got {type(value).__name__}")
+        if value > high or value < low or (low_open and value == low):
+            bound = f"greater than {low}" if low_open else f"at least {low}"
+            raise JobInputError(f"'{field}' must be {bound} and at most {high}, got {value}")
+        return float(value)
+
+    return check
+
+
+def _boolean(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise JobInputError(f"'{field}' must be true or false, got {value!r}")
+    return value
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def wrapped(field: str, value: Any) -> Any:
+        return None if value is None else check(field, value)
+
+    return wrapped
+
+
+def _http_url(field: str, value: Any) -> str:
+    value = _string(field, value, max_chars=8192)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise JobInputError(f"'{field}' is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobInputError(f"'{field}' must be an http or https URL")
+    return value
+
+
+def _base64_text(field: str, value: Any) -> str:
+    value = _string(field, value, max_chars=1 << 31)
+    if not value.strip():
+        raise JobInputError(f"'{field}' is empty")
+    return value
+
+
+# Generation fields: name -> (rule, default). Defaults follow the issue and the official config.
+GENERATION_FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
+    "prompt": (_string, ""),
+    "negative_prompt": (_optional(_string), None),
+    "resolution": (_choice(RESOLUTIONS), "720p"),
+    "sample_steps": (_int_range(1, 100), 30),
+    "guidance_scale": (_number_range(0.0, 20.0), 4.5),
+    "shift": (_number_range(0.0, 100.0, low_open=True), 3.0),
+    "solver": (_choice(SOLVERS), "unipc"),
+    "seed": (_optional(_int_range(0, MAX_SEED)), None),
+    "infer_frames": (_int_range(8, 200, multiple_of=4), 80),
+    "max_clips": (_optional(_int_range(1, 1000)), None),
+    "fps": (_choice(OUTPUT_FPS), 24),
+    "init_first_frame": (_boolean, False),
+}
+
+MEDIA_FIELDS = {
+    "image": ("image_url", "image_base64", True),
+    "audio": ("audio_url", "audio_base64", True),
+    "pose_video": ("pose_video_url", "pose_video_base64", False),
+}
+
+KNOWN_INPUT_FIELDS = frozenset(GENERATION_FIELDS) | {
+    name for url, b64, _ in MEDIA_FIELDS.values() for name in (url, b64)}
+
+S3_CONFIG_FIELDS = {"accessId": "access_id", "accessSecret": "access_secret",
+                    "bucketName": "bucket_name", "endpointUrl": "endpoint_url"}
+
+
+def _media(payload: Mapping[str, Any], name: str) -> MediaSource | None:
+    url_field, b64_field, required = MEDIA_FIELDS[name]
+    has_url = payload.get(url_field) is not None
+    has_b64 = payload.get(b64_field) is not None
+    if has_url and has_b64:
+        raise JobInputError(f"give only one of '{url_field}' and '{b64_field}', not both")
+    if has_url:
+        return MediaSource(url_field, url=_http_url(url_field, payload[url_field]))
+    if has_b64:
+        return MediaSource(b64_field, base64=_base64_text(b64_field, payload[b64_field]))
+    if required:
+        raise JobInputError(f"the job needs one of '{url_field}' or '{b64_field}'")
+    return None
+
+
+def _storage_override(raw: Any) -> StorageOverride | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise JobInputError("'s3Config' must be an object")
+    unknown = sorted(set(raw) - set(S3_CONFIG_FIELDS))
+    if unknown:
+        raise JobInputError(f"'s3Config' has unknown fields: {', '.join(unknown)}")
+    values = {}
+    for key, attr in S3_CONFIG_FIELDS.items():
+        value = raw.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise JobInputError(f"'s3Config.{key}' must be a non-empty string")
+        values[attr] = value.strip()
+    _http_url("s3Config.endpointUrl", values["endpoint_url"])
+    return StorageOverride(**values)
+
+
+def parse_job(job: Mapping[str, Any]) -> JobRequest:
+    """Validate RunPod's job dict (`{"id", "input", "s3Config"?}`) into a `JobRequest`."""
+    if not isinstance(job, Mapping):
+        raise JobInputError("the job must be a JSON object")
+    payload = job.get("input")
+    if not isinstance(payload, Mapping):
+        raise JobInputError("the job's 'input' must be a JSON object")
+    non_string_keys = [k for k in payload if not isinstance(k, str)]
+    if non_string_keys:
+        raise JobInputError("the job's 'input' keys must be strings")
+    unknown = sorted(set(payload) - KNOWN_INPUT_FIELDS)
+    if unknown:
+        raise JobInputError(f"unknown input fields: {', '.join(unknown)}")
+
+    image = _media(payload, "image")
+    audio = _media(payload, "audio")
+    pose_video = _media(payload, "pose_video")
+
+    generation = {}
+    for name, (rule, default) in GENERATION_FIELDS.items():
+        value = payload.get(name)
+        generation[name] = default if value is None else rule(name, value)
+
+    job_id = job.get("id")
+    return JobRequest(
+        job_id=job_id if isinstance(job_id, str) and job_id else "local",
+        image=image,
+        audio=audio,
+        pose_video=pose_video,
+        generation=GenerationSettings(**generation),
+        storage=_storage_override(job.get("s3Config")),
+    )

@@ -1,0 +1,175 @@
+"""Every environment setting of the worker, declared once: name, type, default and why it exists.
+
+Settings are read once, at worker start, into a frozen `Settings` object that is passed down to the
+stages that need it. Nothing else in the package reads `os.environ`. The README's settings table is
+generated from `SETTINGS` (see `settings_table_markdown`), so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+class SettingsError(ValueError):
+    """An environment setting has a value the worker cannot use."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {raw!r}")
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+def _parse_positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"expected a positive number, got {raw!r}")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    secret: bool = False
+
+
+MiB = 1024 * 1024
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- model ---------------------------------------------------------------------------------
+    Setting("WAN_S2V_CKPT_DIR", "ckpt_dir", _parse_optional_str, None,
+            "Folder holding the Wan2.2-S2V-14B checkpoint. When unset the worker looks in RunPod's "
+            "model cache, then the network volume, then the image (see README, 'Weights')."),
+    Setting("RUNPOD_HF_CACHE_DIR", "hf_cache_dir", str, "/runpod-volume/huggingface-cache/hub",
+            "Hugging Face hub cache that RunPod's cached-model feature fills."),
+    Setting("WAN_S2V_DEVICE", "device", _one_of("auto", "cuda", "cpu"), "auto",
+            "Where the pipeline runs. 'auto' takes the GPU when there is one and logs a warning when it "
+            "falls to the CPU, which is only sensible for the tiny test checkpoint."),
+    Setting("WAN_S2V_OFFLOAD", "offload", _parse_bool, False,
+            "Keep the text encoder and the DiT on the CPU between uses (fits smaller GPUs, slower). "
+            "Off: everything stays resident on the GPU."),
+    Setting("WAN_S2V_ATTENTION", "attention", _one_of("auto", "flash", "sdpa"), "auto",
+            "Attention kernel for the DiT: flash-attn when installed ('auto'), else PyTorch SDPA."),
+    # --- media intake ----------------------------------------------------------------------------
+    Setting("MAX_IMAGE_BYTES", "max_image_bytes", _parse_positive_int, 25 * MiB,
+            "Largest image accepted, as downloaded or decoded from base64."),
+    Setting("MAX_AUDIO_BYTES", "max_audio_bytes", _parse_positive_int, 100 * MiB,
+            "Largest audio file accepted."),
+    Setting("MAX_POSE_VIDEO_BYTES", "max_pose_video_bytes", _parse_positive_int, 200 * MiB,
+            "Largest pose video accepted."),
+    Setting("MAX_AUDIO_SECONDS", "max_audio_seconds", _parse_positive_float, 300.0,
+            "Longest audio accepted; the video is as long as the audio."),
+    Setting("MIN_AUDIO_SECONDS", "min_audio_seconds", _parse_positive_float, 0.1,
+            "Shortest audio accepted."),
+    Setting("DOWNLOAD_TIMEOUT_S", "download_timeout_s", _parse_positive_float, 60.0,
+            "Connect and read timeout for each media download."),
+    # --- video ---------------------------------------------------------------------------------
+    Setting("VIDEO_CRF", "video_crf", int, 18,
+            "x264 constant rate factor of the output (lower is better quality, larger files)."),
+    Setting("VIDEO_PRESET", "video_preset", str, "medium", "x264 preset of the output."),
+    Setting("VIDEO_AUDIO_BITRATE", "video_audio_bitrate", str, "192k", "AAC bitrate of the muxed audio."),
+    # --- storage -------------------------------------------------------------------------------
+    Setting("BUCKET_ENDPOINT_URL", "bucket_endpoint_url", _parse_optional_str, None,
+            "S3-compatible endpoint (AWS, R2, B2, MinIO, ...). With BUCKET_NAME and keys set, videos "
+            "are uploaded and returned as presigned links."),
+    Setting("BUCKET_ACCESS_KEY_ID", "bucket_access_key_id", _parse_optional_str, None,
+            "Access key of the bucket.", secret=True),
+    Setting("BUCKET_SECRET_ACCESS_KEY", "bucket_secret_access_key", _parse_optional_str, None,
+            "Secret key of the bucket.", secret=True),
+    Setting("BUCKET_NAME", "bucket_name", _parse_optional_str, None, "Bucket the videos go to."),
+    Setting("BUCKET_REGION", "bucket_region", str, "us-east-1", "Region used to sign requests."),
+    Setting("BUCKET_KEY_PREFIX", "bucket_key_prefix", str, "wan-s2v/",
+            "Prefix of every object key the worker writes."),
+    Setting("BUCKET_URL_EXPIRY_S", "bucket_url_expiry_s", _parse_positive_int, 24 * 3600,
+            "Lifetime of the presigned link returned as video_url (S3 allows at most 7 days)."),
+    Setting("MAX_INLINE_VIDEO_BYTES", "max_inline_video_bytes", _parse_positive_int, 7 * MiB,
+            "Without a bucket, videos up to this size come back as video_base64 (base64 adds a "
+            "third; RunPod caps /run results at 10 MB and /runsync at 20 MB)."),
+    Setting("NETWORK_VOLUME_DIR", "network_volume_dir", str, "/runpod-volume",
+            "Mount point of the network volume; without a bucket, videos too large to inline are "
+            "written under <dir>/wan-s2v-outputs/ when it is mounted."),
+    # --- worker --------------------------------------------------------------------------------
+    Setting("WORK_DIR", "work_dir", _parse_optional_str, None,
+            "Parent of each job's temporary folder (default: the system temp folder)."),
+    Setting("PROGRESS_INTERVAL_S", "progress_interval_s", float, 2.0,
+            "Least time between two progress updates sent during sampling."),
+    Setting("LOG_LEVEL", "log_level", _one_of("debug", "info", "warning", "error"), "info",
+            "Level of the worker's logger."),
+)
+
+
+def _settings_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    return [(s.field, Any, dataclasses.field(default=s.default)) for s in SETTINGS]
+
+
+_SettingsBase = dataclasses.make_dataclass("_SettingsBase", _settings_fields(), frozen=True)
+
+
+class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
+    """Typed, immutable view of the environment. Build it with `Settings.from_env()`."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env)
+            if raw is None:
+                continue
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{setting.env}: {exc}") from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_name and self.bucket_access_key_id and self.bucket_secret_access_key)
+
+    def __repr__(self) -> str:  # never print secrets, even by accident
+        shown = []
+        for s in SETTINGS:
+            value = getattr(self, s.field)
+            shown.append(f"{s.field}={'***' if s.secret and value else value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+def settings_table_markdown() -> str:
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = "unset" if s.default is None else f"`{s.default}`"
+        rows.append(f"| `{s.env}` | {default} | {s.help} |")
+    return "\n".join(rows)
