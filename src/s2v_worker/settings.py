@@ -123,6 +123,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Parent of each job's temporary folder (default: the system temp folder)."),
     Setting("PROGRESS_INTERVAL_S", "progress_interval_s", float, 2.0,
             "Least time between two progress updates sent during sampling."),
+    Setting("RUNPOD_WEBHOOK_POST_OUTPUT", "runpod_webhook_post_output", _parse_optional_str, None,
+            "Set by RunPod on its workers (not by users). Progress updates are sent only where it "
+            "is set; local runs have nowhere to send them."),
     Setting("LOG_LEVEL", "log_level", _one_of("debug", "info", "warning", "error"), "info",
             "Level of the worker's logger."),
 )

@@ -1,0 +1,30 @@
+"""RunPod serverless entry point for Wan2.2-S2V-14B: build the worker once, then hand it each job.
+
+    python handler.py                          # runs test_input.json (runpod SDK's local mode)
+    python handler.py --test_input '{"input": {...}}'
+    python handler.py --rp_serve_api           # local HTTP API: /run, /runsync, /status
+"""
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+import runpod  # noqa: E402
+
+from s2v_worker.runner import Worker  # noqa: E402
+from s2v_worker.settings import Settings  # noqa: E402
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
+    send_progress = runpod.serverless.progress_update if settings.runpod_webhook_post_output else None
+    worker = Worker.start(settings, send_progress=send_progress)
+    runpod.serverless.start({"handler": worker.run})
+
+
+if __name__ == "__main__":
+    main()

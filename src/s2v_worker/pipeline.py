@@ -1,0 +1,352 @@
+"""The S2V pipeline: load the official Wan2.2 components once, then turn a job into video frames.
+
+`S2VPipeline` subclasses the official `wan.WanS2V` so that its sizing, audio bucketing and pose
+conditioning are the official methods themselves. Two parts are the worker's own:
+
+* loading (`S2VPipeline.load`): the same official classes, placed on the worker's device (GPU, or
+  the CPU for the tiny test checkpoint), with the T5 and VAE widths read from the checkpoint so that
+  the tiny checkpoint loads through the same code as the real one;
+* `generate`: the official `WanS2V.generate` computation, step for step, with three changes that do
+  not touch the math: it runs on any device, it samples the fewest clips that cover the whole audio
+  (the official code may stop one clip short, see `plan_clip_count`), and it reports progress and
+  can be stopped between denoising steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
+                         Checkpoint)
+from .job import GenerationSettings
+from .official import import_official, install_attention, official_architecture
+
+logger = logging.getLogger(__name__)
+
+NATIVE_FPS = 16  # Wan2.2-S2V samples video at 16 fps (config.sample_fps)
+FIRST_CLIP_DROPPED_FRAMES = 3  # WanS2V.generate drops the first 3 frames of clip 0 when drop_first_motion
+
+_official = import_official()
+WanS2V = _official.speech2video.WanS2V
+OFFICIAL_CONFIG = _official.config
+
+
+class GenerationStopped(Exception):
+    """Raised from a progress callback to stop sampling between two steps."""
+
+
+# on_step(clip_index, num_clips, step_index, num_steps); may raise GenerationStopped.
+StepCallback = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    height: int
+    width: int
+    num_clips: int
+    frames_per_clip: int
+    dropped_frames: int
+    audio_seconds: float
+
+    @property
+    def native_frames(self) -> int:
+        return self.num_clips * self.frames_per_clip - self.dropped_frames
+
+    @property
+    def video_seconds(self) -> float:
+        """Length of the finished video: the audio's, unless max_clips cut it shorter."""
+        return min(self.audio_seconds, self.native_frames / NATIVE_FPS)
+
+
+@dataclass
+class GenerationResult:
+    video: torch.Tensor  # [3, frames, height, width], float32 in [-1, 1], on the CPU
+    plan: ClipPlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def plan_clip_count(audio_seconds: float, frames_per_clip: int, dropped_frames: int,
+                    max_clips: int | None = None) -> int:
+    """The fewest clips whose frames cover the audio.
+
+    The official code takes `int(frames / frames_per_clip) + 1` clips from the audio bucketing,
+    which leaves the end of the audio without video when the first clip's dropped frames push the
+    audio past the last clip; the worker counts them.
+    """
+    needed_frames = math.ceil(audio_seconds * NATIVE_FPS - 1e-6) + dropped_frames
+    clips = max(1, math.ceil(needed_frames / frames_per_clip))
+    return min(clips, max_clips) if max_clips else clips
+
+
+def infer_t5_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The `umt5_xxl` builder arguments that match a T5 encoder state dict (full size: umt5-xxl)."""
+    vocab_size, dim = state_dict["token_embedding.weight"].shape
+    num_buckets, num_heads = state_dict["blocks.0.pos_embedding.embedding.weight"].shape
+    return dict(
+        vocab_size=vocab_size, dim=dim,
+        dim_attn=state_dict["blocks.0.attn.q.weight"].shape[0],
+        dim_ffn=state_dict["blocks.0.ffn.fc1.weight"].shape[0],
+        num_heads=num_heads, num_buckets=num_buckets,
+        encoder_layers=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
+    )
+
+
+def infer_vae_width(state_dict: dict[str, torch.Tensor]) -> int:
+    return state_dict["encoder.conv1.weight"].shape[0]
+
+
+def _peek_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    # mmap: only the shapes are read here; the official class loads the tensors afterwards.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+class S2VPipeline(WanS2V):
+    """Wan2.2-S2V-14B resident on one device. Build with `S2VPipeline.load`."""
+
+    def __init__(self) -> None:  # the official __init__ assumes CUDA and a full-size T5: see load()
+        raise TypeError("use S2VPipeline.load(checkpoint, device)")
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, device: torch.device, offload: bool = False,
+             attention: str = "auto") -> "S2VPipeline":
+        self = cls.__new__(cls)
+        config = OFFICIAL_CONFIG
+        folder = checkpoint.path
+        timings: dict[str, float] = {}
+
+        # Attributes WanS2V's methods read (see WanS2V.__init__).
+        self.device = device
+        self.config = config
+        self.rank = 0
+        self.sp_size = 1
+        self.t5_cpu = False
+        self.init_on_cpu = False
+        self.num_train_timesteps = config.num_train_timesteps
+        self.param_dtype = config.param_dtype
+        self.sample_neg_prompt = config.sample_neg_prompt
+        self.motion_frames = config.transformer.motion_frames
+        self.drop_first_motion = config.drop_first_motion
+        self.fps = config.sample_fps
+        self.audio_sample_m = 0
+        self.offload = offload
+        self.checkpoint = checkpoint
+        self.attention_backend = install_attention(attention)
+        resident = torch.device("cpu") if offload else device
+
+        start = time.perf_counter()
+        t5_path = folder / T5_CHECKPOINT
+        with official_architecture(_official.t5, "umt5_xxl",
+                                   **infer_t5_architecture(_peek_state_dict(t5_path))):
+            self.text_encoder = _official.t5.T5EncoderModel(
+                text_len=config.text_len, dtype=config.t5_dtype, device=resident,
+                checkpoint_path=str(t5_path), tokenizer_path=str(folder / T5_TOKENIZER_DIR))
+        timings["text_encoder_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        vae_path = folder / VAE_CHECKPOINT
+        with official_architecture(_official.vae, "_video_vae",
+                                   dim=infer_vae_width(_peek_state_dict(vae_path))):
+            self.vae = _official.vae.Wan2_1_VAE(vae_pth=str(vae_path), device=device)
+        timings["vae_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.noise_model = _official.model_s2v.WanModel_S2V.from_pretrained(
+            str(folder), torch_dtype=self.param_dtype, device_map=str(resident))
+        self.noise_model.eval().requires_grad_(False)
+        timings["dit_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        # The official pipeline keeps wav2vec2 on the CPU (AudioEncoder's default); so does the worker.
+        self.audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(folder / WAV2VEC_DIR))
+        timings["audio_encoder_s"] = time.perf_counter() - start
+
+        logger.info("pipeline loaded from %s on %s (%s)", folder, device,
+                    ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        self.load_timings = timings
+        return self
+
+    # --- planning: everything that needs no model ------------------------------------------------
+
+    def plan(self, image_path: Path, audio_seconds: float, settings: GenerationSettings) -> ClipPlan:
+        max_area = self.checkpoint.max_area[settings.resolution]
+        height, width = self.get_gen_size(size=None, max_area=max_area,
+                                          ref_image_path=str(image_path), pre_video_path=None)
+        dropped = 0 if settings.init_first_frame or not self.drop_first_motion \
+            else FIRST_CLIP_DROPPED_FRAMES
+        clips = plan_clip_count(audio_seconds, settings.infer_frames, dropped, settings.max_clips)
+        return ClipPlan(height=height, width=width, num_clips=clips,
+                        frames_per_clip=settings.infer_frames, dropped_frames=dropped,
+                        audio_seconds=audio_seconds)
+
+    # --- generation --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[None]:
+        """With offload on, a model visits the GPU only while it is used."""
+        if self.offload:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                module.cpu()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _encode_text(self, prompt: str, negative_prompt: str | None) -> tuple[list, list]:
+        # Official: an empty negative prompt means the model's default one.
+        negative = negative_prompt or self.sample_neg_prompt
+        with torch.no_grad(), self._on_device(self.text_encoder.model):
+            context = self.text_encoder([prompt], self.device)
+            context_null = self.text_encoder([negative], self.device)
+        return context, context_null
+
+    def _encode_audio(self, audio_path: Path, plan: ClipPlan) -> torch.Tensor:
+        audio_emb, _ = self.encode_audio(str(audio_path), infer_frames=plan.frames_per_clip)
+        needed = plan.num_clips * plan.frames_per_clip
+        if audio_emb.shape[-1] < needed:
+            # The official bucketing fills frames past the audio's end with zeros; so does this.
+            pad = audio_emb.new_zeros(*audio_emb.shape[:-1], needed - audio_emb.shape[-1])
+            audio_emb = torch.cat([audio_emb, pad], dim=-1)
+        return audio_emb
+
+    def _make_scheduler(self, solver: str, steps: int, shift: float):
+        if solver == "unipc":
+            scheduler = _official.fm_solvers_unipc.FlowUniPCMultistepScheduler(
+                num_train_timesteps=self.num_train_timesteps, shift=1, use_dynamic_shifting=False)
+            scheduler.set_timesteps(steps, device=self.device, shift=shift)
+            return scheduler, scheduler.timesteps
+        if solver == "dpm++":
+            fm = _official.fm_solvers
+            scheduler = fm.FlowDPMSolverMultistepScheduler(
+                num_train_timesteps=self.num_train_timesteps, shift=1, use_dynamic_shifting=False)
+            timesteps, _ = fm.retrieve_timesteps(
+                scheduler, device=self.device, sigmas=fm.get_sampling_sigmas(steps, shift))
+            return scheduler, timesteps
+        raise ValueError(f"unsupported solver {solver!r}")
+
+    @torch.no_grad()
+    def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
+                 settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
+                 on_step: StepCallback | None = None) -> GenerationResult:
+        """The official WanS2V.generate, on any device, for `plan.num_clips` clips."""
+        timings = {"text_encoding_s": 0.0, "audio_encoding_s": 0.0, "vae_encoding_s": 0.0,
+                   "sampling_s": 0.0, "decoding_s": 0.0}
+
+        def timed(key: str):
+            return _Stopwatch(timings, key, self.device)
+
+        size = (plan.height, plan.width)
+        infer_frames = plan.frames_per_clip
+        with timed("audio_encoding_s"):
+            audio_emb = self._encode_audio(audio_path, plan)
+        with timed("text_encoding_s"):
+            context, context_null = self._encode_text(settings.prompt, settings.negative_prompt)
+
+        with timed("vae_encoding_s"):
+            ref_image = np.array(Image.open(image_path).convert("RGB"))
+            resize = transforms.Resize(min(size))
+            crop = transforms.CenterCrop(size)
+            ref_pixel_values = transforms.ToTensor()(crop(resize(Image.fromarray(ref_image))))
+            ref_pixel_values = (ref_pixel_values.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(
+                dtype=self.vae.dtype, device=self.vae.device)  # b c 1 h w
+            ref_latents = torch.stack(self.vae.encode(ref_pixel_values))
+
+            motion_pixels = torch.zeros([1, 3, self.motion_frames, *size], dtype=self.param_dtype,
+                                        device=self.device)
+            videos_last_frames = motion_pixels.detach()
+            drop_first_motion = self.drop_first_motion and not settings.init_first_frame
+            if settings.init_first_frame:
+                motion_pixels[:, :, -6:] = ref_pixel_values
+            motion_latents = torch.stack(self.vae.encode(motion_pixels))
+            cond = self.load_pose_cond(pose_video=str(pose_video_path) if pose_video_path else None,
+                                       num_repeat=plan.num_clips, infer_frames=infer_frames,
+                                       size=size)
+
+        lat_motion_frames = (self.motion_frames + 3) // 4
+        lat_target_frames = (infer_frames + 3 + self.motion_frames) // 4 - lat_motion_frames
+        target_shape = [lat_target_frames, plan.height // 8, plan.width // 8]
+        max_seq_len = int(np.prod(target_shape)) // 4
+        guided = settings.guidance_scale > 1
+
+        clips = []
+        with self._on_device(self.noise_model):
+            for r in range(plan.num_clips):
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(seed + r)
+                latents = [torch.randn(16, *target_shape, dtype=self.param_dtype, device=self.device,
+                                       generator=generator)]
+                scheduler, timesteps = self._make_scheduler(settings.solver, settings.sample_steps,
+                                                            settings.shift)
+                cond_latents = (cond[r] if pose_video_path else cond[0] * 0).to(
+                    dtype=self.param_dtype, device=self.device)
+                audio_input = audio_emb[..., r * infer_frames:(r + 1) * infer_frames]
+                common = {"seq_len": max_seq_len, "cond_states": cond_latents,
+                          "motion_latents": motion_latents.clone(), "ref_latents": ref_latents,
+                          "motion_frames": [self.motion_frames, lat_motion_frames],
+                          "drop_motion_frames": drop_first_motion and r == 0}
+                arg_c = {"context": context[0:1], "audio_input": audio_input, **common}
+                arg_null = {"context": context_null[0:1], "audio_input": 0.0 * audio_input, **common}
+
+                with timed("sampling_s"):
+                    for i, t in enumerate(timesteps):
+                        timestep = torch.stack([t]).to(self.device)
+                        with torch.autocast(self.device.type, dtype=self.param_dtype):
+                            noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
+                            if guided:
+                                noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)
+                                noise_pred = [u + settings.guidance_scale * (c - u)
+                                              for c, u in zip(noise_pred, noise_uncond)]
+                        latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t,
+                                                    latents[0].unsqueeze(0), return_dict=False,
+                                                    generator=generator)[0].squeeze(0)
+                        if on_step is not None:
+                            on_step(r, plan.num_clips, i, len(timesteps))
+
+                with timed("decoding_s"):
+                    stacked = torch.stack(latents)
+                    first_dropped = drop_first_motion and r == 0
+                    decode_latents = torch.cat([ref_latents if first_dropped else motion_latents,
+                                                stacked], dim=2)
+                    image = torch.stack(self.vae.decode(decode_latents))[:, :, -infer_frames:]
+                    if first_dropped:
+                        image = image[:, :, FIRST_CLIP_DROPPED_FRAMES:]
+                    overlap = min(self.motion_frames, image.shape[2])
+                    videos_last_frames = torch.cat(
+                        [videos_last_frames[:, :, overlap:], image[:, :, -overlap:]], dim=2
+                    ).to(dtype=motion_latents.dtype, device=motion_latents.device)
+                    if r + 1 < plan.num_clips:  # the last clip's motion latents are never used
+                        motion_latents = torch.stack(self.vae.encode(videos_last_frames))
+                    clips.append(image.cpu())
+
+        video = torch.cat(clips, dim=2)[0]
+        return GenerationResult(video=video, plan=plan, timings=timings)
+
+
+class _Stopwatch:
+    """Adds the wall time of a block to timings[key], waiting for queued GPU work first."""
+
+    def __init__(self, timings: dict[str, float], key: str, device: torch.device) -> None:
+        self.timings, self.key, self.device = timings, key, device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> None:
+        self._sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.timings[self.key] += time.perf_counter() - self.start

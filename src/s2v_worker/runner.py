@@ -1,0 +1,172 @@
+"""The job runner: one `Worker` per process, built once, that takes a RunPod job to a result dict.
+
+Stages, in the order a job flows: validate (job.py) -> media intake (media.py) -> plan and generate
+(pipeline.py) -> encode the MP4 (video.py) -> deliver it (storage.py). Each stage raises its own
+error type with a message that is safe for the client; the runner turns them into
+`{"error": ...}` and never lets a traceback reach the client. Errors that leave the GPU in doubt add
+`refresh_worker: true`, which makes RunPod replace this worker after the job.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import find_checkpoint
+from .job import JobInputError, JobRequest, parse_job
+from .media import MediaError, load_audio, load_image, load_pose_video
+from .settings import Settings
+from .storage import StorageError, deliver_video
+from .video import VideoEncodingError, encode_mp4
+
+logger = logging.getLogger(__name__)
+
+ProgressSender = Callable[[dict, Any], None]  # runpod.serverless.progress_update's signature
+SEED_RANGE = 2**32  # seeds drawn for jobs that give none
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("WAN_S2V_DEVICE=cuda but no CUDA device is visible")
+    if requested == "cpu" or not torch.cuda.is_available():
+        if requested == "auto":
+            logger.warning("no CUDA device: running on the CPU, which only suits the tiny test checkpoint")
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class ProgressReporter:
+    """Sends stage changes at once and sampling steps at most every `interval_s` seconds."""
+
+    def __init__(self, job: dict, send: ProgressSender | None, interval_s: float) -> None:
+        self.job, self.send, self.interval_s = job, send, interval_s
+        self.last_sent = float("-inf")
+
+    def _emit(self, update: dict) -> None:
+        self.last_sent = time.monotonic()
+        logger.debug("progress %s", update)
+        if self.send is not None:
+            self.send(self.job, update)
+
+    def stage(self, name: str) -> None:
+        self._emit({"stage": name})
+
+    def step(self, clip: int, clips: int, step: int, steps: int) -> None:
+        last = clip + 1 == clips and step + 1 == steps
+        if last or time.monotonic() - self.last_sent >= self.interval_s:
+            self._emit({"stage": "sampling", "clip": clip + 1, "clips": clips,
+                        "step": step + 1, "steps": steps})
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - start, 3)
+
+
+class Worker:
+    """Holds the resident pipeline and runs jobs on it, one at a time."""
+
+    def __init__(self, settings: Settings, pipeline, send_progress: ProgressSender | None = None):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.send_progress = send_progress
+
+    @classmethod
+    def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
+        """Find the checkpoint and load the pipeline onto the device: once per worker process."""
+        from .pipeline import S2VPipeline  # imports torch models; kept out of validation-only use
+
+        started = time.perf_counter()
+        checkpoint = find_checkpoint(settings)
+        device = choose_device(settings.device)
+        pipeline = S2VPipeline.load(checkpoint, device, offload=settings.offload,
+                                    attention=settings.attention)
+        logger.info("worker ready in %.1f s", time.perf_counter() - started)
+        return cls(settings, pipeline, send_progress)
+
+    def run(self, job: dict) -> dict:
+        """Run one RunPod job; always returns a dict (the result, or {"error": ...})."""
+        started = time.perf_counter()
+        job_id = job.get("id", "?") if isinstance(job, dict) else "?"
+        try:
+            request = parse_job(job)
+            with tempfile.TemporaryDirectory(prefix="wan-s2v-", dir=self.settings.work_dir) as tmp:
+                output = self._run(job, request, Path(tmp))
+            output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+            logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
+            return output
+        except (JobInputError, MediaError, VideoEncodingError, StorageError) as exc:
+            logger.info("job %s rejected: %s", job_id, exc)
+            return {"error": str(exc)}
+        except torch.OutOfMemoryError:
+            logger.exception("job %s ran out of GPU memory", job_id)
+            self._release_gpu_memory()
+            return {"error": "the GPU ran out of memory for this job; try 480p, fewer frames per "
+                             "clip, or a GPU with more memory", "refresh_worker": True}
+        except Exception as exc:  # a bug or a broken GPU: log it whole, tell the client little
+            logger.exception("job %s failed", job_id)
+            self._release_gpu_memory()
+            return {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
+                             f"details for job {job_id}", "refresh_worker": True}
+
+    def _run(self, job: dict, request: JobRequest, work_dir: Path) -> dict:
+        settings, pipeline = self.settings, self.pipeline
+        generation = request.generation
+        progress = ProgressReporter(job, self.send_progress, settings.progress_interval_s)
+        timings: dict[str, float] = {}
+
+        progress.stage("download")
+        with _timed(timings, "download_s"):
+            image = load_image(request.image, work_dir, settings)
+            audio = load_audio(request.audio, work_dir, settings)
+            pose_video = (load_pose_video(request.pose_video, work_dir, settings)
+                          if request.pose_video else None)
+
+        plan = pipeline.plan(image.path, audio.duration_s, generation)
+        seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
+        logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
+                    plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
+                    generation.sample_steps, seed)
+
+        progress.stage("generate")
+        result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
+                                   pose_video_path=pose_video, on_step=progress.step)
+        timings.update({k: round(v, 3) for k, v in result.timings.items()})
+
+        progress.stage("encode")
+        with _timed(timings, "encoding_s"):
+            video = encode_mp4(result.video, native_fps=16, output_fps=generation.fps,
+                               audio_path=audio.original_path, duration_s=plan.video_seconds,
+                               out_path=work_dir / "video.mp4", settings=settings)
+        del result
+
+        progress.stage("upload")
+        with _timed(timings, "upload_s"):
+            delivered = deliver_video(video.path, settings, request.storage)
+
+        return {
+            **delivered,
+            "seed": seed,
+            "width": video.width,
+            "height": video.height,
+            "fps": video.fps,
+            "num_frames": video.num_frames,
+            "duration_s": round(video.duration_s, 3),
+            "num_clips": plan.num_clips,
+            "settings": {**generation.as_dict(), "seed": seed},
+            "timings": timings,
+        }
+
+    def _release_gpu_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
