@@ -30,6 +30,8 @@ WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIT_SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+# Official maximum pixel areas per resolution (wan/configs MAX_AREA_CONFIGS '832*480', '1024*704').
+OFFICIAL_MAX_AREA = {"480p": 832 * 480, "720p": 1024 * 704}
 REQUIRED_ENTRIES = (DIT_CONFIG, T5_CHECKPOINT, VAE_CHECKPOINT, T5_TOKENIZER_DIR, WAV2VEC_DIR)
 
 
@@ -40,8 +42,7 @@ class CheckpointNotFound(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    # Official maximum pixel areas per resolution (wan/configs MAX_AREA_CONFIGS '832*480', '1024*704').
-    max_area: dict[str, int] = field(default_factory=lambda: {"480p": 832 * 480, "720p": 1024 * 704})
+    max_area: dict[str, int] = field(default_factory=lambda: dict(OFFICIAL_MAX_AREA))
     random_weights: bool = False
 
 
@@ -79,7 +80,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         return Checkpoint(path=folder)
     declared = json.loads(marker.read_text())
     logger.warning("checkpoint %s holds random weights (%s): its videos are noise", folder, TINY_MARKER)
-    return Checkpoint(path=folder, max_area={**Checkpoint().max_area, **declared.get("max_area", {})},
+    return Checkpoint(path=folder, max_area={**OFFICIAL_MAX_AREA, **declared.get("max_area", {})},
                       random_weights=bool(declared.get("random_weights", True)))
 
 

@@ -41,6 +41,22 @@ WanS2V = _official.speech2video.WanS2V
 OFFICIAL_CONFIG = _official.config
 
 
+class _VideoVAE(_official.vae.Wan2_1_VAE):
+    """The official Wan2.1 VAE, with inputs cast to its dtype (float32) before encoding/decoding.
+
+    The official callers hand it bfloat16 pixels and rely on CUDA autocast(float32) inside
+    `Wan2_1_VAE.encode` to cast them at the first convolution. Casting up front gives the same
+    numbers (bf16 -> fp32 is exact and nothing before that convolution computes) and also works on
+    the CPU, where CUDA autocast does nothing.
+    """
+
+    def encode(self, videos):
+        return super().encode([u.to(self.dtype) for u in videos])
+
+    def decode(self, zs):
+        return super().decode([u.to(self.dtype) for u in zs])
+
+
 class GenerationStopped(Exception):
     """Raised from a progress callback to stop sampling between two steps."""
 
@@ -132,7 +148,11 @@ class S2VPipeline(WanS2V):
         self.t5_cpu = False
         self.init_on_cpu = False
         self.num_train_timesteps = config.num_train_timesteps
-        self.param_dtype = config.param_dtype
+        # The official code computes in bfloat16 under CUDA autocast, with float32 regions it marks
+        # with torch.cuda.amp.autocast; CPU autocast cannot reproduce those regions, so on the CPU
+        # (the tiny test checkpoint) every model computes in float32 instead.
+        self.param_dtype = config.param_dtype if device.type == "cuda" else torch.float32
+        t5_dtype = config.t5_dtype if device.type == "cuda" else torch.float32
         self.sample_neg_prompt = config.sample_neg_prompt
         self.motion_frames = config.transformer.motion_frames
         self.drop_first_motion = config.drop_first_motion
@@ -148,7 +168,7 @@ class S2VPipeline(WanS2V):
         with official_architecture(_official.t5, "umt5_xxl",
                                    **infer_t5_architecture(_peek_state_dict(t5_path))):
             self.text_encoder = _official.t5.T5EncoderModel(
-                text_len=config.text_len, dtype=config.t5_dtype, device=resident,
+                text_len=config.text_len, dtype=t5_dtype, device=resident,
                 checkpoint_path=str(t5_path), tokenizer_path=str(folder / T5_TOKENIZER_DIR))
         timings["text_encoder_s"] = time.perf_counter() - start
 
@@ -156,7 +176,7 @@ class S2VPipeline(WanS2V):
         vae_path = folder / VAE_CHECKPOINT
         with official_architecture(_official.vae, "_video_vae",
                                    dim=infer_vae_width(_peek_state_dict(vae_path))):
-            self.vae = _official.vae.Wan2_1_VAE(vae_pth=str(vae_path), device=device)
+            self.vae = _VideoVAE(vae_pth=str(vae_path), device=device)
         timings["vae_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -202,6 +222,11 @@ class S2VPipeline(WanS2V):
                 module.cpu()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.param_dtype)
+        return contextlib.nullcontext()
 
     def _encode_text(self, prompt: str, negative_prompt: str | None) -> tuple[list, list]:
         # Official: an empty negative prompt means the model's default one.
@@ -301,7 +326,7 @@ class S2VPipeline(WanS2V):
                 with timed("sampling_s"):
                     for i, t in enumerate(timesteps):
                         timestep = torch.stack([t]).to(self.device)
-                        with torch.autocast(self.device.type, dtype=self.param_dtype):
+                        with self._autocast():
                             noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
                             if guided:
                                 noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)

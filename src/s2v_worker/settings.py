@@ -112,6 +112,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Prefix of every object key the worker writes."),
     Setting("BUCKET_URL_EXPIRY_S", "bucket_url_expiry_s", _parse_positive_int, 24 * 3600,
             "Lifetime of the presigned link returned as video_url (S3 allows at most 7 days)."),
+    Setting("BUCKET_ADDRESSING_STYLE", "bucket_addressing_style", _one_of("auto", "path", "virtual"),
+            "auto", "How the bucket is named in request URLs. 'auto': virtual-hosted for AWS, path "
+            "style for every other endpoint (MinIO, R2, B2, ...); 'virtual' for services that "
+            "refuse path style, such as Alibaba OSS."),
+    Setting("BUCKET_TIMEOUT_S", "bucket_timeout_s", _parse_positive_float, 30.0,
+            "Connect and read timeout of each bucket request."),
+    Setting("BUCKET_MAX_ATTEMPTS", "bucket_max_attempts", _parse_positive_int, 3,
+            "Tries per bucket request, the first included, before the upload fails."),
     Setting("MAX_INLINE_VIDEO_BYTES", "max_inline_video_bytes", _parse_positive_int, 7 * MiB,
             "Without a bucket, videos up to this size come back as video_base64 (base64 adds a "
             "third; RunPod caps /run results at 10 MB and /runsync at 20 MB)."),

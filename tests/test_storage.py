@@ -1,0 +1,254 @@
+"""Delivery of the finished video, against a real S3 HTTP server (moto) on loopback."""
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+import requests
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
+
+from s2v_worker import storage
+from s2v_worker.job import StorageOverride, parse_job
+from s2v_worker.settings import Settings
+from s2v_worker.storage import StorageError, deliver_video
+
+ACCESS_KEY = "AKIATESTWORKER000001"
+SECRET_KEY = "worker-secret-key-never-shown-0123456789"
+JOB_SECRET = "job-secret-key-never-shown-9876543210"
+SETTINGS_BUCKET = "worker-videos"
+JOB_BUCKET = "job-videos"
+JOB_ID = "job-7f3e2a91-b5c4"
+KEY_PATTERN = re.compile(r"^wan-s2v/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.mp4$")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                  region_name="us-east-1").client(
+        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+    for bucket in (SETTINGS_BUCKET, JOB_BUCKET):
+        admin.create_bucket(Bucket=bucket)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def admin(s3_endpoint: str):
+    return boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                 region_name="us-east-1").client(
+        "s3", endpoint_url=s3_endpoint, config=Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture
+def base_settings(tmp_path: Path) -> Settings:
+    """No bucket, no network volume, quick to fail: each test adds what it needs."""
+    return Settings.from_env({}).replace(network_volume_dir=str(tmp_path / "no-volume"),
+                                         bucket_timeout_s=2.0, bucket_max_attempts=1)
+
+
+@pytest.fixture
+def bucket_settings(base_settings: Settings, s3_endpoint: str) -> Settings:
+    return base_settings.replace(bucket_endpoint_url=s3_endpoint, bucket_access_key_id=ACCESS_KEY,
+                                 bucket_secret_access_key=SECRET_KEY, bucket_name=SETTINGS_BUCKET,
+                                 bucket_url_expiry_s=3600)
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> Path:
+    path = tmp_path / "video.mp4"
+    path.write_bytes(bytes(range(256)) * 1200)  # 300 KiB
+    return path
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def job_override(endpoint: str, bucket: str = JOB_BUCKET) -> StorageOverride:
+    job = parse_job({"id": JOB_ID,
+                     "input": {"image_url": "https://example.com/a.png",
+                               "audio_url": "https://example.com/a.wav"},
+                     "s3Config": {"accessId": ACCESS_KEY, "accessSecret": JOB_SECRET,
+                                  "bucketName": bucket, "endpointUrl": endpoint}})
+    assert job.storage is not None
+    return job.storage
+
+
+# --- bucket ------------------------------------------------------------------------------------
+
+def test_settings_bucket_gets_the_video_and_a_working_presigned_link(
+        bucket_settings: Settings, video: Path, admin) -> None:
+    out = deliver_video(video, bucket_settings, None)
+    assert out["storage"] == "s3"
+    key = out["object_key"]
+    assert KEY_PATTERN.match(key)
+    assert key.startswith(f"wan-s2v/{datetime.now(timezone.utc):%Y/%m/%d}/")
+    assert JOB_ID not in key
+    query = parse_qs(urlsplit(out["video_url"]).query)
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-Expires"] == ["3600"]
+    response = requests.get(out["video_url"], timeout=10)
+    assert response.status_code == 200
+    assert response.content == video.read_bytes()
+    assert admin.head_object(Bucket=SETTINGS_BUCKET, Key=key)["ContentType"] == "video/mp4"
+
+
+def test_every_upload_gets_its_own_key(bucket_settings: Settings, video: Path) -> None:
+    keys = {deliver_video(video, bucket_settings, None)["object_key"] for _ in range(3)}
+    assert len(keys) == 3
+
+
+def test_s3config_override_goes_to_the_jobs_bucket(bucket_settings: Settings, video: Path,
+                                                   s3_endpoint: str, admin) -> None:
+    out = deliver_video(video, bucket_settings, job_override(s3_endpoint))
+    assert out["storage"] == "s3"
+    assert JOB_ID not in out["object_key"]
+    assert admin.get_object(Bucket=JOB_BUCKET, Key=out["object_key"])["Body"].read() == \
+        video.read_bytes()
+    listed = admin.list_objects_v2(Bucket=SETTINGS_BUCKET, Prefix=out["object_key"])
+    assert listed["KeyCount"] == 0
+    assert requests.get(out["video_url"], timeout=10).content == video.read_bytes()
+
+
+def test_s3config_override_works_without_bucket_settings(base_settings: Settings, video: Path,
+                                                          s3_endpoint: str, admin) -> None:
+    out = deliver_video(video, base_settings, job_override(s3_endpoint))
+    assert out["storage"] == "s3"
+    assert admin.head_object(Bucket=JOB_BUCKET, Key=out["object_key"])["ContentType"] == "video/mp4"
+
+
+def test_large_video_goes_up_in_parts(bucket_settings: Settings, tmp_path: Path, admin,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "TRANSFER_CONFIG",
+                        TransferConfig(multipart_threshold=5 * 1024 * 1024,
+                                       multipart_chunksize=5 * 1024 * 1024))
+    path = tmp_path / "large.mp4"
+    path.write_bytes(bytes(range(256)) * (11 * 4096))  # 11 MiB: three parts
+    out = deliver_video(path, bucket_settings, None)
+    head = admin.head_object(Bucket=SETTINGS_BUCKET, Key=out["object_key"])
+    assert head["ContentType"] == "video/mp4"
+    assert head["ContentLength"] == path.stat().st_size
+    assert requests.get(out["video_url"], timeout=10).content == path.read_bytes()
+
+
+def test_missing_bucket_fails_quickly_without_the_secret(bucket_settings: Settings,
+                                                         video: Path) -> None:
+    settings = bucket_settings.replace(bucket_name="no-such-bucket")
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        deliver_video(video, settings, None)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert "no-such-bucket" in message and "NoSuchBucket" in message
+    assert bucket_settings.bucket_endpoint_url in message
+    assert SECRET_KEY not in message
+
+
+@pytest.mark.parametrize("through_override", [False, True])
+def test_unreachable_endpoint_fails_quickly_without_the_secret(
+        bucket_settings: Settings, video: Path, through_override: bool) -> None:
+    endpoint = closed_port_url()
+    override = job_override(endpoint) if through_override else None
+    settings = bucket_settings.replace(bucket_endpoint_url=endpoint)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        deliver_video(video, settings, override)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert endpoint in message
+    assert "s3Config" in message if through_override else "settings" in message
+    assert SECRET_KEY not in message and JOB_SECRET not in message
+
+
+# --- without a bucket --------------------------------------------------------------------------
+
+def test_small_video_comes_back_inline(base_settings: Settings, video: Path) -> None:
+    out = deliver_video(video, base_settings, None)
+    assert out["storage"] == "inline"
+    assert base64.b64decode(out["video_base64"]) == video.read_bytes()
+
+
+def test_video_exactly_at_the_cap_is_inline(base_settings: Settings, video: Path) -> None:
+    settings = base_settings.replace(max_inline_video_bytes=video.stat().st_size)
+    assert deliver_video(video, settings, None)["storage"] == "inline"
+
+
+def test_large_video_goes_to_the_network_volume(base_settings: Settings, video: Path,
+                                                tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    settings = base_settings.replace(max_inline_video_bytes=1000, network_volume_dir=str(volume))
+    out = deliver_video(video, settings, None)
+    assert out["storage"] == "network_volume"
+    saved = Path(out["video_path"])
+    assert saved.parent == volume / "wan-s2v-outputs"
+    assert re.fullmatch(r"[0-9a-f]{32}\.mp4", saved.name)
+    assert saved.read_bytes() == video.read_bytes()
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no partial copy left
+
+
+def test_large_video_without_bucket_or_volume_says_how_to_configure(base_settings: Settings,
+                                                                    video: Path) -> None:
+    settings = base_settings.replace(max_inline_video_bytes=1000)
+    with pytest.raises(StorageError) as caught:
+        deliver_video(video, settings, None)
+    message = str(caught.value)
+    assert str(video.stat().st_size) in message and "1000" in message
+    for name in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
+                 "BUCKET_NAME", "s3Config", "NETWORK_VOLUME_DIR"):
+        assert name in message
+
+
+def test_incomplete_bucket_settings_are_not_a_bucket(base_settings: Settings, video: Path) -> None:
+    settings = base_settings.replace(bucket_name=SETTINGS_BUCKET, bucket_access_key_id=ACCESS_KEY)
+    assert deliver_video(video, settings, None)["storage"] == "inline"
+
+
+# --- client configuration ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("endpoint, style", [
+    (None, "virtual"),
+    ("https://s3.eu-west-1.amazonaws.com", "virtual"),
+    ("https://abc123.r2.cloudflarestorage.com", "path"),
+    ("https://s3.us-west-004.backblazeb2.com", "path"),
+    ("http://minio.internal:9000", "path"),
+    ("http://127.0.0.1:9000", "path"),
+])
+def test_auto_addressing_style(base_settings: Settings, endpoint: str | None, style: str) -> None:
+    assert storage._addressing_style(base_settings, endpoint) == style
+    forced = base_settings.replace(bucket_addressing_style="virtual")
+    assert storage._addressing_style(forced, endpoint) == "virtual"
+
+
+@pytest.mark.parametrize("endpoint, region", [
+    ("https://s3.eu-west-1.amazonaws.com", "eu-west-1"),
+    ("https://s3.dualstack.ap-southeast-2.amazonaws.com", "ap-southeast-2"),
+    ("https://s3.us-west-004.backblazeb2.com", "us-west-004"),
+    ("https://nyc3.digitaloceanspaces.com", "nyc3"),
+    ("https://abc123.r2.cloudflarestorage.com", None),
+    ("http://127.0.0.1:9000", None),
+])
+def test_region_of_an_s3config_endpoint(endpoint: str, region: str | None) -> None:
+    assert storage._region_from_endpoint(endpoint) == region
+
+
+def test_bucket_target_repr_hides_keys(bucket_settings: Settings) -> None:
+    target = storage.bucket_target(bucket_settings, None)
+    assert target is not None and SECRET_KEY not in repr(target) and ACCESS_KEY not in repr(target)
