@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import runpod  # noqa: E402
+from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
 
 from s2v_worker.runner import Worker  # noqa: E402
 from s2v_worker.settings import Settings  # noqa: E402
@@ -19,7 +20,8 @@ from s2v_worker.settings import Settings  # noqa: E402
 def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    RunPodLogger().set_level(settings.runpod_log_level)
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
     send_progress = runpod.serverless.progress_update if settings.runpod_webhook_post_output else None
     worker = Worker.start(settings, send_progress=send_progress)

@@ -14,6 +14,32 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SPEECH_7S3 = FIXTURES / "speech_7s3.flac"
 
 
+S3_ACCESS_KEY = "AKIATESTWORKER000001"
+S3_SECRET_KEY = "worker-secret-key-never-shown-0123456789"
+
+
+def s3_admin(endpoint: str):
+    """A boto3 client for test set-up against the loopback S3 server."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session(aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
+                                 region_name="us-east-1").client(
+        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP server (moto) on loopback for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from make_tiny_checkpoint import make_tiny_checkpoint
@@ -35,3 +61,10 @@ def portrait_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("media") / "portrait.png"
     image.save(path)
     return path
+
+
+def pytest_configure(config):
+    # The official Wan2.2 modules use the deprecated torch.cuda.amp API (warned at every call), and
+    # on a CPU-only machine torch says once more that CUDA autocast is off: noise in test output.
+    config.addinivalue_line("filterwarnings", r"ignore::FutureWarning:wan(\.|$)")
+    config.addinivalue_line("filterwarnings", "ignore:CUDA is not available:UserWarning")

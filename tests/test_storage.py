@@ -7,23 +7,18 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 import requests
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
+from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, s3_admin
 from s2v_worker import storage
 from s2v_worker.job import StorageOverride, parse_job
 from s2v_worker.settings import Settings
 from s2v_worker.storage import StorageError, deliver_video
 
-ACCESS_KEY = "AKIATESTWORKER000001"
-SECRET_KEY = "worker-secret-key-never-shown-0123456789"
 JOB_SECRET = "job-secret-key-never-shown-9876543210"
 SETTINGS_BUCKET = "worker-videos"
 JOB_BUCKET = "job-videos"
@@ -32,25 +27,15 @@ KEY_PATTERN = re.compile(r"^wan-s2v/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.mp4$")
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                                  region_name="us-east-1").client(
-        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+def s3_endpoint(s3_server: str) -> str:
     for bucket in (SETTINGS_BUCKET, JOB_BUCKET):
-        admin.create_bucket(Bucket=bucket)
-    yield endpoint
-    server.stop()
+        s3_admin(s3_server).create_bucket(Bucket=bucket)
+    return s3_server
 
 
 @pytest.fixture
 def admin(s3_endpoint: str):
-    return boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                                 region_name="us-east-1").client(
-        "s3", endpoint_url=s3_endpoint, config=Config(s3={"addressing_style": "path"}))
+    return s3_admin(s3_endpoint)
 
 
 @pytest.fixture

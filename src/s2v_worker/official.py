@@ -134,8 +134,9 @@ def install_attention(requested: str = "auto") -> str:
 def import_official() -> types.SimpleNamespace:
     """Import the official modules the worker uses and return them by role."""
     _register_bare_wan_package()
-    # The official modules use the deprecated torch.cuda.amp decorators; their warnings say nothing
-    # a user of the worker can act on.
+    # The official modules use the deprecated torch.cuda.amp API, at import and at every call; the
+    # warnings say nothing a user of the worker can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"wan(\.|$)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with _cuda_current_device_answered_without_gpu():

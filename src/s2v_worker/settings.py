@@ -136,6 +136,9 @@ SETTINGS: tuple[Setting, ...] = (
             "is set; local runs have nowhere to send them."),
     Setting("LOG_LEVEL", "log_level", _one_of("debug", "info", "warning", "error"), "info",
             "Level of the worker's logger."),
+    Setting("RUNPOD_LOG_LEVEL", "runpod_log_level", _one_of("debug", "info", "warn", "error"), "info",
+            "Level of the runpod SDK's own log. Its 'debug' prints whole job inputs and outputs "
+            "(media as base64, s3Config keys), so it is off unless asked for."),
 )
 
 

@@ -1,0 +1,200 @@
+"""The worker end to end, as users run it: `python handler.py --test_input ...` and the runpod SDK's
+local HTTP API (`--rp_serve_api`, POST /runsync), on the tiny checkpoint, with a real S3 server
+(moto) on loopback, real ffmpeg, and the MP4 checked with ffprobe."""
+import ast
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, S3_ACCESS_KEY, S3_SECRET_KEY, SPEECH_7S3, s3_admin
+
+SERVER_BUCKET, JOB_BUCKET = "runsync-videos", "cli-job-videos"
+
+
+def ffprobe(path: Path) -> dict:
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json",
+                          str(path)], check=True, capture_output=True, text=True).stdout
+    info = json.loads(out)
+    streams = {s["codec_type"]: s for s in info["streams"]}
+    return {"video": streams.get("video"), "audio": streams.get("audio"),
+            "duration": float(info["format"]["duration"])}
+
+
+def assert_plays_as_long_as_the_audio(path: Path, fps: int, seconds: float = 7.3) -> None:
+    info = ffprobe(path)
+    assert info["video"]["codec_name"] == "h264" and info["video"]["pix_fmt"] == "yuv420p"
+    assert info["video"]["avg_frame_rate"] == f"{fps}/1"
+    assert info["audio"]["codec_name"] == "aac"
+    assert info["duration"] == pytest.approx(seconds, abs=0.1)
+
+
+def worker_env(checkpoint: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUCKET_", "RUNPOD_"))}
+    env.update({"WAN_S2V_CKPT_DIR": str(checkpoint), "NETWORK_VOLUME_DIR": "/nonexistent-volume", **extra})
+    return env
+
+
+@pytest.fixture(scope="module")
+def speech_mp3(tmp_path_factory) -> Path:
+    """The 7.3 s speech as a 32 kb/s MP3: small enough for one command-line argument (128 KiB)."""
+    path = tmp_path_factory.mktemp("mp3") / "speech.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-c:a", "libmp3lame",
+                    "-b:a", "32k", str(path)], check=True)
+    return path
+
+
+def speech_job(audio_path: Path = SPEECH_7S3, **fields) -> dict:
+    audio = base64.b64encode(audio_path.read_bytes()).decode()
+    return {"input": {"image_base64": None, "audio_base64": audio, "resolution": "480p",
+                      "sample_steps": 2, "seed": 11, **fields}}
+
+
+def with_image(job: dict, image: Path) -> dict:
+    job["input"]["image_base64"] = base64.b64encode(image.read_bytes()).decode()
+    return job
+
+
+# --- `python handler.py --test_input` ----------------------------------------------------------------
+
+def run_cli(job: dict, env: dict, tmp_path: Path, as_file: bool = False) -> tuple[int, dict | None, str]:
+    """`python handler.py --test_input JOB`, or with as_file, JOB as test_input.json in the cwd."""
+    args = [sys.executable, str(ROOT / "handler.py")]
+    if as_file:
+        (tmp_path / "test_input.json").write_text(json.dumps(job))
+    else:
+        args += ["--test_input", json.dumps(job)]
+    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    marker = "Job result: "
+    line = next((l for l in log.splitlines() if marker in l), None)
+    payload = ast.literal_eval(line.split(marker, 1)[1]) if line else None
+    return result.returncode, payload, log
+
+
+def test_test_input_json_video_on_the_volume_with_its_audio(tiny_checkpoint, portrait_png, tmp_path):
+    # The SDK's local mode logs the result on one line and cuts long lines, so the video is kept as
+    # a file (the network-volume fallback) rather than inline base64 here; test_storage covers inline.
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = worker_env(tiny_checkpoint, NETWORK_VOLUME_DIR=str(volume), MAX_INLINE_VIDEO_BYTES="1")
+    code, payload, log = run_cli(with_image(speech_job(), portrait_png), env, tmp_path, as_file=True)
+    assert code == 0, log[-3000:]
+    output = payload["output"]
+    assert output["storage"] == "network_volume" and output["seed"] == 11 and output["num_clips"] == 2
+    video = Path(output["video_path"])
+    assert video.parent == volume / "wan-s2v-outputs"
+    assert_plays_as_long_as_the_audio(video, fps=24)
+    assert (output["fps"], output["duration_s"]) == (24, pytest.approx(7.3, abs=0.1))
+    assert set(output["timings"]) >= {"download_s", "text_encoding_s", "audio_encoding_s",
+                                      "sampling_s", "decoding_s", "encoding_s", "upload_s", "total_s"}
+    assert job_input_not_logged(log)
+
+
+def job_input_not_logged(log: str) -> bool:
+    return base64.b64encode(SPEECH_7S3.read_bytes()).decode()[1000:1100] not in log
+
+
+def test_cli_job_s3config_uploads_to_the_jobs_bucket(tiny_checkpoint, portrait_png, tmp_path, s3_server,
+                                                     speech_mp3):
+    s3_admin(s3_server).create_bucket(Bucket=JOB_BUCKET)
+    job = with_image(speech_job(speech_mp3, fps=16), portrait_png)
+    job["s3Config"] = {"accessId": S3_ACCESS_KEY, "accessSecret": S3_SECRET_KEY,
+                       "bucketName": JOB_BUCKET, "endpointUrl": s3_server}
+    code, payload, log = run_cli(job, worker_env(tiny_checkpoint, RUNPOD_LOG_LEVEL="info"), tmp_path)
+    assert code == 0, log[-3000:]
+    output = payload["output"]
+    assert output["storage"] == "s3"
+    video = tmp_path / "from_s3.mp4"
+    video.write_bytes(requests.get(output["video_url"], timeout=30).content)
+    assert_plays_as_long_as_the_audio(video, fps=16)
+    assert S3_SECRET_KEY not in log and job_input_not_logged(log)
+
+
+def test_cli_bad_job_is_a_clear_error(tiny_checkpoint, tmp_path):
+    job = {"input": {"image_url": "https://example.com/a.png", "audio_base64": "AAAA", "steps": 3}}
+    code, _, log = run_cli(job, worker_env(tiny_checkpoint), tmp_path)
+    assert code == 1
+    assert "unknown input fields: steps" in log and "Traceback" not in log
+
+
+# --- the local HTTP API: /runsync --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api(tiny_checkpoint, s3_server, tmp_path_factory):
+    """handler.py --rp_serve_api with a bucket configured; yields the base URL."""
+    s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
+    port = free_port()
+    env = worker_env(tiny_checkpoint, BUCKET_ENDPOINT_URL=s3_server, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
+                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET)
+    log = tmp_path_factory.mktemp("api") / "server.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api",
+                                   "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+                                  env=env, stdout=sink, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            requests.get(f"{base}/docs", timeout=2)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the API server did not start:\n" + log.read_text()[-3000:])
+    yield base, log
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def runsync(base: str, job: dict) -> dict:
+    response = requests.post(f"{base}/runsync", json=job, timeout=600)
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_runsync_7s3_speech_returns_a_url_serving_a_7s3_24fps_mp4(api, portrait_png, tmp_path):
+    base, log = api
+    reply = runsync(base, with_image(speech_job(prompt="a person talks"), portrait_png))
+    assert reply["status"] == "COMPLETED", reply
+    output = reply["output"]
+    assert output["storage"] == "s3" and output["object_key"].startswith("wan-s2v/")
+    video = tmp_path / "runsync.mp4"
+    video.write_bytes(requests.get(output["video_url"], timeout=30).content)
+    assert_plays_as_long_as_the_audio(video, fps=24)
+    assert (output["width"], output["height"], output["num_frames"]) == (64, 64, 176)
+    assert output["settings"]["seed"] == 11 and output["settings"]["prompt"] == "a person talks"
+    assert S3_SECRET_KEY not in log.read_text()
+
+
+def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(api, portrait_png):
+    base, log = api
+    bad = [
+        ({"input": {"audio_base64": "AAAA"}}, "needs one of 'image_url' or 'image_base64'"),
+        (with_image(speech_job(resolution="4k"), portrait_png), "'resolution' must be one of"),
+        ({"input": {**speech_job()["input"], "image_base64": base64.b64encode(b"not an image").decode()}},
+         "'image_base64' is not a readable image"),
+        (with_image({"input": {"audio_base64": base64.b64encode(b"\x00" * 999).decode()}}, portrait_png),
+         "'audio_base64' is not a readable audio file"),
+    ]
+    for job, fragment in bad:
+        reply = runsync(base, job)
+        assert reply["status"] == "FAILED" and fragment in reply["error"], reply
+        assert "Traceback" not in reply["error"]
+    good = runsync(base, with_image(speech_job(max_clips=1, sample_steps=1), portrait_png))
+    assert good["status"] == "COMPLETED", good
+    assert good["output"]["duration_s"] == pytest.approx(77 / 16, abs=0.07)  # one clip, cut short

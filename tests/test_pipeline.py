@@ -1,0 +1,163 @@
+"""The pipeline on the tiny random-weight checkpoint, on the CPU: planning, shapes, seeds, guidance,
+stopping, and the attention dispatch against a plain softmax reference."""
+import math
+import subprocess
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import SPEECH_7S3
+from s2v_worker.checkpoint import read_checkpoint
+from s2v_worker.job import parse_job
+from s2v_worker.official import sdpa_attention
+from s2v_worker.pipeline import GenerationStopped, S2VPipeline, plan_clip_count
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint):
+    return S2VPipeline.load(read_checkpoint(tiny_checkpoint), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def speech_2s(tmp_path_factory):
+    path = tmp_path_factory.mktemp("audio") / "speech_2s.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "2.0",
+                    "-c:a", "pcm_f32le", str(path)], check=True)
+    return path
+
+
+def settings(**fields):
+    base = {"image_url": "https://x/i.png", "audio_url": "https://x/a.wav", "resolution": "480p",
+            "sample_steps": 2, "infer_frames": 16}
+    return parse_job({"input": {**base, **fields}}).generation
+
+
+def test_clip_count_covers_the_audio_and_the_dropped_frames():
+    assert plan_clip_count(7.3, 80, 3) == 2      # 117 frames + 3 dropped > 80
+    assert plan_clip_count(4.8, 80, 3) == 1      # 77 + 3 = 80 fits one clip exactly
+    assert plan_clip_count(4.85, 80, 3) == 2     # one frame more needs a second clip
+    assert plan_clip_count(4.85, 80, 0) == 1
+    assert plan_clip_count(300, 80, 3, max_clips=2) == 2
+    for seconds in (0.1, 1.0, 4.99, 5.0, 12.34, 60.0):
+        clips = plan_clip_count(seconds, 80, 3)
+        assert clips * 80 - 3 >= math.ceil(seconds * 16 - 1e-6) > (clips - 1) * 80 - 3
+
+
+def test_plan_sizes_the_official_way_inside_the_declared_areas(pipeline, portrait_png):
+    plan_480 = pipeline.plan(portrait_png, 7.3, settings(infer_frames=80))
+    plan_720 = pipeline.plan(portrait_png, 7.3, settings(infer_frames=80, resolution="720p"))
+    for plan, area in ((plan_480, 64 * 64), (plan_720, 128 * 64)):
+        assert plan.height % 64 == 0 and plan.width % 64 == 0 and plan.height * plan.width <= area
+        assert (plan.num_clips, plan.native_frames) == (2, 157)
+        assert plan.video_seconds == pytest.approx(7.3)
+    assert plan_720.height * plan_720.width > plan_480.height * plan_480.width
+    capped = pipeline.plan(portrait_png, 7.3, settings(infer_frames=80, max_clips=1))
+    assert capped.num_clips == 1 and capped.video_seconds == pytest.approx(77 / 16)
+    first_frame = pipeline.plan(portrait_png, 7.3, settings(infer_frames=80, init_first_frame=True))
+    assert first_frame.dropped_frames == 0
+
+
+@pytest.fixture(scope="module")
+def two_runs(pipeline, portrait_png, speech_2s):
+    """Seed 7 twice and seed 8 once, 2 s of speech, 16 frames a clip: 3 clips, 2 guided steps."""
+    gen = settings(prompt="a person talks")
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    steps = []
+    first = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7,
+                              on_step=lambda *a: steps.append(a))
+    again = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7)
+    other = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=8)
+    return plan, steps, first, again, other
+
+
+def test_output_shape_range_and_progress(two_runs):
+    plan, steps, first, _, _ = two_runs
+    assert plan.num_clips == 3  # ceil((32 + 3) / 16)
+    assert first.video.shape == (3, 3 * 16 - 3, plan.height, plan.width)
+    assert first.video.dtype == torch.float32 and first.video.abs().max() <= 1.0
+    assert first.video.std() > 0.01  # random weights give noise, not a constant
+    assert steps == [(c, 3, s, 2) for c in range(3) for s in range(2)]
+    assert set(first.timings) == {"text_encoding_s", "audio_encoding_s", "vae_encoding_s",
+                                  "sampling_s", "decoding_s"}
+
+
+def test_same_seed_same_frames_other_seed_other_frames(two_runs):
+    _, _, first, again, other = two_runs
+    assert torch.equal(first.video, again.video)
+    assert (first.video - other.video).abs().mean() > 1e-3
+
+
+def count_model_calls(pipeline, portrait_png, audio, **fields):
+    calls = []
+    handle = pipeline.noise_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        gen = settings(**fields)
+        plan = pipeline.plan(portrait_png, 0.5, gen)
+        pipeline.generate(portrait_png, audio, plan, gen, seed=1)
+    finally:
+        handle.remove()
+    return len(calls), plan.num_clips
+
+
+def test_guidance_one_or_less_halves_the_model_calls(pipeline, portrait_png, speech_2s):
+    guided, clips = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=4.5)
+    unguided, _ = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=1.0)
+    assert (guided, unguided) == (2 * 2 * clips, 2 * clips)
+
+
+def test_dpm_solver_runs(pipeline, portrait_png, speech_2s):
+    gen = settings(solver="dpm++", max_clips=1)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    result = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=3)
+    assert result.video.shape[1] == 16 - 3
+
+
+def test_a_callback_can_stop_sampling_between_steps(pipeline, portrait_png, speech_2s):
+    seen = []
+
+    def stop_at_second_step(clip, clips, step, steps):
+        seen.append((clip, step))
+        if step == 1:
+            raise GenerationStopped
+
+    gen = settings()
+    with pytest.raises(GenerationStopped):
+        pipeline.generate(portrait_png, speech_2s, pipeline.plan(portrait_png, 2.0, gen), gen,
+                          seed=1, on_step=stop_at_second_step)
+    assert seen == [(0, 0), (0, 1)]
+
+
+# --- attention dispatch ----------------------------------------------------------------------------
+
+def reference_attention(q, k, v, k_lens=None):
+    q, k, v = (t.to(torch.bfloat16).float().transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if k_lens is not None:
+        mask = torch.arange(k.shape[2])[None, :] < k_lens[:, None]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def test_sdpa_attention_matches_softmax_and_masks_keys_past_k_lens():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 3, 16, generator=g) for _ in range(3))
+    k_lens = torch.tensor([5, 7])
+    out = sdpa_attention(q, k, v, k_lens=k_lens)
+    assert out.shape == q.shape and out.dtype == torch.float32  # back in q's dtype, as upstream
+    torch.testing.assert_close(out, reference_attention(q, k, v, k_lens), atol=2e-2, rtol=2e-2)
+    # keys past k_lens must not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[0, 5:], v2[0, 5:] = 100.0, -100.0
+    torch.testing.assert_close(sdpa_attention(q, k2, v2, k_lens=k_lens)[0], out[0])
+    # full lengths behave like no lengths
+    torch.testing.assert_close(sdpa_attention(q, k, v, k_lens=torch.tensor([7, 7])),
+                               sdpa_attention(q, k, v))
+
+
+def test_sdpa_attention_refuses_what_it_cannot_do_exactly():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(NotImplementedError):
+        sdpa_attention(q, q, q, window_size=(2, 2))
+    with pytest.raises(NotImplementedError):
+        sdpa_attention(q, q, q, q_lens=torch.tensor([3]))
