@@ -105,9 +105,13 @@ class Worker:
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
             return output
-        except (JobInputError, MediaError, VideoEncodingError, StorageError) as exc:
+        except (JobInputError, MediaError, StorageError) as exc:
             logger.info("job %s rejected: %s", job_id, exc)
             return {"error": str(exc)}
+        except VideoEncodingError:
+            logger.exception("job %s: video encoding failed", job_id)
+            return {"error": "encoding the video failed; the worker's logs have ffmpeg's message "
+                             f"for job {job_id}"}
         except torch.OutOfMemoryError:
             logger.exception("job %s ran out of GPU memory", job_id)
             self._release_gpu_memory()

@@ -187,3 +187,7 @@ def settings_table_markdown() -> str:
         default = "unset" if s.default is None else f"`{s.default}`"
         rows.append(f"| `{s.env}` | {default} | {s.help} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python src/s2v_worker/settings.py: the README's settings table
+    print(settings_table_markdown())
