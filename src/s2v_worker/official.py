@@ -111,8 +111,23 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2).contiguous().to(out_dtype)
 
 
+def official_fallback_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0,
+                                softmax_scale=None, q_scale=None, causal=False,
+                                window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16,
+                                version=None) -> torch.Tensor:
+    """What the official code runs without flash_attn: `wan.modules.attention.attention`, which
+    sends everything to SDPA and ignores the length arguments. The reference path of the
+    benchmarks and GPU tests ("official-sdpa"); not for serving, since it drops the key masks."""
+    official = importlib.import_module("wan.modules.attention")
+    return official.attention(q, k, v, q_lens=q_lens, k_lens=k_lens, dropout_p=dropout_p,
+                              softmax_scale=softmax_scale, q_scale=q_scale, causal=causal,
+                              window_size=window_size, deterministic=deterministic, dtype=dtype)
+
+
 def _choose_attention(requested: str) -> tuple[str, Callable[..., torch.Tensor]]:
     official = importlib.import_module("wan.modules.attention")
+    if requested == "official-sdpa":
+        return requested, official_fallback_attention
     flash_available = official.FLASH_ATTN_2_AVAILABLE or official.FLASH_ATTN_3_AVAILABLE
     if requested == "flash" and not flash_available:
         raise RuntimeError("WAN_S2V_ATTENTION=flash but the flash_attn package is not installed")

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -132,42 +133,29 @@ class S2VPipeline(WanS2V):
     def __init__(self) -> None:  # the official __init__ assumes CUDA and a full-size T5: see load()
         raise TypeError("use S2VPipeline.load(checkpoint, device)")
 
+    @staticmethod
+    def compute_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+        """(DiT dtype, T5 dtype). The official code computes in bfloat16 under CUDA autocast, with
+        float32 regions marked by torch.cuda.amp.autocast; CPU autocast cannot reproduce those
+        regions, so on the CPU (the tiny test checkpoint) every model computes in float32."""
+        if device.type == "cuda":
+            return OFFICIAL_CONFIG.param_dtype, OFFICIAL_CONFIG.t5_dtype
+        return torch.float32, torch.float32
+
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, offload: bool = False,
              attention: str = "auto") -> "S2VPipeline":
-        self = cls.__new__(cls)
-        config = OFFICIAL_CONFIG
-        folder = checkpoint.path
-        timings: dict[str, float] = {}
-
-        # Attributes WanS2V's methods read (see WanS2V.__init__).
-        self.device = device
-        self.config = config
-        self.rank = 0
-        self.sp_size = 1
-        self.t5_cpu = False
-        self.init_on_cpu = False
-        self.num_train_timesteps = config.num_train_timesteps
-        # The official code computes in bfloat16 under CUDA autocast, with float32 regions it marks
-        # with torch.cuda.amp.autocast; CPU autocast cannot reproduce those regions, so on the CPU
-        # (the tiny test checkpoint) every model computes in float32 instead.
-        self.param_dtype = config.param_dtype if device.type == "cuda" else torch.float32
-        t5_dtype = config.t5_dtype if device.type == "cuda" else torch.float32
-        self.sample_neg_prompt = config.sample_neg_prompt
-        self.motion_frames = config.transformer.motion_frames
-        self.drop_first_motion = config.drop_first_motion
-        self.fps = config.sample_fps
-        self.audio_sample_m = 0
-        self.offload = offload
-        self.checkpoint = checkpoint
-        self.attention_backend = install_attention(attention)
+        """Load every component from a checkpoint folder (real or tiny) with the official classes."""
+        config, folder = OFFICIAL_CONFIG, checkpoint.path
+        param_dtype, t5_dtype = cls.compute_dtypes(device)
         resident = torch.device("cpu") if offload else device
+        timings: dict[str, float] = {}
 
         start = time.perf_counter()
         t5_path = folder / T5_CHECKPOINT
         with official_architecture(_official.t5, "umt5_xxl",
                                    **infer_t5_architecture(_peek_state_dict(t5_path))):
-            self.text_encoder = _official.t5.T5EncoderModel(
+            text_encoder = _official.t5.T5EncoderModel(
                 text_len=config.text_len, dtype=t5_dtype, device=resident,
                 checkpoint_path=str(t5_path), tokenizer_path=str(folder / T5_TOKENIZER_DIR))
         timings["text_encoder_s"] = time.perf_counter() - start
@@ -176,23 +164,51 @@ class S2VPipeline(WanS2V):
         vae_path = folder / VAE_CHECKPOINT
         with official_architecture(_official.vae, "_video_vae",
                                    dim=infer_vae_width(_peek_state_dict(vae_path))):
-            self.vae = _VideoVAE(vae_pth=str(vae_path), device=device)
+            vae = _VideoVAE(vae_pth=str(vae_path), device=device)
         timings["vae_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self.noise_model = _official.model_s2v.WanModel_S2V.from_pretrained(
-            str(folder), torch_dtype=self.param_dtype, device_map=str(resident))
-        self.noise_model.eval().requires_grad_(False)
+        noise_model = _official.model_s2v.WanModel_S2V.from_pretrained(
+            str(folder), torch_dtype=param_dtype, device_map=str(resident))
         timings["dit_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         # The official pipeline keeps wav2vec2 on the CPU (AudioEncoder's default); so does the worker.
-        self.audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(folder / WAV2VEC_DIR))
+        audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(folder / WAV2VEC_DIR))
         timings["audio_encoder_s"] = time.perf_counter() - start
 
         logger.info("pipeline loaded from %s on %s (%s)", folder, device,
                     ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-        self.load_timings = timings
+        return cls.from_components(checkpoint, device, text_encoder=text_encoder, vae=vae,
+                                   noise_model=noise_model, audio_encoder=audio_encoder,
+                                   offload=offload, attention=attention)
+
+    @classmethod
+    def from_components(cls, checkpoint: Checkpoint, device: torch.device, *, text_encoder, vae,
+                        noise_model, audio_encoder, offload: bool = False,
+                        attention: str = "auto") -> "S2VPipeline":
+        """A pipeline around already-built official components (the loader's, or a benchmark's)."""
+        self = cls.__new__(cls)
+        config = OFFICIAL_CONFIG
+        # Attributes WanS2V's methods read (see WanS2V.__init__).
+        self.device = device
+        self.config = config
+        self.rank = 0
+        self.sp_size = 1
+        self.t5_cpu = False
+        self.init_on_cpu = False
+        self.num_train_timesteps = config.num_train_timesteps
+        self.param_dtype = cls.compute_dtypes(device)[0]
+        self.sample_neg_prompt = config.sample_neg_prompt
+        self.motion_frames = config.transformer.motion_frames
+        self.drop_first_motion = config.drop_first_motion
+        self.fps = config.sample_fps
+        self.audio_sample_m = 0
+        self.offload = offload
+        self.checkpoint = checkpoint
+        self.attention_backend = install_attention(attention)
+        self.text_encoder, self.vae, self.audio_encoder = text_encoder, vae, audio_encoder
+        self.noise_model = noise_model.eval().requires_grad_(False)
         return self
 
     # --- planning: everything that needs no model ------------------------------------------------
@@ -261,6 +277,26 @@ class S2VPipeline(WanS2V):
         raise ValueError(f"unsupported solver {solver!r}")
 
     @torch.no_grad()
+    def denoise(self, latents: list[torch.Tensor], timesteps: torch.Tensor, scheduler,
+                generator: torch.Generator, arg_c: dict, arg_null: dict | None,
+                guidance_scale: float, on_step: Callable[[int, int], None] | None = None,
+                ) -> list[torch.Tensor]:
+        """One clip's denoising loop, as in WanS2V.generate; arg_null None means no guidance."""
+        for i, t in enumerate(timesteps):
+            timestep = torch.stack([t]).to(self.device)
+            with self._autocast():
+                noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
+                if arg_null is not None:
+                    noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)
+                    noise_pred = [u + guidance_scale * (c - u)
+                                  for c, u in zip(noise_pred, noise_uncond)]
+            latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t, latents[0].unsqueeze(0),
+                                        return_dict=False, generator=generator)[0].squeeze(0)
+            if on_step is not None:
+                on_step(i, len(timesteps))
+        return latents
+
+    @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
                  on_step: StepCallback | None = None) -> GenerationResult:
@@ -324,19 +360,10 @@ class S2VPipeline(WanS2V):
                 arg_null = {"context": context_null[0:1], "audio_input": 0.0 * audio_input, **common}
 
                 with timed("sampling_s"):
-                    for i, t in enumerate(timesteps):
-                        timestep = torch.stack([t]).to(self.device)
-                        with self._autocast():
-                            noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
-                            if guided:
-                                noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)
-                                noise_pred = [u + settings.guidance_scale * (c - u)
-                                              for c, u in zip(noise_pred, noise_uncond)]
-                        latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t,
-                                                    latents[0].unsqueeze(0), return_dict=False,
-                                                    generator=generator)[0].squeeze(0)
-                        if on_step is not None:
-                            on_step(r, plan.num_clips, i, len(timesteps))
+                    latents = self.denoise(
+                        latents, timesteps, scheduler, generator, arg_c,
+                        arg_null if guided else None, settings.guidance_scale,
+                        on_step=None if on_step is None else partial(on_step, r, plan.num_clips))
 
                 with timed("decoding_s"):
                     stacked = torch.stack(latents)
