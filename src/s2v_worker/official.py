@@ -95,14 +95,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q = q * q_scale
 
     attn_mask = None
-    if k_lens is not None:
-        # Lengths built on the CPU (self-attention) are checked without a device sync; lengths that
-        # live on the GPU (audio cross-attention) become a mask, which is exact either way.
-        if k_lens.device.type != "cpu" or bool((k_lens < len_k).any()):
-            positions = torch.arange(len_k, device=k.device)
-            attn_mask = positions[None, :] < k_lens.to(k.device)[:, None]  # [B, Lk]
-            attn_mask = attn_mask[:, None, None, :]
-    if q_lens is not None and q_lens.device.type == "cpu" and bool((q_lens != len_q).any()):
+    # Wan2.2-S2V always passes full lengths (batch 1). A mask only when some key really is padding:
+    # a mask would move SDPA to another kernel and change the numbers against the official path.
+    # (Lengths on the GPU, as the audio cross-attention builds them, cost one sync to check.)
+    if k_lens is not None and bool((k_lens < len_k).any()):
+        positions = torch.arange(len_k, device=k.device)
+        attn_mask = (positions[None, :] < k_lens.to(k.device)[:, None])[:, None, None, :]
+    if q_lens is not None and bool((q_lens != len_q).any()):
         raise NotImplementedError("query padding (q_lens < Lq) is not supported")
 
     out = F.scaled_dot_product_attention(

@@ -1,0 +1,36 @@
+"""One cold start, run as its own process by bench/harness.py: process start to ready for a job.
+
+    python bench/coldstart_child.py official|worker CHECKPOINT_DIR PARENT_START_TIME
+
+Prints one JSON line: ready_s counts from the parent's clock reading just before it started this
+process, so interpreter start and imports are included.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+path, folder, parent_start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+
+from s2v_worker.official import import_official, install_attention  # noqa: E402
+
+imported = time.time()
+if path == "official":
+    official = import_official()
+    install_attention("official-sdpa")
+    # The official class as its CLI builds it (offload off at generate time): T5 loaded on the CPU,
+    # DiT straight to the GPU, VAE on the GPU, wav2vec2 on the CPU.
+    model = official.speech2video.WanS2V(config=official.config, checkpoint_dir=str(folder), device_id=0)
+else:
+    from s2v_worker.checkpoint import read_checkpoint
+    from s2v_worker.pipeline import S2VPipeline
+
+    model = S2VPipeline.load(read_checkpoint(folder), torch.device("cuda"))
+torch.cuda.synchronize()
+ready = time.time()
+print(json.dumps({"ready_s": round(ready - parent_start, 1), "imports_s": round(imported - parent_start, 1),
+                  "load_s": round(ready - imported, 1),
+                  "gpu_gb_after_load": round(torch.cuda.memory_allocated() / 2**30, 1)}))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Wheels the GPU machine lacks, for its Python 3.12 (see ../shared/device-notes.md), into .wheels/
+# (git-ignored; the device tool carries it). torch/torchvision/transformers come from the image.
+# llvmlite (60 MB) and imageio-ffmpeg (68 MB) are too large to carry: bench/device_shims stands in
+# for numba and imageio_ffmpeg there when the image lacks them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .wheels
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
+  --platform manylinux1_x86_64 -d .wheels \
+  diffusers==0.42.1 wan22==2.2.11 librosa==0.11.0 soxr==1.1.0 soundfile==0.14.0 cffi==2.1.1 \
+  pycparser==3.12 audioread==3.1.0 pooch==1.9.0 platformdirs==4.14.8 decorator==5.3.1 \
+  lazy_loader==0.6 msgpack==1.2.4 easydict==1.14 ftfy==6.3.1 wcwidth==0.9.4 decord==0.6.0
+du -sh .wheels
