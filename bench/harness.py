@@ -82,7 +82,10 @@ def section_forward(args) -> dict:
         height, width = fullsize.SIZES_16X9[resolution]
         inputs = fullsize.dit_inputs(height, width, DEVICE)
         tokens = {}
-        hook = dit.blocks[0].register_forward_pre_hook(lambda m, a: tokens.setdefault("n", a[0].shape[1]))
+        def count_tokens(module, args):  # a pre-hook that returns a value would replace the args
+            tokens.setdefault("n", args[0].shape[1])
+
+        hook = dit.blocks[0].register_forward_pre_hook(count_tokens)
         row = {}
         for path, attention in (("official", "official-sdpa"), ("worker", "sdpa")):
             install_attention(attention)

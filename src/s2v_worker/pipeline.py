@@ -284,14 +284,16 @@ class S2VPipeline(WanS2V):
         """One clip's denoising loop, as in WanS2V.generate; arg_null None means no guidance."""
         for i, t in enumerate(timesteps):
             timestep = torch.stack([t]).to(self.device)
+            # The scheduler step stays inside autocast too: upstream runs the whole loop under it,
+            # and UniPC's einsum then computes in bfloat16.
             with self._autocast():
                 noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
                 if arg_null is not None:
                     noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)
                     noise_pred = [u + guidance_scale * (c - u)
                                   for c, u in zip(noise_pred, noise_uncond)]
-            latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t, latents[0].unsqueeze(0),
-                                        return_dict=False, generator=generator)[0].squeeze(0)
+                latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t, latents[0].unsqueeze(0),
+                                            return_dict=False, generator=generator)[0].squeeze(0)
             if on_step is not None:
                 on_step(i, len(timesteps))
         return latents
