@@ -1,0 +1,38 @@
+"""The committed GPU results stay consistent: the result file is the merge of its raw parts, and
+the README's performance section is generated from it (bench/merge.py)."""
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import merge  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def test_each_result_file_is_the_merge_of_its_raw_parts():
+    for result_path in RESULTS.glob("*.json"):
+        raw = RESULTS / "raw" / (result_path.stem.split("-nvidia")[0] + "-h100")
+        parts = [json.loads(p.read_text()) for p in sorted(raw.glob("part-*.json"))]
+        assert parts, f"no raw parts for {result_path.name}"
+        assert merge.merge(parts) == json.loads(result_path.read_text())
+
+
+def test_readme_performance_section_comes_from_the_newest_result():
+    newest = sorted(RESULTS.glob("*.json"))[-1]
+    section = merge.readme_section(json.loads(newest.read_text()), newest)
+    assert section in (ROOT / "README.md").read_text()
+
+
+def test_committed_result_has_what_the_harness_promises():
+    result = json.loads(sorted(RESULTS.glob("*.json"))[-1].read_text())
+    for key in ("device", "torch", "date", "commits", "dit_forward_s", "vae_s", "job_s",
+                "cold_start_s", "faithfulness"):
+        assert key in result
+    for resolution in ("480p", "720p"):
+        assert {"official", "worker"} <= set(result["dit_forward_s"][resolution])
+        assert {"official", "worker"} <= set(result["vae_s"][resolution])
+    assert {"official", "worker"} <= set(result["job_s"]["480p_1clip_30steps"])
+    assert {"official", "worker"} <= set(result["cold_start_s"])
+    assert all(result["faithfulness"][k]["passed"] for k in merge.FAITHFULNESS_KEYS)
