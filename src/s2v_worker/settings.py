@@ -93,6 +93,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Shortest audio accepted."),
     Setting("DOWNLOAD_TIMEOUT_S", "download_timeout_s", _parse_positive_float, 60.0,
             "Connect and read timeout for each media download."),
+    Setting("MAX_REDIRECTS", "max_redirects", int, 5,
+            "Redirects followed per media download; each hop's address is checked again."),
+    Setting("ALLOWED_PRIVATE_NETWORKS", "allowed_private_networks", str, "",
+            "Comma-separated CIDR ranges that media URLs may resolve to although they are loopback, "
+            "private, link-local or reserved (e.g. 127.0.0.0/8 for local tests). Empty: none."),
+    Setting("MAX_IMAGE_PIXELS", "max_image_pixels", _parse_positive_int, 64_000_000,
+            "Largest image accepted, in pixels, checked before decoding (decompression bombs)."),
+    Setting("MAX_POSE_VIDEO_FRAMES", "max_pose_video_frames", _parse_positive_int, 20_000,
+            "Most frames a pose video may have."),
+    Setting("MAX_POSE_VIDEO_SIDE", "max_pose_video_side", _parse_positive_int, 4096,
+            "Longest side, in pixels, a pose video may have."),
     # --- video ---------------------------------------------------------------------------------
     Setting("VIDEO_CRF", "video_crf", int, 18,
             "x264 constant rate factor of the output (lower is better quality, larger files)."),
@@ -129,6 +140,13 @@ SETTINGS: tuple[Setting, ...] = (
     # --- worker --------------------------------------------------------------------------------
     Setting("WORK_DIR", "work_dir", _parse_optional_str, None,
             "Parent of each job's temporary folder (default: the system temp folder)."),
+    Setting("UNDELIVERED_DIR", "undelivered_dir", _parse_optional_str, None,
+            "Where a finished video is kept when no storage could take it (default: "
+            "<NETWORK_VOLUME_DIR>/wan-s2v-undelivered when the volume is mounted, else "
+            "<system temp>/wan-s2v-undelivered); the job's error names the file."),
+    Setting("JOB_TIMEOUT_S", "job_timeout_s", _parse_positive_float, 3600.0,
+            "Longest a job may run; past it, sampling stops at the next step and the job ends "
+            "with an error."),
     Setting("PROGRESS_INTERVAL_S", "progress_interval_s", float, 2.0,
             "Least time between two progress updates sent during sampling."),
     Setting("RUNPOD_WEBHOOK_POST_OUTPUT", "runpod_webhook_post_output", _parse_optional_str, None,
