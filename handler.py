@@ -25,7 +25,7 @@ def main() -> None:
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
     send_progress = runpod.serverless.progress_update if settings.runpod_webhook_post_output else None
     worker = Worker.start(settings, send_progress=send_progress)
-    runpod.serverless.start({"handler": worker.run})
+    runpod.serverless.start({"handler": worker.handle})
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def admin(s3_endpoint: str):
 def base_settings(tmp_path: Path) -> Settings:
     """No bucket, no network volume, quick to fail: each test adds what it needs."""
     return Settings.from_env({}).replace(network_volume_dir=str(tmp_path / "no-volume"),
+                                         undelivered_dir=str(tmp_path / "undelivered"),
                                          bucket_timeout_s=2.0, bucket_max_attempts=1)
 
 
@@ -133,9 +134,21 @@ def test_large_video_goes_up_in_parts(bucket_settings: Settings, tmp_path: Path,
     assert requests.get(out["video_url"], timeout=10).content == path.read_bytes()
 
 
+def kept_file(message: str, settings: Settings) -> Path:
+    """The undelivered copy an error message names; it must be in the undelivered folder."""
+    match = re.search(r"kept on the worker at (\S+\.mp4)", message)
+    assert match, message
+    kept = Path(match.group(1))
+    assert kept.parent == Path(settings.undelivered_dir)
+    assert re.fullmatch(r"[0-9a-f]{32}\.mp4", kept.name)
+    return kept
+
+
 def test_missing_bucket_fails_quickly_without_the_secret(bucket_settings: Settings,
                                                          video: Path) -> None:
-    settings = bucket_settings.replace(bucket_name="no-such-bucket")
+    # Too large to fall back on inline (tests/test_storage_faults.py covers the fallbacks).
+    settings = bucket_settings.replace(bucket_name="no-such-bucket", max_inline_video_bytes=1000)
+    content = video.read_bytes()
     started = time.monotonic()
     with pytest.raises(StorageError) as caught:
         deliver_video(video, settings, None)
@@ -144,6 +157,7 @@ def test_missing_bucket_fails_quickly_without_the_secret(bucket_settings: Settin
     assert "no-such-bucket" in message and "NoSuchBucket" in message
     assert bucket_settings.bucket_endpoint_url in message
     assert SECRET_KEY not in message
+    assert kept_file(message, settings).read_bytes() == content
 
 
 @pytest.mark.parametrize("through_override", [False, True])
@@ -151,7 +165,8 @@ def test_unreachable_endpoint_fails_quickly_without_the_secret(
         bucket_settings: Settings, video: Path, through_override: bool) -> None:
     endpoint = closed_port_url()
     override = job_override(endpoint) if through_override else None
-    settings = bucket_settings.replace(bucket_endpoint_url=endpoint)
+    settings = bucket_settings.replace(bucket_endpoint_url=endpoint, max_inline_video_bytes=1000)
+    content = video.read_bytes()
     started = time.monotonic()
     with pytest.raises(StorageError) as caught:
         deliver_video(video, settings, override)
@@ -160,6 +175,18 @@ def test_unreachable_endpoint_fails_quickly_without_the_secret(
     assert endpoint in message
     assert "s3Config" in message if through_override else "settings" in message
     assert SECRET_KEY not in message and JOB_SECRET not in message
+    assert kept_file(message, settings).read_bytes() == content
+
+
+def test_failed_upload_of_a_small_video_comes_back_inline_with_a_warning(
+        bucket_settings: Settings, video: Path) -> None:
+    settings = bucket_settings.replace(bucket_name="no-such-bucket")
+    out = deliver_video(video, settings, None)
+    assert out["storage"] == "inline"
+    assert base64.b64decode(out["video_base64"]) == video.read_bytes()
+    assert out["warnings"] == [
+        f"upload to bucket no-such-bucket at {bucket_settings.bucket_endpoint_url} failed "
+        "(NoSuchBucket); the video is returned inline instead"]
 
 
 # --- without a bucket --------------------------------------------------------------------------
@@ -192,13 +219,34 @@ def test_large_video_goes_to_the_network_volume(base_settings: Settings, video: 
 def test_large_video_without_bucket_or_volume_says_how_to_configure(base_settings: Settings,
                                                                     video: Path) -> None:
     settings = base_settings.replace(max_inline_video_bytes=1000)
+    content = video.read_bytes()
     with pytest.raises(StorageError) as caught:
         deliver_video(video, settings, None)
     message = str(caught.value)
-    assert str(video.stat().st_size) in message and "1000" in message
+    assert str(len(content)) in message and "1000" in message
     for name in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
-                 "BUCKET_NAME", "s3Config", "NETWORK_VOLUME_DIR"):
+                 "BUCKET_NAME", "s3Config", "NETWORK_VOLUME_DIR", "UNDELIVERED_DIR"):
         assert name in message
+    kept = kept_file(message, settings)
+    assert kept.read_bytes() == content
+    assert not video.exists()  # moved, not copied: the job's folder is deleted anyway
+
+
+def test_volume_that_refuses_the_copy_keeps_the_video_on_the_volume(base_settings: Settings,
+                                                                   video: Path,
+                                                                   tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "wan-s2v-outputs").write_text("a file where the folder should be")
+    settings = base_settings.replace(max_inline_video_bytes=1000, network_volume_dir=str(volume),
+                                     undelivered_dir=None)
+    content = video.read_bytes()
+    with pytest.raises(StorageError) as caught:
+        deliver_video(video, settings, None)
+    message = str(caught.value)
+    assert "copying the video to the network volume" in message
+    kept = kept_file(message, settings.replace(undelivered_dir=str(volume / "wan-s2v-undelivered")))
+    assert kept.read_bytes() == content
 
 
 def test_incomplete_bucket_settings_are_not_a_bucket(base_settings: Settings, video: Path) -> None:

@@ -8,9 +8,11 @@ error type with a message that is safe for the client; the runner turns them int
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +66,29 @@ class ProgressReporter:
                         "step": step + 1, "steps": steps})
 
 
+class JobStopped(Exception):
+    """The job was cancelled or ran out of time; the message is safe for the client."""
+
+
+class JobControl:
+    """Whether a running job should stop: RunPod cancelled it, or it passed JOB_TIMEOUT_S.
+
+    Checked between stages and after every denoising step, so a stop takes effect within one step.
+    """
+
+    def __init__(self, timeout_s: float, cancelled: threading.Event | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.cancelled = cancelled or threading.Event()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise JobStopped("the job was cancelled")
+        if time.monotonic() > self.deadline:
+            raise JobStopped(f"the job ran past its time limit of {self.timeout_s:g} s "
+                             "(JOB_TIMEOUT_S)")
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -80,6 +105,9 @@ class Worker:
         self.settings = settings
         self.pipeline = pipeline
         self.send_progress = send_progress
+        # One job at a time on the GPU, also when the SDK's local API takes requests concurrently
+        # or a cancelled job is still finishing its current step.
+        self._gpu = threading.Lock()
 
     @classmethod
     def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
@@ -94,19 +122,41 @@ class Worker:
         logger.info("worker ready in %.1f s", time.perf_counter() - started)
         return cls(settings, pipeline, send_progress)
 
-    def run(self, job: dict) -> dict:
+    async def handle(self, job: dict) -> dict:
+        """The RunPod handler. Async so that the SDK's per-job stop, which cancels this task, can
+        reach a running job: the job runs in a thread, and on cancellation it is told to stop
+        after its current denoising step; the task ends once it has (GPU memory released)."""
+        cancelled = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(self.run, job, cancelled))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            logger.info("job %s: cancel requested", job.get("id", "?") if isinstance(job, dict) else "?")
+            cancelled.set()
+            await running
+            raise
+
+    def run(self, job: dict, cancelled: threading.Event | None = None) -> dict:
         """Run one RunPod job; always returns a dict (the result, or {"error": ...})."""
+        with self._gpu:
+            return self._run_guarded(job, JobControl(self.settings.job_timeout_s, cancelled))
+
+    def _run_guarded(self, job: dict, control: JobControl) -> dict:
         started = time.perf_counter()
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
         try:
             request = parse_job(job)
             with tempfile.TemporaryDirectory(prefix="wan-s2v-", dir=self.settings.work_dir) as tmp:
-                output = self._run(job, request, Path(tmp))
+                output = self._run(job, request, Path(tmp), control)
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
             return output
         except (JobInputError, MediaError, StorageError) as exc:
             logger.info("job %s rejected: %s", job_id, exc)
+            return {"error": str(exc)}
+        except JobStopped as exc:
+            logger.info("job %s stopped: %s", job_id, exc)
+            self._release_gpu_memory()
             return {"error": str(exc)}
         except VideoEncodingError:
             logger.exception("job %s: video encoding failed", job_id)
@@ -123,13 +173,21 @@ class Worker:
             return {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
                              f"details for job {job_id}", "refresh_worker": True}
 
-    def _run(self, job: dict, request: JobRequest, work_dir: Path) -> dict:
+    def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl) -> dict:
         settings, pipeline = self.settings, self.pipeline
         generation = request.generation
         progress = ProgressReporter(job, self.send_progress, settings.progress_interval_s)
         timings: dict[str, float] = {}
 
-        progress.stage("download")
+        def stage(name: str) -> None:
+            control.check()
+            progress.stage(name)
+
+        def on_step(clip: int, clips: int, step: int, steps: int) -> None:
+            progress.step(clip, clips, step, steps)
+            control.check()
+
+        stage("download")
         with _timed(timings, "download_s"):
             image = load_image(request.image, work_dir, settings)
             audio = load_audio(request.audio, work_dir, settings)
@@ -142,19 +200,19 @@ class Worker:
                     plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
                     generation.sample_steps, seed)
 
-        progress.stage("generate")
+        stage("generate")
         result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
-                                   pose_video_path=pose_video, on_step=progress.step)
+                                   pose_video_path=pose_video, on_step=on_step)
         timings.update({k: round(v, 3) for k, v in result.timings.items()})
 
-        progress.stage("encode")
+        stage("encode")
         with _timed(timings, "encoding_s"):
             video = encode_mp4(result.video, native_fps=16, output_fps=generation.fps,
                                audio_path=audio.original_path, duration_s=plan.video_seconds,
                                out_path=work_dir / "video.mp4", settings=settings)
         del result
 
-        progress.stage("upload")
+        stage("upload")
         with _timed(timings, "upload_s"):
             delivered = deliver_video(video.path, settings, request.storage)
 

@@ -4,21 +4,28 @@ The order is the product contract. A bucket (the job's s3Config, else the BUCKET
 every video and the client a presigned link. Without one, a small video comes back inline as base64,
 a large one is copied to the network volume, and when there is no volume the job fails with a
 message saying how to configure storage; the worker never answers with a path only it can read.
+
+When the bucket upload fails (after botocore's bounded retries), the same fallbacks apply, and the
+output carries a "warnings" entry saying that the upload failed and why. No finished video is ever
+dropped silently: when nothing can take it, the MP4 is moved to the undelivered folder
+(UNDELIVERED_DIR) under a random name, and the job's error names that file.
 """
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -33,6 +40,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 VOLUME_SUBDIR = "wan-s2v-outputs"
+UNDELIVERED_SUBDIR = "wan-s2v-undelivered"
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # SigV4 presigned URLs stop working after 7 days
 CONTENT_TYPE = "video/mp4"
 MiB = 1024 * 1024
@@ -43,6 +51,36 @@ AWS_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn")
 TRANSFER_CONFIG = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=16 * MiB,
                                  max_concurrency=4)
 
+# How long a failing upload can take. botocore's "standard" retry mode tries every bucket request
+# BUCKET_MAX_ATTEMPTS times in all. It retries connection errors, timeouts and 500/502/503/504
+# answers, and not 403 (wrong keys) or 404 (missing bucket), which fail at the first answer. One
+# attempt ends at its first timeout: BUCKET_TIMEOUT_S to connect, then (for a file body, sent with
+# "Expect: 100-continue") up to 1 s waiting for "100 Continue", then BUCKET_TIMEOUT_S without a
+# byte of the answer. Between attempts botocore waits rand(0,1) * min(scale * 2**i, 20 s), scale
+# 1 s for throttling codes (SlowDown) and 50 ms otherwise, raised by an x-amz-retry-after header
+# by at most 5 s. So one failing request takes at most
+#     attempts * (2 * timeout + 1 s) + sum over i < attempts - 1 of (min(2**i, 20) + 5) s,
+# which `failing_request_bound_s` computes: 3 * 61 + (1 + 5) + (2 + 5) = 196 s with the defaults
+# (30 s, 3 attempts); in practice a dead endpoint or a silent server costs about 3 * 30 s. A video
+# at or below the multipart threshold is one PutObject; a larger one that fails spends this on
+# CreateMultipartUpload or on the failing part (parts go up 4 at a time), then again on the abort.
+# Not bounded by these timeouts: DNS look-ups, and a server that keeps trickling bytes (each read
+# is bounded, not their sum).
+EXPECT_CONTINUE_WAIT_S = 1.0  # botocore's own wait for "100 Continue" before it sends the body
+RETRY_AFTER_EXTRA_MAX_S = 5.0  # most an x-amz-retry-after header adds to one backoff
+MAX_BACKOFF_S = 20.0
+THROTTLING_BACKOFF_SCALE_S = 1.0  # the larger of botocore's two backoff scales
+
+
+def failing_request_bound_s(settings: Settings) -> float:
+    """Longest one bucket request can take to fail, all attempts and backoffs included."""
+    attempts = settings.bucket_max_attempts
+    per_attempt = 2 * settings.bucket_timeout_s + EXPECT_CONTINUE_WAIT_S
+    backoff = sum(min(THROTTLING_BACKOFF_SCALE_S * 2 ** i, MAX_BACKOFF_S) + RETRY_AFTER_EXTRA_MAX_S
+                  for i in range(attempts - 1))
+    return attempts * per_attempt + backoff
+
+
 # Region spelled in common endpoint host names: s3.<region>.amazonaws.com (also dualstack),
 # s3.<region>.backblazeb2.com, s3.<region>.wasabisys.com, <region>.digitaloceanspaces.com.
 _REGION_IN_HOST = (re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]+)+-\d+)\."),
@@ -51,6 +89,15 @@ _REGION_IN_HOST = (re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]
 
 class StorageError(RuntimeError):
     """The video could not be delivered. The message is safe to return to the client."""
+
+
+class BucketUploadError(StorageError):
+    """The upload to the bucket failed; `code` is the S3 error code or the exception's class."""
+
+    def __init__(self, message: str, *, code: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason  # "upload to bucket <name> at <endpoint> failed (<code>)", no secret
 
 
 @dataclass(frozen=True)
@@ -67,12 +114,20 @@ class BucketTarget:
 
 def deliver_video(path: Path, settings: Settings,
                   override: StorageOverride | None) -> dict[str, Any]:
-    """Put the finished video where the client can fetch it; return the output's storage fields."""
+    """Put the finished video where the client can fetch it; return the output's storage fields.
+
+    The fields are video_url, video_base64 or video_path, with storage (and object_key for a
+    bucket); after a failed upload also "warnings", a list of messages for the client. When no
+    storage can take the video, it is moved (so `path` is gone) to the undelivered folder and
+    StorageError names the file.
+    """
     target = bucket_target(settings, override)
-    if target is not None:
-        # Fallback-after-failure goes here: catch StorageError and call _deliver_without_bucket.
+    if target is None:
+        return _deliver_without_bucket(path, settings)
+    try:
         return upload_to_bucket(path, target, settings)
-    return _deliver_without_bucket(path, settings)
+    except BucketUploadError as failure:
+        return _deliver_after_upload_failure(path, settings, failure)
 
 
 def bucket_target(settings: Settings, override: StorageOverride | None) -> BucketTarget | None:
@@ -101,7 +156,9 @@ def make_s3_client(target: BucketTarget, settings: Settings) -> BaseClient:
         region_name=target.region,
         connect_timeout=settings.bucket_timeout_s,
         read_timeout=settings.bucket_timeout_s,
-        retries={"mode": "standard", "max_attempts": settings.bucket_max_attempts},
+        # total_max_attempts counts the first try, as BUCKET_MAX_ATTEMPTS does; botocore's
+        # "max_attempts" key would count retries only (one attempt more than asked for).
+        retries={"mode": "standard", "total_max_attempts": settings.bucket_max_attempts},
         s3={"addressing_style": _addressing_style(settings, target.endpoint_url)},
         # botocore >= 1.36 adds CRC checksums to every upload by default, which several
         # S3-compatible services reject; send them only where an operation requires one.
@@ -164,20 +221,35 @@ def upload_to_bucket(path: Path, target: BucketTarget, settings: Settings) -> di
             "get_object", Params={"Bucket": target.bucket_name, "Key": key},
             ExpiresIn=_presign_expiry_s(settings))
     except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-        raise StorageError(_upload_failure_message(exc, target)) from exc
+        raise _upload_error(exc, target) from exc
+    except Exception as exc:  # e.g. a malformed s3Config endpoint: no reason to lose the video
+        logger.exception("unexpected error uploading to bucket %r", target.bucket_name)
+        raise _upload_error(exc, target) from exc
     # The presigned URL is a bearer credential: it is returned, never logged.
     logger.info("uploaded %d bytes to bucket %r (%s, %s) as %s in %.2f s", size,
-                target.bucket_name, target.source, target.endpoint_url or "AWS", key,
+                target.bucket_name, target.source, _endpoint_for_messages(target.endpoint_url), key,
                 time.monotonic() - started)
     return {"video_url": url, "storage": "s3", "object_key": key}
 
 
-def _upload_failure_message(exc: BaseException, target: BucketTarget) -> str:
+def _upload_error(exc: BaseException, target: BucketTarget) -> BucketUploadError:
     code, detail = _s3_error(exc)
-    message = (f"uploading the video to bucket '{target.bucket_name}' at "
-               f"{target.endpoint_url or 'AWS S3'} (from {target.source}) failed: {code}"
-               + (f" ({detail})" if detail else ""))
-    return _redact(message, target)
+    endpoint = _endpoint_for_messages(target.endpoint_url)
+    message = (f"uploading the video to bucket '{target.bucket_name}' at {endpoint} "
+               f"(from {target.source}) failed: {code}" + (f" ({detail})" if detail else ""))
+    reason = f"upload to bucket {target.bucket_name} at {endpoint} failed ({code})"
+    return BucketUploadError(_redact(message, target), code=_redact(code, target),
+                             reason=_redact(reason, target))
+
+
+def _endpoint_for_messages(endpoint_url: str | None) -> str:
+    """The endpoint as messages show it: without user:password@ or a query, should it have one."""
+    if not endpoint_url:
+        return "AWS S3"
+    parts = urlsplit(endpoint_url)
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return endpoint_url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _s3_error(exc: BaseException) -> tuple[str, str]:
@@ -193,29 +265,69 @@ def _s3_error(exc: BaseException) -> tuple[str, str]:
 
 def _redact(text: str, target: BucketTarget) -> str:
     # S3 errors do not echo secrets, but a message that reaches the client must never carry one.
+    # botocore's connection errors do echo the endpoint URL, user:password@ included.
+    userinfo = urlsplit(target.endpoint_url or "").netloc.rpartition("@")[0]
+    if userinfo:
+        text = text.replace(userinfo + "@", "")
     for secret in (target.secret_access_key, target.access_key_id):
         if secret:
             text = text.replace(secret, "***")
     return text
 
 
-# --- without a bucket --------------------------------------------------------------------------
+# --- without a bucket, or after the upload failed ------------------------------------------------
 
 def _deliver_without_bucket(path: Path, settings: Settings) -> dict[str, Any]:
     size = path.stat().st_size
     if size <= settings.max_inline_video_bytes:
-        logger.info("returning the video inline (%d bytes)", size)
-        return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii"),
-                "storage": "inline"}
+        return _inline(path, size)
     volume = Path(settings.network_volume_dir)
     if _is_writable_dir(volume):
-        return copy_to_volume(path, volume)
-    raise StorageError(
+        try:
+            return copy_to_volume(path, volume)
+        except StorageError as exc:
+            nowhere = f"{exc}"
+    else:
+        nowhere = "there is nowhere else to put it"
+    problem = (
         f"the video is {size} bytes, too large to return inline (MAX_INLINE_VIDEO_BYTES is "
-        f"{settings.max_inline_video_bytes} bytes), and there is nowhere else to put it. Configure "
+        f"{settings.max_inline_video_bytes} bytes), and {nowhere}. Configure "
         "a bucket with BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and "
         "BUCKET_NAME, or send the job's s3Config, or attach a network volume at "
         f"{settings.network_volume_dir} (NETWORK_VOLUME_DIR).")
+    raise StorageError(_keep_and_describe(path, settings, problem))
+
+
+def _deliver_after_upload_failure(path: Path, settings: Settings,
+                                  failure: BucketUploadError) -> dict[str, Any]:
+    """The upload failed: deliver the video as if there were no bucket, and say so."""
+    size = path.stat().st_size
+    if size <= settings.max_inline_video_bytes:
+        logger.warning("%s; returning the video inline instead", failure)
+        return {**_inline(path, size),
+                "warnings": [f"{failure.reason}; the video is returned inline instead"]}
+    volume = Path(settings.network_volume_dir)
+    if _is_writable_dir(volume):
+        try:
+            delivered = copy_to_volume(path, volume)
+        except StorageError as exc:
+            nowhere = f"{exc}"
+        else:
+            logger.warning("%s; the video is on the network volume instead", failure)
+            return {**delivered, "warnings": [
+                f"{failure.reason}; the video is on the network volume instead (video_path)"]}
+    else:
+        nowhere = f"no network volume is mounted at {settings.network_volume_dir}"
+    problem = (f"{failure}. The video is {size} bytes, too large to return inline "
+               f"(MAX_INLINE_VIDEO_BYTES is {settings.max_inline_video_bytes} bytes), and "
+               f"{nowhere}.")
+    raise StorageError(_keep_and_describe(path, settings, problem)) from failure
+
+
+def _inline(path: Path, size: int) -> dict[str, Any]:
+    logger.info("returning the video inline (%d bytes)", size)
+    return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii"),
+            "storage": "inline"}
 
 
 def _is_writable_dir(folder: Path) -> bool:
@@ -233,9 +345,73 @@ def copy_to_volume(path: Path, volume: Path) -> dict[str, Any]:
         shutil.copyfile(path, partial)
         os.replace(partial, destination)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        _remove_quietly(partial)
         raise StorageError(f"copying the video to the network volume at {folder} failed: "
                            f"{exc.strerror or exc}") from exc
     logger.info("copied the video (%d bytes) to the network volume as %s",
                 destination.stat().st_size, destination)
     return {"video_path": str(destination), "storage": "network_volume"}
+
+
+# --- the undelivered folder --------------------------------------------------------------------
+
+def undelivered_dir(settings: Settings) -> Path:
+    """UNDELIVERED_DIR; else wan-s2v-undelivered on the volume if mounted, else in temp."""
+    if settings.undelivered_dir:
+        return Path(settings.undelivered_dir).absolute()
+    volume = Path(settings.network_volume_dir)
+    if _is_writable_dir(volume):
+        return volume.absolute() / UNDELIVERED_SUBDIR
+    return Path(tempfile.gettempdir()).absolute() / UNDELIVERED_SUBDIR
+
+
+def _keep_and_describe(path: Path, settings: Settings, problem: str) -> str:
+    """Keep the video in the undelivered folder; `problem` plus where it is (or that it is lost)."""
+    folders = [undelivered_dir(settings)]
+    last_resort = Path(tempfile.gettempdir()).absolute() / UNDELIVERED_SUBDIR
+    if last_resort not in folders:
+        folders.append(last_resort)
+    failures = []
+    for folder in folders:
+        try:
+            kept = keep_undelivered(path, folder)
+        except OSError as exc:
+            failures.append(f"{folder}: {exc.strerror or exc}")
+            logger.error("keeping the undelivered video in %s failed: %s", folder, exc)
+            continue
+        logger.error("the video could not be delivered and was kept at %s: %s", kept, problem)
+        return (f"{problem} The video was kept on the worker at {kept} "
+                "(UNDELIVERED_DIR) so that it is not lost.")
+    logger.error("the video could not be delivered or kept, and is lost: %s", problem)
+    return f"{problem} Keeping the video failed too ({'; '.join(failures)}), so it is lost."
+
+
+def keep_undelivered(path: Path, folder: Path) -> Path:
+    """Move the video into `folder` under a random name; return its new path."""
+    # 0o700: under the shared temp folder, other users can neither list nor read kept videos.
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = uuid.uuid4().hex
+    destination = folder / f"{name}.mp4"
+    try:
+        os.rename(path, destination)  # same file system: instant, atomic, needs no more space
+        return destination
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    partial = folder / f".{name}.mp4.partial"
+    try:
+        shutil.copyfile(path, partial)
+        os.replace(partial, destination)
+    except OSError:
+        _remove_quietly(partial)
+        raise
+    _remove_quietly(path)  # the job's folder is deleted anyway; this only frees the space sooner
+    return destination
+
+
+def _remove_quietly(path: Path) -> None:
+    # Not unlink(missing_ok=True) alone: where the folder is a file, that raises NotADirectoryError.
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

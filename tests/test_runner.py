@@ -1,0 +1,136 @@
+"""The job runner's control, in-process on the tiny checkpoint: RunPod's per-job stop, the job time
+limit, GPU failures (injected), progress updates, and temporary files, with the worker staying
+ready for the next job after each."""
+import asyncio
+import base64
+import subprocess
+import time
+
+import pytest
+import torch
+from runpod.serverless.modules.rp_job import run_job
+from runpod.serverless.modules.rp_scale import JobScaler
+
+from conftest import SPEECH_7S3
+from s2v_worker.checkpoint import read_checkpoint
+from s2v_worker.pipeline import S2VPipeline
+from s2v_worker.runner import ProgressReporter, Worker
+from s2v_worker.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint):
+    return S2VPipeline.load(read_checkpoint(tiny_checkpoint), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def speech_1s_b64(tmp_path_factory):
+    path = tmp_path_factory.mktemp("a") / "speech_1s.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0", str(path)],
+                   check=True)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture
+def worker(pipeline, tmp_path):
+    """A worker whose job folders live in tmp_path/work, returning videos inline."""
+    (tmp_path / "work").mkdir()
+    settings = Settings.from_env({}).replace(work_dir=str(tmp_path / "work"),
+                                             network_volume_dir=str(tmp_path / "no-volume"),
+                                             progress_interval_s=0.0)
+    updates = []
+    worker = Worker(settings, pipeline, send_progress=lambda job, update: updates.append(
+        (time.monotonic(), update)))
+    worker.updates = updates
+    return worker
+
+
+def job(image_png, audio_b64, job_id="job", **fields):
+    return {"id": job_id, "input": {
+        "image_base64": base64.b64encode(image_png.read_bytes()).decode(), "audio_base64": audio_b64,
+        "resolution": "480p", "sample_steps": 2, "infer_frames": 16, "fps": 16, "seed": 1, **fields}}
+
+
+def assert_ready_for_the_next_job(worker, portrait_png, audio_b64):
+    result = worker.run(job(portrait_png, audio_b64, job_id="next"))
+    assert "video_base64" in result and "error" not in result, result
+    assert not list((worker.settings.work_dir and __import__("pathlib").Path(
+        worker.settings.work_dir)).iterdir()), "a job folder was left behind"
+
+
+def test_progress_reports_stages_and_every_step(worker, portrait_png, speech_1s_b64):
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3))
+    assert "video_base64" in result
+    updates = [u for _, u in worker.updates]
+    assert [u["stage"] for u in updates if u["stage"] != "sampling"] == [
+        "download", "generate", "encode", "upload"]
+    steps = [(u["clip"], u["step"]) for u in updates if u["stage"] == "sampling"]
+    clips = result["num_clips"]
+    assert steps == [(c, s) for c in range(1, clips + 1) for s in (1, 2, 3)]
+
+
+def test_progress_is_throttled():
+    sent = []
+    reporter = ProgressReporter({"id": "x"}, lambda job, update: sent.append(update), interval_s=60)
+    reporter.stage("generate")
+    for step in range(10):
+        reporter.step(0, 1, step, 10)
+    assert [u.get("step") for u in sent] == [None, 10]  # the stage, then only the last step
+
+
+def test_runpod_per_job_stop_ends_sampling_within_one_step(worker, portrait_png, speech_1s_b64):
+    steps = 100
+    running = job(portrait_png, speech_1s_b64, job_id="to-stop", sample_steps=steps, max_clips=1)
+
+    async def scenario():
+        scaler = JobScaler({"handler": worker.handle})
+        task = asyncio.ensure_future(run_job(worker.handle, running))
+        scaler.jobs_tasks[running["id"]] = task  # what the SDK's job loop records
+        while sum(u["stage"] == "sampling" for _, u in worker.updates) < 3:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.01)
+        cancel_time = time.monotonic()
+        assert await scaler.stop_job(running["id"])  # the SDK's own per-job stop
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return cancel_time
+
+    cancel_time = asyncio.run(scenario())
+    after = [u for t, u in worker.updates if t > cancel_time and u["stage"] == "sampling"]
+    assert len(after) <= 1, f"{len(after)} steps ran after the stop"
+    assert sum(u["stage"] == "sampling" for _, u in worker.updates) < steps
+    assert not any(u["stage"] == "encode" for _, u in worker.updates)
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64):
+    worker.settings = worker.settings.replace(job_timeout_s=0.5)
+    started = time.monotonic()
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=100))
+    assert result == {"error": "the job ran past its time limit of 0.5 s (JOB_TIMEOUT_S)"}
+    assert time.monotonic() - started < 30
+    worker.settings = worker.settings.replace(job_timeout_s=3600.0)
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+@pytest.mark.parametrize("failure, fragment", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "ran out of memory"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "internal error (RuntimeError)"),
+])
+def test_gpu_failures_ask_for_a_fresh_worker(worker, portrait_png, speech_1s_b64, monkeypatch,
+                                             failure, fragment):
+    def failing_generate(*args, **kwargs):
+        raise failure
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.pipeline, "generate", failing_generate)
+        result = worker.run(job(portrait_png, speech_1s_b64))
+    assert result["refresh_worker"] is True and fragment in result["error"]
+    assert "Traceback" not in result["error"] and "File " not in result["error"]
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_bad_input_leaves_no_files_and_no_refresh(worker, portrait_png, speech_1s_b64):
+    result = worker.run(job(portrait_png, base64.b64encode(b"not audio" * 50).decode()))
+    assert result == {"error": "'audio_base64' is not a readable audio file"}
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
