@@ -135,7 +135,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def api(tiny_checkpoint, s3_server, tmp_path_factory):
-    """handler.py --rp_serve_api with a bucket configured; yields the base URL."""
+    """handler.py --rp_serve_api with a bucket configured; yields (base URL, log path, pid)."""
     s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
     port = free_port()
     env = worker_env(tiny_checkpoint, BUCKET_ENDPOINT_URL=s3_server, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
@@ -156,7 +156,7 @@ def api(tiny_checkpoint, s3_server, tmp_path_factory):
             time.sleep(0.5)
     else:
         pytest.fail("the API server did not start:\n" + log.read_text()[-3000:])
-    yield base, log
+    yield base, log, server.pid
     server.terminate()
     server.wait(timeout=30)
 
@@ -168,7 +168,7 @@ def runsync(base: str, job: dict) -> dict:
 
 
 def test_runsync_7s3_speech_returns_a_url_serving_a_7s3_24fps_mp4(api, portrait_png, tmp_path):
-    base, log = api
+    base, log, _ = api
     reply = runsync(base, with_image(speech_job(prompt="a person talks"), portrait_png))
     assert reply["status"] == "COMPLETED", reply
     output = reply["output"]
@@ -182,7 +182,7 @@ def test_runsync_7s3_speech_returns_a_url_serving_a_7s3_24fps_mp4(api, portrait_
 
 
 def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(api, portrait_png):
-    base, log = api
+    base, log, _ = api
     bad = [
         ({"input": {"audio_base64": "AAAA"}}, "needs one of 'image_url' or 'image_base64'"),
         (with_image(speech_job(resolution="4k"), portrait_png), "'resolution' must be one of"),
@@ -198,3 +198,36 @@ def test_bad_jobs_fail_clearly_and_the_worker_keeps_serving(api, portrait_png):
     good = runsync(base, with_image(speech_job(max_clips=1, sample_steps=1), portrait_png))
     assert good["status"] == "COMPLETED", good
     assert good["output"]["duration_s"] == pytest.approx(77 / 16, abs=0.07)  # one clip, cut short
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, portrait_png, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _, server_pid = api
+    speech_1s = tmp_path / "speech_1s.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0", str(speech_1s)],
+                   check=True)
+
+    def submit(index: int) -> tuple[int, dict]:
+        job = with_image(speech_job(speech_1s, seed=1000 + index, prompt=f"job number {index}",
+                                    sample_steps=1, fps=16), portrait_png)
+        return index, runsync(base, job)
+
+    memory = []
+    for round_ in range(2):
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            replies = list(pool.map(submit, range(round_ * 10, round_ * 10 + 10)))
+        for index, reply in replies:
+            assert reply["status"] == "COMPLETED", reply
+            settings = reply["output"]["settings"]
+            assert (settings["seed"], settings["prompt"]) == (1000 + index, f"job number {index}")
+        assert len({reply["output"]["object_key"] for _, reply in replies}) == 10
+        memory.append(rss_mb(server_pid))
+    assert memory[1] - memory[0] < 64, f"worker memory grew from {memory[0]:.0f} to {memory[1]:.0f} MB"
