@@ -48,6 +48,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    """The worker's pipeline on the tiny checkpoint, on the CPU, loaded once per session."""
+    import torch
+
+    from s2v_worker.checkpoint import read_checkpoint
+    from s2v_worker.pipeline import S2VPipeline
+
+    return S2VPipeline.load(read_checkpoint(tiny_checkpoint), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def portrait_png(tmp_path_factory) -> Path:
     """A 3:4 portrait drawn with Pillow (the model's output is noise anyway on the tiny checkpoint)."""
     from PIL import Image, ImageDraw

@@ -13,6 +13,8 @@ from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
 from s2v_worker.settings import Settings
 
 SETTINGS = Settings.from_env({})
+# The fixture server is on loopback, which media URLs may not reach unless allowed.
+LOCAL = SETTINGS.replace(allowed_private_networks="127.0.0.0/8")
 
 
 def b64(field: str, data: bytes, data_uri: str | None = None) -> MediaSource:
@@ -49,7 +51,7 @@ def test_image_base64_raw_and_data_uri(portrait_png, tmp_path):
 def test_image_from_url(media_server, portrait_png, tmp_path):
     base, folder = media_server
     (folder / "face.png").write_bytes(portrait_png.read_bytes())
-    image = load_image(MediaSource("image_url", url=f"{base}/face.png"), tmp_path, SETTINGS)
+    image = load_image(MediaSource("image_url", url=f"{base}/face.png"), tmp_path, LOCAL)
     assert (image.width, image.height) == (192, 256)
 
 
@@ -84,14 +86,14 @@ def test_invalid_base64_and_bad_data_uri(tmp_path):
 def test_url_errors(media_server, tmp_path, portrait_png):
     base, folder = media_server
     with pytest.raises(MediaError, match="'image_url' could not be downloaded: HTTP 404"):
-        load_image(MediaSource("image_url", url=f"{base}/missing.png"), tmp_path, SETTINGS)
+        load_image(MediaSource("image_url", url=f"{base}/missing.png"), tmp_path, LOCAL)
     (folder / "big.png").write_bytes(portrait_png.read_bytes())
     with pytest.raises(MediaError, match="'image_url' is larger than the 1000 byte limit"):
         load_image(MediaSource("image_url", url=f"{base}/big.png"), tmp_path,
-                   SETTINGS.replace(max_image_bytes=1000))
+                   LOCAL.replace(max_image_bytes=1000))
     # nothing listens on port 9 of loopback: a refused connection, reported by field
-    with pytest.raises(MediaError, match="'image_url' could not be downloaded: ConnectionError"):
-        load_image(MediaSource("image_url", url="http://127.0.0.1:9/x.png"), tmp_path, SETTINGS)
+    with pytest.raises(MediaError, match="'image_url' could not be downloaded: could not connect"):
+        load_image(MediaSource("image_url", url="http://127.0.0.1:9/x.png"), tmp_path, LOCAL)
 
 
 # --- audio ----------------------------------------------------------------------------------------
@@ -112,21 +114,87 @@ def test_bad_audio(tmp_path, portrait_png):
         load_audio(b64("audio_base64", portrait_png.read_bytes()), tmp_path, SETTINGS)
     with pytest.raises(MediaError, match="'audio_base64' is not a readable audio file"):
         load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()[:200]), tmp_path, SETTINGS)
-    with pytest.raises(MediaError, match="7.3 s long; the maximum is 5.0 s"):
+    # decoding stops a second past the limit, so the message gives a lower bound
+    with pytest.raises(MediaError, match=r"more than 6 s long; the maximum is 5.0 s \(MAX_AUDIO_SECONDS\)"):
         load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path,
                    SETTINGS.replace(max_audio_seconds=5.0))
     short = convert_audio(SPEECH_7S3, tmp_path / "short.wav", "-t", "0.05")
     with pytest.raises(MediaError, match="the minimum is 0.1 s"):
         load_audio(b64("audio_base64", short.read_bytes()), tmp_path, SETTINGS)
+    with pytest.raises(MediaError, match=r"is 7.3 s long; the maximum is 7.0 s"):
+        load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path,
+                   SETTINGS.replace(max_audio_seconds=7.0))
+
+
+def test_mislabelled_media_is_named(tmp_path, portrait_png):
+    mp3 = convert_audio(SPEECH_7S3, tmp_path / "s.mp3", "-c:a", "libmp3lame")
+    with pytest.raises(MediaError, match="'image_base64' is not a readable image: it looks like audio"):
+        load_image(b64("image_base64", mp3.read_bytes()), tmp_path, SETTINGS)
+    with pytest.raises(MediaError, match="'audio_base64' is not a readable audio file: it looks like an image"):
+        load_audio(b64("audio_base64", portrait_png.read_bytes()), tmp_path, SETTINGS)
+    page = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
+    with pytest.raises(MediaError, match="'audio_base64' is not a readable audio file: it looks like an HTML page"):
+        load_audio(b64("audio_base64", page), tmp_path, SETTINGS)
+    with pytest.raises(MediaError, match="'pose_video_base64' is not an MP4, MOV, MKV, WebM or AVI video: it looks like audio"):
+        load_pose_video(b64("pose_video_base64", mp3.read_bytes()), tmp_path, SETTINGS)
+
+
+def test_image_pixel_limit_comes_from_settings(portrait_png, tmp_path):
+    with pytest.raises(MediaError, match=r"'image_base64' has 192x256 pixels; the limit is 40000 \(MAX_IMAGE_PIXELS\)"):
+        load_image(b64("image_base64", portrait_png.read_bytes()), tmp_path,
+                   SETTINGS.replace(max_image_pixels=40_000))
+
+
+def test_audio_playlist_formats_are_refused(tmp_path):
+    """An ffconcat script would make ffmpeg read other files named inside it: not an audio format."""
+    (tmp_path / "other.flac").write_bytes(SPEECH_7S3.read_bytes())
+    script = b"ffconcat version 1.0\nfile other.flac\n"
+    with pytest.raises(MediaError, match="'audio_base64' is not a readable audio file"):
+        load_audio(b64("audio_base64", script), tmp_path, SETTINGS)
+
+
+def test_audio_decode_time_is_limited(tmp_path, monkeypatch):
+    from s2v_worker import media
+    monkeypatch.setattr(media, "DECODE_TIMEOUT_S", 0.001)
+    with pytest.raises(MediaError, match="'audio_base64' took longer than 0.001 s to decode"):
+        load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path, SETTINGS)
 
 
 # --- pose video -----------------------------------------------------------------------------------
 
+def make_video(dest: Path, size: str = "64x64", seconds: float = 1, *args: str) -> Path:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={size}:rate=16",
+                    "-t", str(seconds), "-pix_fmt", "yuv420p", *args, str(dest)], check=True)
+    return dest
+
+
 def test_pose_video(tmp_path):
-    video = tmp_path / "pose_src.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=16",
-                    "-t", "1", "-pix_fmt", "yuv420p", str(video)], check=True)
+    video = make_video(tmp_path / "pose_src.mp4")
     path = load_pose_video(b64("pose_video_base64", video.read_bytes()), tmp_path, SETTINGS)
     assert path.is_file()
-    with pytest.raises(MediaError, match="'pose_video_base64' is not a readable video"):
+    with pytest.raises(MediaError, match="'pose_video_base64' is not an MP4, MOV, MKV, WebM or AVI video"):
         load_pose_video(b64("pose_video_base64", b"not a video at all" * 10), tmp_path, SETTINGS)
+    with pytest.raises(MediaError, match="'pose_video_base64' is not a readable video"):
+        load_pose_video(b64("pose_video_base64", video.read_bytes()[:2000]), tmp_path, SETTINGS)
+
+
+def test_pose_video_limits(tmp_path):
+    video = make_video(tmp_path / "pose_src.mp4", "96x64", 1)
+    with pytest.raises(MediaError, match=r"has 16 frames; the limit is 10 \(MAX_POSE_VIDEO_FRAMES\)"):
+        load_pose_video(b64("pose_video_base64", video.read_bytes()), tmp_path,
+                        SETTINGS.replace(max_pose_video_frames=10))
+    with pytest.raises(MediaError, match=r"is 96x64; the longest side may be 80 pixels \(MAX_POSE_VIDEO_SIDE\)"):
+        load_pose_video(b64("pose_video_base64", video.read_bytes()), tmp_path,
+                        SETTINGS.replace(max_pose_video_side=80))
+    webm = make_video(tmp_path / "pose_src.webm", "64x64", 0.5, "-c:v", "libvpx")
+    assert load_pose_video(b64("pose_video_base64", webm.read_bytes()), tmp_path, SETTINGS).is_file()
+
+
+def test_pose_video_playlist_is_refused_before_decord_sees_it(tmp_path):
+    """decord's libavformat reads an HLS playlist whatever the file is called, then opens the files
+    and URLs it lists (here a local segment; it could as well be a URL inside the network)."""
+    segment = make_video(tmp_path / "seg.ts", "64x64", 1, "-f", "mpegts")
+    playlist = (f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1,\nfile://{segment}\n"
+                "#EXT-X-ENDLIST\n").encode()
+    with pytest.raises(MediaError, match="'pose_video_base64' is not an MP4, MOV, MKV, WebM or AVI video"):
+        load_pose_video(b64("pose_video_base64", playlist), tmp_path, SETTINGS)

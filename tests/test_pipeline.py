@@ -15,8 +15,8 @@ from s2v_worker.pipeline import GenerationStopped, S2VPipeline, plan_clip_count
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_checkpoint):
-    return S2VPipeline.load(read_checkpoint(tiny_checkpoint), torch.device("cpu"))
+def pipeline(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ def test_values_are_parsed_to_their_types():
     ({"MAX_AUDIO_SECONDS": "-1"}, "MAX_AUDIO_SECONDS"),
     ({"WAN_S2V_DEVICE": "tpu"}, "WAN_S2V_DEVICE"),
     ({"MAX_IMAGE_BYTES": "lots"}, "MAX_IMAGE_BYTES"),
+    ({"ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8, not-a-network"}, "ALLOWED_PRIVATE_NETWORKS"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(SettingsError, match=name):

@@ -89,8 +89,20 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # Integers are always finite; math.isfinite would overflow on one too large for a float
+    # (JSON allows 10**400, which fuzzing sent).
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client value as quoted in an error message: short, whatever was sent."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4300-digit str() limit
+        return "a number with too many digits"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _string(field: str, value: Any, *, max_chars: int = MAX_PROMPT_CHARS) -> str:
@@ -105,7 +117,7 @@ def _choice(choices: tuple) -> Callable[[str, Any], Any]:
     def check(field: str, value: Any) -> Any:
         if value not in choices or isinstance(value, bool):
             allowed = ", ".join(repr(c) for c in choices)
-            raise JobInputError(f"'{field}' must be one of {allowed}, got {value!r}")
+            raise JobInputError(f"'{field}' must be one of {allowed}, got {_shown(value)}")
         return value
 
     return check
@@ -116,9 +128,10 @@ def _int_range(low: int, high: int, *, multiple_of: int = 1) -> Callable[[str, A
         if not _is_int(value):
             raise JobInputError(f"'{field}' must be an integer, got {type(value).__name__}")
         if not low <= value <= high:
-            raise JobInputError(f"'{field}' must be between {low} and {high}, got {value}")
+            raise JobInputError(f"'{field}' must be between {low} and {high}, got {_shown(value)}")
         if value % multiple_of:
-            raise JobInputError(f"'{field}' must be a multiple of {multiple_of}, got {value}")
+            raise JobInputError(f"'{field}' must be a multiple of {multiple_of}, "
+                                f"got {_shown(value)}")
         return value
 
     return check
@@ -130,7 +143,8 @@ def _number_range(low: float, high: float, *, low_open: bool = False) -> Callabl
             raise JobInputError(f"'{field}' must be a number, got {type(value).__name__}")
         if value > high or value < low or (low_open and value == low):
             bound = f"greater than {low}" if low_open else f"at least {low}"
-            raise JobInputError(f"'{field}' must be {bound} and at most {high}, got {value}")
+            raise JobInputError(f"'{field}' must be {bound} and at most {high}, "
+                                f"got {_shown(value)}")
         return float(value)
 
     return check
@@ -138,7 +152,7 @@ def _number_range(low: float, high: float, *, low_open: bool = False) -> Callabl
 
 def _boolean(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise JobInputError(f"'{field}' must be true or false, got {value!r}")
+        raise JobInputError(f"'{field}' must be true or false, got {_shown(value)}")
     return value
 
 

@@ -43,6 +43,15 @@ def _parse_positive_float(raw: str) -> float:
     return value
 
 
+def _parse_cidr_list(raw: str) -> str:
+    """Checked at start-up (a typo must not surface only when a job downloads); kept as text."""
+    import ipaddress
+
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        ipaddress.ip_network(part, strict=False)  # ValueError names the bad range
+    return raw.strip()
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -95,7 +104,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Connect and read timeout for each media download."),
     Setting("MAX_REDIRECTS", "max_redirects", int, 5,
             "Redirects followed per media download; each hop's address is checked again."),
-    Setting("ALLOWED_PRIVATE_NETWORKS", "allowed_private_networks", str, "",
+    Setting("ALLOWED_PRIVATE_NETWORKS", "allowed_private_networks", _parse_cidr_list, "",
             "Comma-separated CIDR ranges that media URLs may resolve to although they are loopback, "
             "private, link-local or reserved (e.g. 127.0.0.0/8 for local tests). Empty: none."),
     Setting("MAX_IMAGE_PIXELS", "max_image_pixels", _parse_positive_int, 64_000_000,
