@@ -24,9 +24,6 @@ code; the comments at the constants say which constraint each number comes from.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,10 +32,9 @@ import string
 import sys
 import time
 import types
-import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -162,38 +158,15 @@ METASPACE = "\u2581"  # "▁", SentencePiece's word-start marker
 
 # --- official code -----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _cuda_device_answered_without_gpu() -> Iterator[None]:
-    # wan/modules/t5.py calls torch.cuda.current_device() as a default argument at import time.
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: 0
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original
-
-
 def import_official_classes() -> types.SimpleNamespace:
-    """WanModel_S2V, T5Encoder and WanVAE_ from the installed `wan22` package, importable on a CPU."""
-    if "wan" not in sys.modules:
-        # wan/__init__.py imports every Wan2.2 task with its optional dependencies; a bare package
-        # module pointing at the installed folder lets the submodules import without it.
-        spec = importlib.util.find_spec("wan")
-        if spec is None or spec.origin is None:
-            raise ImportError("the official Wan2.2 code is not installed: pip install --no-deps wan22")
-        package = types.ModuleType("wan")
-        package.__path__ = [os.path.dirname(spec.origin)]
-        sys.modules["wan"] = package
-    with _cuda_device_answered_without_gpu(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp decorators in the official code
-        t5 = importlib.import_module("wan.modules.t5")
-        vae = importlib.import_module("wan.modules.vae2_1")
-        model_s2v = importlib.import_module("wan.modules.s2v.model_s2v")
-    return types.SimpleNamespace(T5Encoder=t5.T5Encoder, WanVAE_=vae.WanVAE_,
-                                 WanModel_S2V=model_s2v.WanModel_S2V)
+    """WanModel_S2V, T5Encoder and WanVAE_ from the installed `wan22` package, imported the way the
+    worker imports them (s2v_worker.official), which also works on a machine without a GPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from s2v_worker.official import import_official
+
+    official = import_official()
+    return types.SimpleNamespace(T5Encoder=official.t5.T5Encoder, WanVAE_=official.vae.WanVAE_,
+                                 WanModel_S2V=official.model_s2v.WanModel_S2V)
 
 
 # --- random weights ----------------------------------------------------------------------------------

@@ -2,16 +2,14 @@
 stopping, and the attention dispatch against a plain softmax reference."""
 import math
 import subprocess
-from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import SPEECH_7S3
-from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker.job import parse_job
 from s2v_worker.official import sdpa_attention
-from s2v_worker.pipeline import GenerationStopped, S2VPipeline, plan_clip_count
+from s2v_worker.pipeline import GenerationStopped, plan_clip_count
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ model is then loaded the way the worker loads it and run once on tiny CPU inputs
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json

@@ -14,7 +14,6 @@ import socket
 import ssl
 import threading
 import time
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
