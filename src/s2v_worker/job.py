@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -25,6 +26,9 @@ SOLVERS = ("unipc", "dpm++")
 OUTPUT_FPS = (24, 16)
 MAX_SEED = 2**62  # seed + clip index must stay inside torch's int64 generator seed
 MAX_PROMPT_CHARS = 5000
+MAX_LORAS = 4
+LORA_STRENGTH_LIMIT = 4.0
+LORA_FIELDS = frozenset({"url", "path", "strength"})
 
 
 class JobInputError(ValueError):
@@ -38,6 +42,20 @@ class MediaSource:
     field: str  # the job field it came from, used in error messages
     url: str | None = None
     base64: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One LoRA of the job: an http(s) URL or a path relative to the network volume, and a strength.
+
+    `path` is only checked for its form here (relative, no '..', .safetensors); that it resolves
+    inside the volume (symlinks included) is checked when it is loaded (lora.py).
+    """
+
+    field: str  # e.g. "loras[0]", used in error messages
+    url: str | None = None
+    path: str | None = None
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,7 @@ class JobRequest:
     pose_video: MediaSource | None
     generation: GenerationSettings
     storage: StorageOverride | None
+    loras: tuple[LoraSource, ...] = ()
 
 
 # --- field rules ----------------------------------------------------------------------------------
@@ -204,7 +223,7 @@ MEDIA_FIELDS = {
 }
 
 KNOWN_INPUT_FIELDS = frozenset(GENERATION_FIELDS) | {
-    name for url, b64, _ in MEDIA_FIELDS.values() for name in (url, b64)}
+    name for url, b64, _ in MEDIA_FIELDS.values() for name in (url, b64)} | {"loras"}
 
 S3_CONFIG_FIELDS = {"accessId": "access_id", "accessSecret": "access_secret",
                     "bucketName": "bucket_name", "endpointUrl": "endpoint_url"}
@@ -223,6 +242,46 @@ def _media(payload: Mapping[str, Any], name: str) -> MediaSource | None:
     if required:
         raise JobInputError(f"the job needs one of '{url_field}' or '{b64_field}'")
     return None
+
+
+def _volume_path(field: str, value: Any) -> str:
+    """A path relative to the network volume, by its form only: what can be refused without disk."""
+    value = _string(field, value, max_chars=1024)
+    if not value.strip() or "\x00" in value or "\\" in value:
+        raise JobInputError(f"'{field}' must be a path relative to the network volume")
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise JobInputError(f"'{field}' must be relative to the network volume, without '..'")
+    if path.suffix.lower() != ".safetensors":
+        raise JobInputError(f"'{field}' must name a .safetensors file")
+    return value
+
+
+def _lora(field: str, raw: Any) -> LoraSource:
+    if not isinstance(raw, Mapping):
+        raise JobInputError(f"'{field}' must be an object with 'url' or 'path', and 'strength'")
+    unknown = sorted(_shown(k, 20) for k in set(raw) - LORA_FIELDS)
+    if unknown:
+        raise JobInputError(f"'{field}' has unknown fields: {', '.join(unknown[:5])}")
+    has_url, has_path = raw.get("url") is not None, raw.get("path") is not None
+    if has_url == has_path:
+        raise JobInputError(f"'{field}' needs exactly one of 'url' and 'path'")
+    strength = raw.get("strength")
+    strength = 1.0 if strength is None else _number_range(
+        -LORA_STRENGTH_LIMIT, LORA_STRENGTH_LIMIT)(f"{field}.strength", strength)
+    if has_url:
+        return LoraSource(field, url=_http_url(f"{field}.url", raw["url"]), strength=strength)
+    return LoraSource(field, path=_volume_path(f"{field}.path", raw["path"]), strength=strength)
+
+
+def _loras(raw: Any) -> tuple[LoraSource, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise JobInputError("'loras' must be a list")
+    if len(raw) > MAX_LORAS:
+        raise JobInputError(f"'loras' may hold at most {MAX_LORAS} LoRAs, got {len(raw)}")
+    return tuple(_lora(f"loras[{i}]", item) for i, item in enumerate(raw))
 
 
 def _storage_override(raw: Any) -> StorageOverride | None:
@@ -274,4 +333,5 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
         pose_video=pose_video,
         generation=GenerationSettings(**generation),
         storage=_storage_override(job.get("s3Config")),
+        loras=_loras(payload.get("loras")),
     )

@@ -1,8 +1,9 @@
 """The job runner: one `Worker` per process, built once, that takes a RunPod job to a result dict.
 
-Stages, in the order a job flows: validate (job.py) -> media intake (media.py) -> plan and generate
-(pipeline.py) -> encode the MP4 (video.py) -> deliver it (storage.py). Each stage raises its own
-error type with a message that is safe for the client; the runner turns them into
+Stages, in the order a job flows: validate (job.py) -> media intake (media.py) -> the LoRA set
+(lora.py) -> plan and generate (pipeline.py) -> encode the MP4 (video.py) -> deliver it
+(storage.py). Each stage raises its own error type with a message that is safe for the client; the
+runner turns them into
 `{"error": ...}` and never lets a traceback reach the client. Errors that leave the GPU in doubt add
 `refresh_worker: true`, which makes RunPod replace this worker after the job.
 """
@@ -22,6 +23,7 @@ import torch
 
 from .checkpoint import find_checkpoint
 from .job import JobInputError, JobRequest, parse_job
+from .lora import LoraError, LoraManager, resolve_loras
 from .media import MediaError, load_audio, load_image, load_pose_video
 from .settings import Settings
 from .storage import StorageError, deliver_video
@@ -108,6 +110,7 @@ class Worker:
         # One job at a time on the GPU, also when the SDK's local API takes requests concurrently
         # or a cancelled job is still finishing its current step.
         self._gpu = threading.Lock()
+        self._loras: LoraManager | None = None  # made on the first job (the DiT is resident)
 
     @classmethod
     def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
@@ -151,7 +154,7 @@ class Worker:
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
             return output
-        except (JobInputError, MediaError, StorageError) as exc:
+        except (JobInputError, MediaError, LoraError, StorageError) as exc:
             logger.info("job %s rejected: %s", job_id, exc)
             return {"error": str(exc)}
         except JobStopped as exc:
@@ -194,6 +197,12 @@ class Worker:
             pose_video = (load_pose_video(request.pose_video, work_dir, settings)
                           if request.pose_video else None)
 
+        # Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
+        # the base weights whatever the previous job merged.
+        with _timed(timings, "lora_s"):
+            loras = resolve_loras(request.loras, settings)
+            self._lora_manager().apply(loras)
+
         plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
         logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
@@ -225,9 +234,16 @@ class Worker:
             "num_frames": video.num_frames,
             "duration_s": round(video.duration_s, 3),
             "num_clips": plan.num_clips,
-            "settings": {**generation.as_dict(), "seed": seed},
+            "settings": {**generation.as_dict(), "seed": seed,
+                         "loras": [{"sha256": lora.identity, "strength": lora.strength}
+                                   for lora in loras]},
             "timings": timings,
         }
+
+    def _lora_manager(self) -> LoraManager:
+        if self._loras is None:
+            self._loras = LoraManager(self.pipeline.noise_model)
+        return self._loras
 
     def _release_gpu_memory(self) -> None:
         if torch.cuda.is_available():

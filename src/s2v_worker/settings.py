@@ -113,6 +113,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Most frames a pose video may have."),
     Setting("MAX_POSE_VIDEO_SIDE", "max_pose_video_side", _parse_positive_int, 4096,
             "Longest side, in pixels, a pose video may have."),
+    Setting("MAX_LORA_BYTES", "max_lora_bytes", _parse_positive_int, 2048 * MiB,
+            "Largest LoRA file accepted, downloaded or on the network volume."),
+    Setting("LORA_CACHE_DIR", "lora_cache_dir", _parse_optional_str, None,
+            "Where LoRAs given by URL are kept, named by the URL's sha256 and reused by later jobs "
+            "(default: <NETWORK_VOLUME_DIR>/wan-s2v-loras when the volume is mounted, else "
+            "<system temp>/wan-s2v-loras). Nothing is evicted."),
     # --- video ---------------------------------------------------------------------------------
     Setting("VIDEO_CRF", "video_crf", int, 18,
             "x264 constant rate factor of the output (lower is better quality, larger files)."),
