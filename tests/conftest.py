@@ -14,6 +14,15 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SPEECH_7S3 = FIXTURES / "speech_7s3.flac"
 
 
+def speech_excerpt(dest: Path, seconds: float, *codec_args: str) -> Path:
+    """The first `seconds` of the 7.3 s speech fixture, written by ffmpeg to `dest` (format by suffix)."""
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", str(seconds),
+                    *codec_args, str(dest)], check=True)
+    return dest
+
+
 S3_ACCESS_KEY = "AKIATESTWORKER000001"
 S3_SECRET_KEY = "worker-secret-key-never-shown-0123456789"
 

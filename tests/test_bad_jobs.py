@@ -4,11 +4,10 @@ and the same worker then completes a good job. No bad URL here is ever connected
 below is refused by the address policy before any connection (ALLOWED_PRIVATE_NETWORKS is empty)."""
 import base64
 import io
-import subprocess
 
 import pytest
 
-from conftest import SPEECH_7S3
+from conftest import SPEECH_7S3, speech_excerpt
 from s2v_worker.runner import Worker
 from s2v_worker.settings import Settings
 
@@ -23,11 +22,9 @@ def media(portrait_png, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("corpus")
     speech_1s = folder / "speech_1s.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0", str(speech_1s)],
-                   check=True)
+    speech_excerpt(speech_1s, 1.0)
     blip = folder / "blip.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "0.05", str(blip)],
-                   check=True)
+    speech_excerpt(blip, 0.05)
     bomb = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(bomb, "PNG")  # 100 Mpx in a few kB
     tiny = io.BytesIO()

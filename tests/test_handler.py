@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, S3_ACCESS_KEY, S3_SECRET_KEY, SPEECH_7S3, s3_admin
+from conftest import ROOT, S3_ACCESS_KEY, S3_SECRET_KEY, SPEECH_7S3, s3_admin, speech_excerpt
 
 SERVER_BUCKET, JOB_BUCKET = "runsync-videos", "cli-job-videos"
 
@@ -212,8 +212,7 @@ def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, por
 
     base, _, server_pid = api
     speech_1s = tmp_path / "speech_1s.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0", str(speech_1s)],
-                   check=True)
+    speech_excerpt(speech_1s, 1.0)
 
     def submit(index: int) -> tuple[int, dict]:
         job = with_image(speech_job(speech_1s, seed=1000 + index, prompt=f"job number {index}",

@@ -6,14 +6,13 @@ import functools
 import http.server
 import json
 import shutil
-import subprocess
 import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SPEECH_7S3
+from conftest import speech_excerpt
 from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker.job import JobInputError, parse_job
 from s2v_worker.lora import LoraError, LoraManager, ResolvedLora, file_identity, resolve_loras
@@ -88,10 +87,7 @@ def gen_settings():
 
 @pytest.fixture(scope="module")
 def speech_1s(tmp_path_factory):
-    path = tmp_path_factory.mktemp("audio") / "speech_1s.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0",
-                    "-c:a", "pcm_f32le", str(path)], check=True)
-    return path
+    return speech_excerpt(tmp_path_factory.mktemp("audio") / "speech_1s.wav", 1.0, "-c:a", "pcm_f32le")
 
 
 def merged_offline(checkpoint, out_dir, deltas, strength):

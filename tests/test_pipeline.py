@@ -1,12 +1,11 @@
 """The pipeline on the tiny random-weight checkpoint, on the CPU: planning, shapes, seeds, guidance,
 stopping, and the attention dispatch against a plain softmax reference."""
 import math
-import subprocess
 
 import pytest
 import torch
 
-from conftest import SPEECH_7S3
+from conftest import speech_excerpt
 from s2v_worker.job import parse_job
 from s2v_worker.official import sdpa_attention
 from s2v_worker.pipeline import GenerationStopped, plan_clip_count
@@ -19,10 +18,7 @@ def pipeline(tiny_pipeline):
 
 @pytest.fixture(scope="module")
 def speech_2s(tmp_path_factory):
-    path = tmp_path_factory.mktemp("audio") / "speech_2s.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "2.0",
-                    "-c:a", "pcm_f32le", str(path)], check=True)
-    return path
+    return speech_excerpt(tmp_path_factory.mktemp("audio") / "speech_2s.wav", 2.0, "-c:a", "pcm_f32le")
 
 
 def settings(**fields):

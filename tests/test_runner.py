@@ -3,7 +3,6 @@ limit, GPU failures (injected), progress updates, and temporary files, with the 
 ready for the next job after each."""
 import asyncio
 import base64
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
-from conftest import SPEECH_7S3
+from conftest import speech_excerpt
 from s2v_worker.runner import ProgressReporter, Worker
 from s2v_worker.settings import Settings
 
@@ -25,8 +24,7 @@ def pipeline(tiny_pipeline):
 @pytest.fixture(scope="module")
 def speech_1s_b64(tmp_path_factory):
     path = tmp_path_factory.mktemp("a") / "speech_1s.wav"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SPEECH_7S3), "-t", "1.0", str(path)],
-                   check=True)
+    speech_excerpt(path, 1.0)
     return base64.b64encode(path.read_bytes()).decode()
 
 
