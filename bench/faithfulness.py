@@ -14,6 +14,7 @@ import torch
 
 import fullsize
 from s2v_worker.checkpoint import read_checkpoint
+from s2v_worker.dit import DiTEngine
 from s2v_worker.job import parse_job
 from s2v_worker.official import install_attention, official_architecture
 from s2v_worker.pipeline import (OFFICIAL_CONFIG, S2VPipeline, _official, _peek_state_dict,
@@ -42,14 +43,13 @@ def official_wans2v(checkpoint_dir: Path):
                                              device_id=0)
 
 
-def tiny_whole_job(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int = 42,
-                   steps: int = 4, clips: int = 2, prompt: str = "a person talks") -> dict:
-    """Whole job, official WanS2V.generate vs the worker's pipeline: same inputs, seed, settings."""
+def official_tiny_video(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int = 42,
+                        steps: int = 4, clips: int = 2, prompt: str = "a person talks") -> torch.Tensor:
+    """The official WanS2V.generate on the tiny checkpoint (CUDA)."""
     checkpoint = read_checkpoint(checkpoint_dir)
-    device = torch.device("cuda")
     official = official_wans2v(checkpoint_dir)
     install_attention("official-sdpa")
-    expected = official.generate(
+    video = official.generate(
         input_prompt=prompt, ref_image_path=str(image), audio_path=str(audio_wav), enable_tts=False,
         tts_prompt_audio=None, tts_prompt_text=None, tts_text=None, num_repeat=clips,
         pose_video=None, max_area=checkpoint.max_area["480p"], infer_frames=80, shift=3.0,
@@ -57,8 +57,17 @@ def tiny_whole_job(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int
         offload_model=False, init_first_frame=False)
     del official
     torch.cuda.empty_cache()
+    return video.float().cpu()
 
-    pipeline = S2VPipeline.load(checkpoint, device, attention="sdpa")
+
+def worker_tiny_video(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int = 42,
+                      steps: int = 4, clips: int = 2, prompt: str = "a person talks",
+                      compile_dit: bool = True, audio_encoder_on_gpu: bool = True) -> torch.Tensor:
+    """The worker's pipeline on the same job (defaults: as served, compiled DiT and wav2vec2 on
+    the GPU; both off: WAN_S2V_COMPILE=false WAN_S2V_AUDIO_ENCODER_DEVICE=cpu)."""
+    pipeline = S2VPipeline.load(read_checkpoint(checkpoint_dir), torch.device("cuda"),
+                                attention="sdpa", compile_dit=compile_dit,
+                                audio_encoder_on_cpu=not audio_encoder_on_gpu)
     settings = parse_job({"input": {"image_url": "https://x/i", "audio_url": "https://x/a",
                                     "prompt": prompt, "resolution": "480p", "sample_steps": steps,
                                     "guidance_scale": 4.5, "shift": 3.0, "max_clips": clips,
@@ -66,12 +75,32 @@ def tiny_whole_job(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int
     import soundfile
     seconds = soundfile.info(str(audio_wav)).duration
     plan = pipeline.plan(image, seconds, settings)
-    got = pipeline.generate(image, audio_wav, plan, settings, seed=seed).video
+    return pipeline.generate(image, audio_wav, plan, settings, seed=seed).video.float()
+
+
+def compare_videos(got: torch.Tensor, expected: torch.Tensor) -> dict:
     shapes_match = tuple(got.shape) == tuple(expected.shape)
-    diff = (got.float() - expected.float().cpu()).abs().max().item() if shapes_match else float("inf")
+    diff = (got - expected).abs().max().item() if shapes_match else float("inf")
     return {"passed": shapes_match and diff <= WHOLE_JOB_MAX_ABS, "max_abs_diff": diff,
-            "bound": WHOLE_JOB_MAX_ABS, "shape": list(got.shape), "official_shape": list(expected.shape),
-            "clips": clips, "steps": steps, "guidance_scale": 4.5}
+            "bound": WHOLE_JOB_MAX_ABS, "shape": list(got.shape), "official_shape": list(expected.shape)}
+
+
+def tiny_whole_job(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: int = 42,
+                   steps: int = 4, clips: int = 2) -> dict:
+    """Whole job, official WanS2V.generate vs the worker's pipeline: same inputs, seed, settings.
+
+    The bound holds for the worker's computation itself: the pipeline with the DiT engine run
+    eagerly and wav2vec2 on the CPU (the settings that make it bit-identical). As served (compiled
+    DiT, wav2vec2 on the GPU) the same job moves by about 1e-2: any change of rounding, even
+    wav2vec2's float32 on the GPU alone (1e-6 relative), flips bfloat16 roundings that this
+    4-step, 2-clip job carries into the pixels; `served_max_abs_diff` records it, and the
+    full-size checks below bound the served path."""
+    expected = official_tiny_video(checkpoint_dir, image, audio_wav, seed, steps, clips)
+    got = worker_tiny_video(checkpoint_dir, image, audio_wav, seed, steps, clips,
+                            compile_dit=False, audio_encoder_on_gpu=False)
+    served = worker_tiny_video(checkpoint_dir, image, audio_wav, seed, steps, clips)
+    return {**compare_videos(got, expected), "served_max_abs_diff": compare_videos(
+        served, expected)["max_abs_diff"], "clips": clips, "steps": steps, "guidance_scale": 4.5}
 
 
 def _forward(dit, inputs: dict, attention: str) -> torch.Tensor:
@@ -80,12 +109,22 @@ def _forward(dit, inputs: dict, attention: str) -> torch.Tensor:
         return dit(**inputs)[0]
 
 
+def worker_forward(engine: DiTEngine, inputs: dict) -> torch.Tensor:
+    """The worker's DiT call: clip state prepared once, then one step."""
+    inputs = dict(inputs)
+    x, t = inputs.pop("x"), inputs.pop("t")
+    install_attention("sdpa")
+    with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        return engine.forward(x, t, engine.prepare(**inputs))[0]
+
+
 def fullsize_forward(dit, resolution: str = "480p") -> dict:
-    """One DiT forward at full size: official modules + official attention vs the worker's path."""
+    """One DiT forward at full size: official modules + official attention vs the worker's
+    engine as it serves (compiled, dynamic shapes)."""
     height, width = fullsize.SIZES_16X9[resolution]
     inputs = fullsize.dit_inputs(height, width, torch.device("cuda"))
     expected = _forward(dit, inputs, "official-sdpa")
-    got = _forward(dit, inputs, "sdpa")
+    got = worker_forward(DiTEngine(dit, compile=True), inputs)
     error = rel_l2(got, expected)
     return {"passed": error <= FORWARD_REL_L2, "rel_l2": error, "bound": FORWARD_REL_L2,
             "resolution": resolution, "size": [height, width]}
@@ -126,7 +165,8 @@ def fullsize_three_steps(dit, resolution: str = "480p", guidance: float = 4.5) -
     expected = latents[0]
 
     pipeline = S2VPipeline.from_components(None, device, text_encoder=None, vae=None,
-                                           noise_model=dit, audio_encoder=None, attention="sdpa")
+                                           noise_model=dit, audio_encoder=None, attention="sdpa",
+                                           compile_dit=True)
     scheduler = _scheduler(30)
     got = pipeline.denoise([noise.clone()], scheduler.timesteps[:3], scheduler,
                            torch.Generator(device=device).manual_seed(0), arg_c, arg_null, guidance)[0]

@@ -106,7 +106,8 @@ def write_small_files(folder: Path) -> None:
     tiny.write_wav2vec2(folder / WAV2VEC_DIR, seed=0)  # its weights are replaced by the caller
 
 
-def build_pipeline(device: torch.device, workdir: Path, attention: str = "sdpa") -> S2VPipeline:
+def build_pipeline(device: torch.device, workdir: Path, attention: str = "sdpa",
+                   compile_dit: bool = True) -> S2VPipeline:
     """The worker's pipeline around full-size random components, without touching the disk for
     the big ones (the VAE goes through a file: the official class only loads from one)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -123,13 +124,13 @@ def build_pipeline(device: torch.device, workdir: Path, attention: str = "sdpa")
     torch.save(build_vae_state(device), workdir / VAE_CHECKPOINT)
     vae = _VideoVAE(vae_pth=str(workdir / VAE_CHECKPOINT), device=device)
     audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(workdir / WAV2VEC_DIR))
-    audio_encoder.model = build_wav2vec2()[0]  # on the CPU, as upstream
+    audio_encoder.model = build_wav2vec2()[0]  # on the CPU, as upstream (the worker's: see below)
     noise_model = build_dit(device)
     timings["build_s"] = time.perf_counter() - start
     pipeline = S2VPipeline.from_components(
         Checkpoint(path=workdir, max_area=dict(OFFICIAL_MAX_AREA)), device,
         text_encoder=text_encoder, vae=vae, noise_model=noise_model, audio_encoder=audio_encoder,
-        attention=attention)
+        attention=attention, compile_dit=compile_dit)
     pipeline.build_timings = timings
     return pipeline
 

@@ -75,8 +75,40 @@ def section_faithfulness(args) -> dict:
             **measured}
 
 
+def _kernel_breakdown(fn) -> dict[str, float]:
+    """GPU time of one call by kernel family (torch.profiler), in seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    families = {"attention": ("fmha", "flash", "attention", "sdpa", "cudnn"),
+                "gemm": ("gemm", "sm90_xmma", "cutlass", "nvjet", "scaled_mm", "matmul")}
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        if family == "other" and name.startswith("triton"):
+            family = "triton_fused"
+        totals[family] = totals.get(family, 0.0) + event.self_device_time_total / 1e6
+    return {k: round(v, 4) for k, v in sorted(totals.items())}
+
+
 def section_forward(args) -> dict:
+    """Seconds per DiT call, and the relative L2 error of every variant against the official call.
+    Official: `WanModel_S2V.forward` with the official attention fallback. Worker: `DiTEngine`
+    as the pipeline runs it (per-clip state prepared once, blocks compiled; its compilation and
+    preparation timed apart); "fast" variants run the named GEMMs in FP8."""
+    from faithfulness import rel_l2
+    from s2v_worker.dit import DiTEngine
+
     dit = fullsize.build_dit(DEVICE)
+    engine = DiTEngine(dit, compile=True)
+    variants = {"worker": (engine, None)}
+    if args.static_too:
+        variants["worker_static"] = (DiTEngine(dit, compile=True, dynamic_shapes=False), None)
+    for layers in args.float8:
+        variants[f"worker_fp8_{layers}"] = (engine, layers)
     out = {}
     for resolution in args.resolutions:
         height, width = fullsize.SIZES_16X9[resolution]
@@ -87,24 +119,128 @@ def section_forward(args) -> dict:
 
         hook = dit.blocks[0].register_forward_pre_hook(count_tokens)
         row = {}
-        for path, attention in (("official", "official-sdpa"), ("worker", "sdpa")):
-            install_attention(attention)
+        install_attention("official-sdpa")
+        torch.cuda.reset_peak_memory_stats()
+        result = {}
+
+        def official():
+            with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+                result["out"] = dit(**inputs)[0]
+
+        seconds, all_times = median_time(official, args.iters)
+        expected = result.pop("out")
+        row.update(official=round(seconds, 4), official_all_s=[round(t, 4) for t in all_times],
+                   official_peak_gb=round(peak_gb(), 2))
+        print(f"forward {resolution} official: {seconds:.3f} s", flush=True)
+        if args.profile:
+            row["official_kernels_s"] = _kernel_breakdown(official)
+        hook.remove()
+        install_attention("sdpa")
+        step_inputs = dict(inputs)
+        x, t = step_inputs.pop("x"), step_inputs.pop("t")
+        for path, (variant, float8) in variants.items():
             torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+                sync()
+                start = time.perf_counter()
+                conditioning = variant.prepare(**step_inputs)
+                sync()
+                row[f"{path}_prepare_s"] = round(time.perf_counter() - start, 4)
 
-            def forward():
+            def step():
                 with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
-                    dit(**inputs)
+                    result["out"] = variant.forward(x, t, conditioning, float8=float8)[0]
 
-            seconds, all_times = median_time(forward, args.iters)
+            start = time.perf_counter()
+            step()
+            sync()
+            row[f"{path}_first_call_s"] = round(time.perf_counter() - start, 2)
+            row[f"{path}_rel_l2"] = rel_l2(result.pop("out"), expected)
+            seconds, all_times = median_time(step, args.iters, warmup=0)
+            result.clear()
             row[path] = round(seconds, 4)
             row[f"{path}_all_s"] = [round(t, 4) for t in all_times]
             row[f"{path}_peak_gb"] = round(peak_gb(), 2)
-            print(f"forward {resolution} {path}: {seconds:.3f} s", flush=True)
-        hook.remove()
+            row[f"{path}_speedup"] = round(row["official"] / seconds, 3)
+            if args.profile:
+                row[f"{path}_kernels_s"] = _kernel_breakdown(step)
+            print(f"forward {resolution} {path}: {seconds:.3f} s (first call "
+                  f"{row[f'{path}_first_call_s']} s, x{row[f'{path}_speedup']}, rel_l2 "
+                  f"{row[f'{path}_rel_l2']:.2e})", flush=True)
+            del conditioning
+        del expected
         row["tokens"] = tokens.get("n")
         row["size"] = [height, width]
         out[resolution] = row
     return {"dit_forward_s": out}  # the DiT is freed with this frame
+
+
+def section_fastmode(args) -> dict:
+    """Fast mode against exact mode over a whole 30-step guided UniPC loop at 480p (random
+    weights): wall time of the loop, DiT calls, and the deviation of the final latents; plus the
+    deviation of one fast forward from one exact forward. Both through S2VPipeline.denoise."""
+    from faithfulness import _scheduler, rel_l2
+    from s2v_worker.pipeline import S2VPipeline
+
+    dit = fullsize.build_dit(DEVICE)
+    pipeline = S2VPipeline.from_components(None, DEVICE, text_encoder=None, vae=None,
+                                           noise_model=dit, audio_encoder=None, attention="sdpa",
+                                           compile_dit=True)
+    pipeline.fast_mode_float8 = args.fast_float8
+    height, width = fullsize.SIZES_16X9["480p"]
+    inputs = fullsize.dit_inputs(height, width, DEVICE)
+    noise, t = inputs.pop("x")[0], inputs.pop("t")
+    arg_c = dict(inputs)
+    arg_null = {**inputs, "context": [torch.zeros_like(inputs["context"][0])],
+                "audio_input": 0.0 * inputs["audio_input"]}
+    out = {"float8": args.fast_float8, "steps": args.job_steps, "guidance_scale": 4.5}
+    with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        conditioning = pipeline.dit.prepare(**arg_c)
+        exact = pipeline.dit.forward([noise], t, conditioning)[0]
+        fast = pipeline.dit.forward([noise], t, conditioning, float8=args.fast_float8)[0]
+        out["forward_rel_l2_vs_exact"] = rel_l2(fast, exact)
+        del conditioning, exact, fast
+    finals = {}
+    for name, fast, cache in (("exact", False, False), ("fast", True, True)):
+        scheduler = _scheduler(args.job_steps)
+        calls = pipeline.dit_calls
+        sync()
+        start = time.perf_counter()
+        finals[name] = pipeline.denoise([noise.clone()], scheduler.timesteps, scheduler,
+                                        torch.Generator(device=DEVICE).manual_seed(0), arg_c, arg_null,
+                                        4.5, fast=fast, step_cache=cache)[0]
+        sync()
+        seconds = time.perf_counter() - start
+        calls = pipeline.dit_calls - calls
+        out[name] = {"loop_s": round(seconds, 2), "dit_calls": calls,
+                     "s_per_requested_forward": round(seconds / (2 * args.job_steps), 3),
+                     "s_per_dit_call": round(seconds / calls, 3)}
+        print(f"fastmode {name}: {out[name]}", flush=True)
+    out["final_latents_rel_l2_vs_exact"] = rel_l2(finals["fast"], finals["exact"])
+    print(f"fastmode deviation: forward {out['forward_rel_l2_vs_exact']:.3e}, after "
+          f"{args.job_steps} steps {out['final_latents_rel_l2_vs_exact']:.3e}", flush=True)
+    return {"fast_mode_480p": out}
+
+
+def section_tinyjob(args) -> dict:
+    """The tiny-checkpoint whole job against the official generate, for each worker variant
+    (compiled DiT or not, wav2vec2 on the GPU or the CPU): which part moves the pixels."""
+    import faithfulness
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    work = Path(tempfile.mkdtemp())
+    checkpoint = make_tiny_checkpoint(work / "Wan2.2-S2V-14B")
+    image, audio = _image_16x9(work), _speech(7.3, work)
+    expected = faithfulness.official_tiny_video(checkpoint, image, audio)
+    out = {}
+    for compile_dit in (True, False):
+        for on_gpu in (True, False):
+            got = faithfulness.worker_tiny_video(checkpoint, image, audio, compile_dit=compile_dit,
+                                                 audio_encoder_on_gpu=on_gpu)
+            name = f"compile_{compile_dit}_wav2vec2_gpu_{on_gpu}"
+            out[name] = faithfulness.compare_videos(got, expected)
+            print("tinyjob", name, out[name]["max_abs_diff"], flush=True)
+    return {"tiny_job_variants": out}
 
 
 def section_vae(args) -> dict:
@@ -223,6 +359,11 @@ def section_job(args) -> dict:
                                    "(not timed here)"}
         print("job official", out["official"], flush=True)
     if "worker" in args.paths:
+        # As S2VPipeline.load places it: wav2vec2 on the GPU (the official view above ran it on
+        # the CPU, as upstream does).
+        pipeline.audio_encoder.model.to(DEVICE)
+        # Worker start-up does this before it takes jobs (counted in the cold start).
+        out["worker_warm_up_s"] = {k: round(v, 1) for k, v in pipeline.warm_up(("480p",)).items()}
         settings = parse_job({"input": {"image_url": "https://x/i", "audio_url": "https://x/a",
                                         "prompt": "a person talks", "resolution": "480p",
                                         "sample_steps": steps, "guidance_scale": guidance,
@@ -252,7 +393,9 @@ def section_job(args) -> dict:
 
 
 def section_coldstart(args) -> dict:
-    """Process start to ready, loading a full-size random checkpoint from local disk."""
+    """Process start to ready, loading a full-size random checkpoint from local disk. The worker
+    starts as in production (Worker.start: load, then the warm-up compilation), twice: with an
+    empty compile cache (first worker on a volume) and with the cache the first one left."""
     folder = Path(args.ckpt_dir)
     out = {}
     if not (folder / "config.json").is_file():
@@ -261,17 +404,21 @@ def section_coldstart(args) -> dict:
         out["checkpoint_written_s"] = round(time.perf_counter() - start, 1)
         out["checkpoint_gb"] = round(sum(sizes.values()), 2)
         torch.cuda.empty_cache()
-    for path in args.paths:
+    cache = Path(tempfile.mkdtemp(prefix="compile-cache-"))
+    runs = {"official": "official", "worker": "worker", "worker_cached_compile": "worker"}
+    for name, path in runs.items():
+        if path not in args.paths:
+            continue
         dropped = _drop_page_cache()
         start = time.time()
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart_child.py"), path,
-                               str(folder), str(start)], capture_output=True, text=True)
+                               str(folder), str(start), str(cache)], capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
-            out[path] = {"error": (proc.stdout + proc.stderr)[-1500:]}
+            out[name] = {"error": (proc.stdout + proc.stderr)[-1500:]}
         else:
-            out[path] = {**json.loads(lines[-1]), "page_cache_dropped": dropped}
-        print("coldstart", path, out[path], flush=True)
+            out[name] = {**json.loads(lines[-1]), "page_cache_dropped": dropped}
+        print("coldstart", name, out[name], flush=True)
     return {"cold_start_s": out}
 
 
@@ -285,7 +432,9 @@ def _drop_page_cache() -> bool:
 
 
 SECTIONS = {"env": section_env, "faithfulness": section_faithfulness, "forward": section_forward,
-            "vae": section_vae, "job": section_job, "coldstart": section_coldstart}
+            "vae": section_vae, "fastmode": section_fastmode, "job": section_job,
+            "tinyjob": section_tinyjob,
+            "coldstart": section_coldstart}
 
 
 def main() -> None:
@@ -296,12 +445,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--vae-iters", type=int, default=2)
     parser.add_argument("--job-steps", type=int, default=30)
+    parser.add_argument("--float8", default="",
+                        help="forward: also time fast mode with these FP8 layer sets (all,ffn)")
+    parser.add_argument("--profile", action="store_true",
+                        help="forward: GPU time by kernel family (torch.profiler)")
+    parser.add_argument("--fast-float8", default="all",
+                        help="fastmode: the FP8 layer set fast mode uses (dit.FLOAT8_LAYER_SETS)")
+    parser.add_argument("--static-too", action="store_true",
+                        help="forward: also time the engine compiled for static shapes")
     parser.add_argument("--ckpt-dir", default="/root/wan-s2v-fullsize")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.paths = args.paths.split(",")
     args.resolutions = args.resolutions.split(",")
+    args.float8 = [s for s in args.float8.split(",") if s]
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

@@ -109,6 +109,17 @@ def test_s3_config_overrides_storage_and_is_validated():
     assert "'s3Config' must be an object" in error_of({**job(), "s3Config": "s3://bucket"})
 
 
+def test_speed_is_exact_unless_asked_and_fast_mode_caches_steps_unless_told_not_to():
+    assert (parse_job(job()).generation.speed, parse_job(job()).generation.step_cache) == ("exact", False)
+    fast = parse_job(job(speed="fast")).generation
+    assert (fast.speed, fast.step_cache) == ("fast", True)
+    assert parse_job(job(speed="fast", step_cache=False)).generation.step_cache is False
+    assert parse_job(job(speed="exact", step_cache=False)).generation.step_cache is False
+    assert "'step_cache' is part of fast mode" in error_of(job(step_cache=True))
+    assert "'speed' must be one of" in error_of(job(speed="turbo"))
+    assert "'step_cache' must be true or false" in error_of(job(speed="fast", step_cache="yes"))
+
+
 def test_null_means_default():
     request = parse_job(job(seed=None, resolution=None, negative_prompt=None))
     assert request.generation.seed is None and request.generation.resolution == "720p"

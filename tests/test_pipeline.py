@@ -84,14 +84,20 @@ def test_same_seed_same_frames_other_seed_other_frames(two_runs):
 
 def count_model_calls(pipeline, portrait_png, audio, **fields):
     calls = []
-    handle = pipeline.noise_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    handle = pipeline.noise_model.patch_embedding.register_forward_pre_hook(
+        lambda *a: calls.append(1))  # one patch embedding of the latents per DiT call
+    before = pipeline.dit_calls
     try:
         gen = settings(**fields)
         plan = pipeline.plan(portrait_png, 0.5, gen)
         pipeline.generate(portrait_png, audio, plan, gen, seed=1)
     finally:
         handle.remove()
-    return len(calls), plan.num_clips
+    # prepare() embeds the reference image once per clip and branch: the rest are DiT calls
+    guided = gen.guidance_scale > 1
+    calls = len(calls) - plan.num_clips * (2 if guided else 1)
+    assert calls == pipeline.dit_calls - before
+    return calls, plan.num_clips
 
 
 def test_guidance_one_or_less_halves_the_model_calls(pipeline, portrait_png, speech_2s):

@@ -131,3 +131,9 @@ def test_bad_input_leaves_no_files_and_no_refresh(worker, portrait_png, speech_1
     result = worker.run(job(portrait_png, base64.b64encode(b"not audio" * 50).decode()))
     assert result == {"error": "'audio_base64' is not a readable audio file"}
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_fast_mode_on_a_machine_without_fp8_is_a_clear_error(worker, portrait_png, speech_1s_b64):
+    result = worker.run(job(portrait_png, speech_1s_b64, speed="fast"))
+    assert result == {"error": "fast mode needs a GPU with FP8 tensor cores; this worker runs on the CPU"}
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)

@@ -24,6 +24,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 RESOLUTIONS = ("480p", "720p")
 SOLVERS = ("unipc", "dpm++")
 OUTPUT_FPS = (24, 16)
+SPEEDS = ("exact", "fast")
 MAX_SEED = 2**62  # seed + clip index must stay inside torch's int64 generator seed
 MAX_PROMPT_CHARS = 5000
 MAX_LORAS = 4
@@ -85,6 +86,8 @@ class GenerationSettings:
     max_clips: int | None
     fps: int
     init_first_frame: bool
+    speed: str = "exact"
+    step_cache: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,6 +217,10 @@ GENERATION_FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "max_clips": (_optional(_int_range(1, 1000)), None),
     "fps": (_choice(OUTPUT_FPS), 24),
     "init_first_frame": (_boolean, False),
+    # "exact": the official model's numbers (bfloat16); "fast": FP8 GEMMs and, unless step_cache
+    # is false, reuse of the guided prediction on alternate middle steps (README: trade-offs).
+    "speed": (_choice(SPEEDS), "exact"),
+    "step_cache": (_optional(_boolean), None),
 }
 
 MEDIA_FIELDS = {
@@ -324,6 +331,11 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
     for name, (rule, default) in GENERATION_FIELDS.items():
         value = payload.get(name)
         generation[name] = default if value is None else rule(name, value)
+
+    if generation["step_cache"] and generation["speed"] != "fast":
+        raise JobInputError("'step_cache' is part of fast mode: set \"speed\": \"fast\" with it")
+    if generation["step_cache"] is None:
+        generation["step_cache"] = generation["speed"] == "fast"
 
     job_id = job.get("id")
     return JobRequest(

@@ -29,6 +29,7 @@ from torchvision import transforms
 
 from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
                          Checkpoint)
+from .dit import DiTEngine
 from .job import GenerationSettings
 from .official import import_official, install_attention, official_architecture
 
@@ -56,6 +57,21 @@ class _VideoVAE(_official.vae.Wan2_1_VAE):
 
     def decode(self, zs):
         return super().decode([u.to(self.dtype) for u in zs])
+
+
+# Fast mode: every linear layer of the 40 blocks in FP8 with per-tensor scales (cuBLAS FP8 GEMM;
+# measured faster than per-row scales at the same error, see bench/results).
+FAST_MODE_FLOAT8 = "all_tensorwise"
+
+
+def reused_steps(num_steps: int, first: int = 3, last: int = 3) -> frozenset[int]:
+    """Fast mode's step cache (fixed-interval reuse, as in FORA): the first and last steps are
+    always computed, and in between every second step reuses the last computed guided
+    prediction. 30 steps: 12 reused, 18 computed. Below 12 steps (distilled few-step LoRAs)
+    every step is computed: each one moves the latents too far for a reuse."""
+    if num_steps < 12:
+        return frozenset()
+    return frozenset(range(first + 1, num_steps - last, 2))
 
 
 class GenerationStopped(Exception):
@@ -144,7 +160,8 @@ class S2VPipeline(WanS2V):
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, offload: bool = False,
-             attention: str = "auto") -> "S2VPipeline":
+             attention: str = "auto", compile_dit: bool = False,
+             audio_encoder_on_cpu: bool = False) -> "S2VPipeline":
         """Load every component from a checkpoint folder (real or tiny) with the official classes."""
         config, folder = OFFICIAL_CONFIG, checkpoint.path
         param_dtype, t5_dtype = cls.compute_dtypes(device)
@@ -173,20 +190,23 @@ class S2VPipeline(WanS2V):
         timings["dit_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        # The official pipeline keeps wav2vec2 on the CPU (AudioEncoder's default); so does the worker.
-        audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(folder / WAV2VEC_DIR))
+        # The official pipeline keeps wav2vec2 on the CPU (17 s for 4.5 s of speech at full size);
+        # the worker runs it on the GPU by default, in float32 without TF32 (see _encode_audio).
+        audio_encoder = _official.audio_encoder.AudioEncoder(
+            device="cpu" if offload or audio_encoder_on_cpu else device,
+            model_id=str(folder / WAV2VEC_DIR))
         timings["audio_encoder_s"] = time.perf_counter() - start
 
         logger.info("pipeline loaded from %s on %s (%s)", folder, device,
                     ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return cls.from_components(checkpoint, device, text_encoder=text_encoder, vae=vae,
                                    noise_model=noise_model, audio_encoder=audio_encoder,
-                                   offload=offload, attention=attention)
+                                   offload=offload, attention=attention, compile_dit=compile_dit)
 
     @classmethod
     def from_components(cls, checkpoint: Checkpoint, device: torch.device, *, text_encoder, vae,
                         noise_model, audio_encoder, offload: bool = False,
-                        attention: str = "auto") -> "S2VPipeline":
+                        attention: str = "auto", compile_dit: bool = False) -> "S2VPipeline":
         """A pipeline around already-built official components (the loader's, or a benchmark's)."""
         self = cls.__new__(cls)
         config = OFFICIAL_CONFIG
@@ -209,7 +229,22 @@ class S2VPipeline(WanS2V):
         self.attention_backend = install_attention(attention)
         self.text_encoder, self.vae, self.audio_encoder = text_encoder, vae, audio_encoder
         self.noise_model = noise_model.eval().requires_grad_(False)
+        # torch.compile needs a GPU back-end (Triton); on the CPU the engine runs eagerly.
+        self.dit = DiTEngine(self.noise_model, compile=compile_dit and device.type == "cuda")
+        self.dit_calls = 0  # DiT forwards run, all jobs together (tests and logs read it)
+        self.fast_mode_float8 = FAST_MODE_FLOAT8
         return self
+
+    @property
+    def fast_mode_unavailable(self) -> str | None:
+        """Why `"speed": "fast"` cannot run here (None: it can): FP8 tensor cores are Ada/Hopper+."""
+        if self.device.type != "cuda":
+            return "fast mode needs a GPU with FP8 tensor cores; this worker runs on the CPU"
+        major, minor = torch.cuda.get_device_capability(self.device)
+        if (major, minor) < (8, 9):
+            return (f"fast mode needs FP8 tensor cores (compute capability 8.9 or newer); "
+                    f"{torch.cuda.get_device_name(self.device)} has {major}.{minor}")
+        return None
 
     # --- planning: everything that needs no model ------------------------------------------------
 
@@ -223,6 +258,42 @@ class S2VPipeline(WanS2V):
         return ClipPlan(height=height, width=width, num_clips=clips,
                         frames_per_clip=settings.infer_frames, dropped_frames=dropped,
                         audio_seconds=audio_seconds)
+
+    def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
+        """One DiT call per resolution on blank inputs at its 16:9 size, so that compilation
+        (and cuDNN/cuBLAS kernel selection) happens before the first job. Seconds per resolution."""
+        import tempfile
+
+        timings = {}
+        m = self.noise_model
+        with tempfile.TemporaryDirectory() as folder:
+            image_path = Path(folder) / "blank_16x9.png"
+            Image.new("RGB", (1280, 720)).save(image_path)
+            for resolution in resolutions:
+                start = time.perf_counter()
+                height, width = self.get_gen_size(size=None,
+                                                  max_area=self.checkpoint.max_area[resolution],
+                                                  ref_image_path=str(image_path), pre_video_path=None)
+                lat_motion = (self.motion_frames + 3) // 4
+                lat_frames = (frames_per_clip + 3 + self.motion_frames) // 4 - lat_motion
+                latent = partial(torch.zeros, dtype=self.param_dtype, device=self.device)
+                size = (height // 8, width // 8)
+                audio_layers = m.casual_audio_encoder.weights.shape[1]
+                with torch.no_grad(), self._on_device(m), self._autocast():
+                    conditioning = self.dit.prepare(
+                        context=[latent(1, m.text_embedding[0].in_features)],
+                        ref_latents=latent(1, 16, 1, *size), motion_latents=latent(1, 16, lat_motion, *size),
+                        cond_states=latent(1, 16, lat_frames, *size),
+                        audio_input=latent(1, audio_layers, m.config.audio_dim, frames_per_clip),
+                        motion_frames=[self.motion_frames, lat_motion], drop_motion_frames=False)
+                    self.dit.forward([latent(16, lat_frames, *size)],
+                                     torch.tensor([999.0], device=self.device), conditioning)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timings[resolution] = time.perf_counter() - start
+                logger.info("warm-up at %s (%dx%d): %.1f s", resolution, width, height,
+                            timings[resolution])
+        return timings
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -253,7 +324,10 @@ class S2VPipeline(WanS2V):
         return context, context_null
 
     def _encode_audio(self, audio_path: Path, plan: ClipPlan) -> torch.Tensor:
-        audio_emb, _ = self.encode_audio(str(audio_path), infer_frames=plan.frames_per_clip)
+        # Upstream computes wav2vec2 in float32 on the CPU; on the GPU TF32 would round its
+        # matmuls and convolutions to 10-bit mantissas, so it is off for this call.
+        with _without_tf32():
+            audio_emb, _ = self.encode_audio(str(audio_path), infer_frames=plan.frames_per_clip)
         needed = plan.num_clips * plan.frames_per_clip
         if audio_emb.shape[-1] < needed:
             # The official bucketing fills frames past the audio's end with zeros; so does this.
@@ -280,18 +354,31 @@ class S2VPipeline(WanS2V):
     def denoise(self, latents: list[torch.Tensor], timesteps: torch.Tensor, scheduler,
                 generator: torch.Generator, arg_c: dict, arg_null: dict | None,
                 guidance_scale: float, on_step: Callable[[int, int], None] | None = None,
-                ) -> list[torch.Tensor]:
-        """One clip's denoising loop, as in WanS2V.generate; arg_null None means no guidance."""
+                fast: bool = False, step_cache: bool = False) -> list[torch.Tensor]:
+        """One clip's denoising loop, as in WanS2V.generate; arg_null None means no guidance.
+        arg_c/arg_null are the official model's keyword arguments; what in them does not change
+        between steps is computed once (DiTEngine.prepare). fast: FP8 GEMMs; step_cache: the
+        steps of `reused_steps` take the previous step's guided prediction instead of calling
+        the DiT."""
+        with self._autocast():
+            cond = self.dit.prepare(**arg_c)
+            uncond = self.dit.prepare(**arg_null) if arg_null is not None else None
+        float8 = self.fast_mode_float8 if fast else None
+        reuse = reused_steps(len(timesteps)) if step_cache else frozenset()
+        noise_pred = None
         for i, t in enumerate(timesteps):
             timestep = torch.stack([t]).to(self.device)
             # The scheduler step stays inside autocast too: upstream runs the whole loop under it,
             # and UniPC's einsum then computes in bfloat16.
             with self._autocast():
-                noise_pred = self.noise_model(latents[0:1], t=timestep, **arg_c)
-                if arg_null is not None:
-                    noise_uncond = self.noise_model(latents[0:1], t=timestep, **arg_null)
-                    noise_pred = [u + guidance_scale * (c - u)
-                                  for c, u in zip(noise_pred, noise_uncond)]
+                if i not in reuse or noise_pred is None:
+                    noise_pred = self.dit.forward(latents[0:1], timestep, cond, float8=float8)
+                    self.dit_calls += 1
+                    if uncond is not None:
+                        noise_uncond = self.dit.forward(latents[0:1], timestep, uncond, float8=float8)
+                        self.dit_calls += 1
+                        noise_pred = [u + guidance_scale * (c - u)
+                                      for c, u in zip(noise_pred, noise_uncond)]
                 latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t, latents[0].unsqueeze(0),
                                             return_dict=False, generator=generator)[0].squeeze(0)
             if on_step is not None:
@@ -365,7 +452,8 @@ class S2VPipeline(WanS2V):
                     latents = self.denoise(
                         latents, timesteps, scheduler, generator, arg_c,
                         arg_null if guided else None, settings.guidance_scale,
-                        on_step=None if on_step is None else partial(on_step, r, plan.num_clips))
+                        on_step=None if on_step is None else partial(on_step, r, plan.num_clips),
+                        fast=settings.speed == "fast", step_cache=settings.step_cache)
 
                 with timed("decoding_s"):
                     stacked = torch.stack(latents)
@@ -385,6 +473,17 @@ class S2VPipeline(WanS2V):
 
         video = torch.cat(clips, dim=2)[0]
         return GenerationResult(video=video, plan=plan, timings=timings)
+
+
+@contextlib.contextmanager
+def _without_tf32() -> Iterator[None]:
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 class _Stopwatch:

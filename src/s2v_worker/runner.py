@@ -25,7 +25,7 @@ from .checkpoint import find_checkpoint
 from .job import JobInputError, JobRequest, parse_job
 from .lora import LoraError, LoraManager, resolve_loras
 from .media import MediaError, load_audio, load_image, load_pose_video
-from .settings import Settings
+from .settings import Settings, export_to_libraries
 from .storage import StorageError, deliver_video
 from .video import VideoEncodingError, encode_mp4
 
@@ -43,6 +43,22 @@ def choose_device(requested: str) -> torch.device:
             logger.warning("no CUDA device: running on the CPU, which only suits the tiny test checkpoint")
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def configure_compile_cache(settings: Settings) -> Path | None:
+    """Point torch.compile's on-disk caches (Inductor's FX graphs and Triton kernels) at a folder
+    that outlives the worker, so the next worker on the same volume skips the compilation."""
+    folder = settings.compile_cache_dir
+    if folder is None and Path(settings.network_volume_dir).is_dir():
+        folder = str(Path(settings.network_volume_dir) / "torch-compile-cache")
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    # Read by Inductor and Triton when they first compile.
+    export_to_libraries({"TORCHINDUCTOR_CACHE_DIR": folder,
+                         "TRITON_CACHE_DIR": str(Path(folder) / "triton")})
+    logger.info("torch.compile cache: %s", folder)
+    return Path(folder)
 
 
 class ProgressReporter:
@@ -120,8 +136,14 @@ class Worker:
         started = time.perf_counter()
         checkpoint = find_checkpoint(settings)
         device = choose_device(settings.device)
+        use_compile = settings.compile and device.type == "cuda"
+        if use_compile:
+            configure_compile_cache(settings)
         pipeline = S2VPipeline.load(checkpoint, device, offload=settings.offload,
-                                    attention=settings.attention)
+                                    attention=settings.attention, compile_dit=use_compile,
+                                    audio_encoder_on_cpu=settings.audio_encoder_device == "cpu")
+        if use_compile and settings.warmup:
+            pipeline.warm_up(settings.warmup)
         logger.info("worker ready in %.1f s", time.perf_counter() - started)
         return cls(settings, pipeline, send_progress)
 
@@ -190,6 +212,9 @@ class Worker:
             progress.step(clip, clips, step, steps)
             control.check()
 
+        if generation.speed == "fast" and pipeline.fast_mode_unavailable:
+            raise JobInputError(pipeline.fast_mode_unavailable)
+
         stage("download")
         with _timed(timings, "download_s"):
             image = load_image(request.image, work_dir, settings)
@@ -201,7 +226,13 @@ class Worker:
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
-            self._lora_manager().apply(loras)
+            changed = None  # stays None when apply fails, after restoring the base weights
+            try:
+                changed = self._lora_manager().apply(loras)
+            finally:
+                if changed is not False:
+                    # Fast mode's FP8 copies were quantized from the weights before the change.
+                    pipeline.dit.forget_float8()
 
         plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)

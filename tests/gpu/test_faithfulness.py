@@ -53,10 +53,12 @@ def fullsize_dit():
     torch.cuda.empty_cache()
 
 
-def test_fullsize_forward_matches_official_modules(fullsize_dit):
+@pytest.mark.parametrize("resolution", ["480p", "720p"])
+def test_fullsize_forward_matches_official_modules(fullsize_dit, resolution):
     import faithfulness
 
-    result = record("fullsize_forward_480p", faithfulness.fullsize_forward(fullsize_dit, "480p"))
+    result = record(f"fullsize_forward_{resolution}",
+                    faithfulness.fullsize_forward(fullsize_dit, resolution))
     assert result["passed"], result
 
 

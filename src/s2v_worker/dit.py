@@ -1,0 +1,462 @@
+"""The S2V DiT forward as the worker runs it: the official `WanModel_S2V` math, arranged for speed.
+
+The official `WanModel_S2V.forward` redoes, at every denoising step and for both guidance branches,
+work that depends only on the clip: the audio encoder, the pose and reference-image embeddings, the
+frame-pack motion tokens, a float64 RoPE table (1.3 GB at 480p), the text embedding and the text
+cross-attention keys/values of all 40 blocks. Its blocks then apply RoPE in complex float64 and stop
+the GPU once per block (`e[1].item()`) and per audio cross-attention (key-length check).
+
+`DiTEngine` splits that forward in two:
+
+* `prepare(**clip_kwargs)` -- once per clip and branch: everything above that does not depend on the
+  noisy latents or the timestep, computed by the official submodules in the official order, so the
+  cached tensors are the very values the official forward would compute again;
+* `forward(x, t, conditioning)` -- per step: patch embedding, time embedding, the 40 blocks and the
+  head. The blocks are `dit_block` below, a line-for-line functional copy of
+  `WanS2VAttentionBlock.forward` with two changes: RoPE from a cached cos/sin table in real
+  arithmetic (the official code multiplies complex float64 tensors of 1.3 GB at 480p in every
+  block), and the two timestep segments selected per token with `torch.where` instead of slicing
+  at a host-side index.
+
+Eagerly (`compile=False`) the engine is bit-identical to the official forward (tests/test_dit.py;
+on the GPU, the tiny whole job of bench/faithfulness.py). With `compile=True` the blocks and audio
+injections run through `torch.compile`, which fuses the float32 modulation, norms, RoPE and
+residual updates around the cuBLAS/cuDNN kernels; fused arithmetic rounds differently, so the
+result moves within bfloat16 noise (relative error about 5e-3 per forward at full size, bound
+1e-2). The RoPE table is then float32: float64 costs 0.11 s per 480p forward inside the fused
+kernels and changes nothing at that noise level (measured, bench/results).
+
+The weights are the official module's own parameters, read at every call, so LoRA merges
+(`lora.py`) apply without any copy. The result is compared with the official forward by
+tests/test_dit.py (CPU, tiny checkpoint) and bench/faithfulness.py (GPU, full size).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# `wan.modules.attention.flash_attention` casts fp32 inputs to this before the kernel.
+ATTENTION_DTYPE = torch.bfloat16
+
+
+class BlockWeights(NamedTuple):
+    """One `WanS2VAttentionBlock`'s parameters, as plain tensors (one compiled graph serves all)."""
+    modulation: torch.Tensor
+    q_w: torch.Tensor
+    q_b: torch.Tensor
+    k_w: torch.Tensor
+    k_b: torch.Tensor
+    v_w: torch.Tensor
+    v_b: torch.Tensor
+    o_w: torch.Tensor
+    o_b: torch.Tensor
+    norm_q: torch.Tensor
+    norm_k: torch.Tensor
+    norm3_w: torch.Tensor | None
+    norm3_b: torch.Tensor | None
+    cross_q_w: torch.Tensor
+    cross_q_b: torch.Tensor
+    cross_o_w: torch.Tensor
+    cross_o_b: torch.Tensor
+    cross_norm_q: torch.Tensor
+    ffn1_w: torch.Tensor
+    ffn1_b: torch.Tensor
+    ffn2_w: torch.Tensor
+    ffn2_b: torch.Tensor
+
+    def in_float8(self, names: tuple[str, ...], rowwise: bool) -> "BlockWeights":
+        """A copy with the named linear weights quantized to float8 (biases stay bfloat16)."""
+        return self._replace(**{name: Float8Weight.quantize(getattr(self, name), rowwise)
+                                for name in names})
+
+    @classmethod
+    def of(cls, block: torch.nn.Module) -> "BlockWeights":
+        sa, ca, ffn = block.self_attn, block.cross_attn, block.ffn
+        affine_norm3 = isinstance(block.norm3, torch.nn.LayerNorm) and block.norm3.weight is not None
+        return cls(block.modulation, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight,
+                   sa.v.bias, sa.o.weight, sa.o.bias, sa.norm_q.weight, sa.norm_k.weight,
+                   block.norm3.weight if affine_norm3 else None,
+                   block.norm3.bias if affine_norm3 else None,
+                   ca.q.weight, ca.q.bias, ca.o.weight, ca.o.bias, ca.norm_q.weight,
+                   ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias)
+
+
+class AudioWeights(NamedTuple):
+    """One audio injector's parameters used per step (its keys/values are cached per clip)."""
+    q_w: torch.Tensor
+    q_b: torch.Tensor
+    o_w: torch.Tensor
+    o_b: torch.Tensor
+    norm_q: torch.Tensor
+
+
+class Float8Weight(NamedTuple):
+    """A linear weight [N, K] in float8 (e4m3) with one scale per output row ("rowwise", the
+    activations then get one per token) or one for the whole tensor ("tensorwise", one for the
+    whole activation too; cuBLAS's FP8 GEMM, faster, coarser)."""
+    weight: torch.Tensor  # float8_e4m3fn [N, K]
+    scale: torch.Tensor   # float32 [1, N] (rowwise) or [1, 1] (tensorwise)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, rowwise: bool = True) -> "Float8Weight":
+        magnitude = weight.detach().abs().float()
+        amax = magnitude.amax(dim=1, keepdim=True) if rowwise else magnitude.amax().reshape(1, 1)
+        scale = amax.clamp(min=1e-12) / FLOAT8_MAX
+        return cls((weight.float() / scale).to(torch.float8_e4m3fn), scale.t().contiguous())
+
+    @property
+    def rowwise(self) -> bool:
+        return self.scale.numel() > 1
+
+
+FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+# --- the per-step math (functional copies of the official modules' forwards) -----------------------
+
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(weight, Float8Weight):
+        return _float8_linear(x, weight, bias)
+    # What CUDA autocast does to nn.Linear in the official code: both operands in the weight dtype.
+    return F.linear(x.to(weight.dtype), weight, bias)
+
+
+def _float8_linear(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Fast mode: activations quantized per token (row), weights per output channel, one FP8
+    tensor-core GEMM with a bfloat16 result. Under torch.compile the activation scaling fuses into
+    the kernel that produces the activation."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if weight.rowwise:
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+    else:
+        scale = rows.abs().amax().clamp(min=1e-12).reshape(1, 1) / FLOAT8_MAX
+    out = torch._scaled_mm((rows / scale).to(torch.float8_e4m3fn), weight.weight.t(),
+                           scale_a=scale, scale_b=weight.scale, bias=bias, out_dtype=torch.bfloat16)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """wan.modules.model.WanLayerNorm without affine: float32 statistics, result in x's dtype."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """wan.modules.model.WanRMSNorm."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of interleaved (real, imaginary) pairs, as the official `rope_apply`:
+    the complex product in the table's precision, the result in float32. x: [B, S, N, D]; rope:
+    [S, 1, D/2, 2] (cos, sin). Written out in real arithmetic so that torch.compile fuses it
+    (Inductor has no complex numbers)."""
+    pairs = x.to(rope.dtype).unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[..., 0], rope[..., 1]
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).float()
+
+
+@torch.library.custom_op("s2v_worker::attention", mutates_args=())
+def _sdpa_token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # An opaque op, so that torch.compile hands SDPA the [B, L, N, D] (token-major) tensors the
+    # official code hands it: Inductor's own SDPA lowering re-lays them out head-major, and cuDNN's
+    # Hopper kernel is about 10% slower on that layout (measured, 480p: 1.68 s against 1.52 s).
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()
+
+
+@_sdpa_token_major.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, L, N, D] attention without masks (every S2V call attends to all keys), in bfloat16 as
+    the official `flash_attention` computes it."""
+    def half(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype in _HALF_DTYPES else t.to(ATTENTION_DTYPE)
+
+    return _sdpa_token_major(half(q).contiguous(), half(k).contiguous(), half(v).contiguous())
+
+
+def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torch.Tensor,
+              text_k: torch.Tensor, text_v: torch.Tensor, w: BlockWeights, num_heads: int,
+              eps: float) -> torch.Tensor:
+    """`WanS2VAttentionBlock.forward`. x: [B, S, C] (bfloat16 into block 0, float32 after);
+    e0: [B, 6, 2, C] float32 modulation for (noisy tokens, reference/motion tokens); noisy: [S, 1]
+    bool; text_k/text_v: this block's cached text cross-attention keys/values."""
+    batch, seq, dim = x.shape
+    head_dim = dim // num_heads
+    mod = w.modulation.unsqueeze(2) + e0  # float32, as under the official autocast(float32)
+
+    def per_token(i: int) -> torch.Tensor:  # row i of the modulation, by timestep segment
+        return torch.where(noisy, mod[:, i, 0:1], mod[:, i, 1:2])
+
+    # self-attention
+    h = _layer_norm(x, eps).float() * (1 + per_token(1)) + per_token(0)
+    q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, eps).view(batch, seq, num_heads, head_dim)
+    k = _rms_norm(_linear(h, w.k_w, w.k_b), w.norm_k, eps).view(batch, seq, num_heads, head_dim)
+    v = _linear(h, w.v_w, w.v_b).view(batch, seq, num_heads, head_dim)
+    y = _linear(_attention(_rope(q, rope), _rope(k, rope), v).flatten(2), w.o_w, w.o_b)
+    x = x + y * per_token(2)
+
+    # text cross-attention
+    if w.norm3_w is not None:
+        h = F.layer_norm(x.float(), (dim,), w.norm3_w.float(), w.norm3_b.float(), eps).type_as(x)
+    else:
+        h = x
+    q = _rms_norm(_linear(h, w.cross_q_w, w.cross_q_b), w.cross_norm_q, eps)
+    y = _attention(q.view(batch, -1, num_heads, head_dim), text_k, text_v).flatten(2)
+    x = x + _linear(y, w.cross_o_w, w.cross_o_b)
+
+    # feed-forward
+    h = _layer_norm(x, eps).float() * (1 + per_token(4)) + per_token(3)
+    y = _linear(F.gelu(_linear(h, w.ffn1_w, w.ffn1_b), approximate="tanh"), w.ffn2_w, w.ffn2_b)
+    return x + y * per_token(5)
+
+
+def audio_injection(x_noisy: torch.Tensor, norm_shift: torch.Tensor | None,
+                    norm_scale: torch.Tensor | None, audio_k: torch.Tensor, audio_v: torch.Tensor,
+                    w: AudioWeights, num_frames: int, num_heads: int, norm_eps: float,
+                    qk_eps: float) -> torch.Tensor:
+    """`WanModel_S2V.after_transformer_block`'s residual for the noisy tokens [B, F*HW, C]: each
+    frame's tokens attend to that frame's audio tokens. norm_scale is (1 + scale) of the AdaLayerNorm
+    (None: the plain pre-norm)."""
+    batch, seq, dim = x_noisy.shape
+    head_dim = dim // num_heads
+    h = F.layer_norm(x_noisy.reshape(batch * num_frames, -1, dim).float(), (dim,), eps=norm_eps)
+    if norm_scale is not None:
+        h = h * norm_scale + norm_shift
+    q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, qk_eps)
+    y = _attention(q.view(batch * num_frames, -1, num_heads, head_dim), audio_k, audio_v)
+    return _linear(y.flatten(2), w.o_w, w.o_b).reshape(batch, seq, dim)
+
+
+# --- per-clip state ----------------------------------------------------------------------------------
+
+@dataclass
+class ClipConditioning:
+    """Everything one branch (conditional or unconditional) of one clip needs besides x and t."""
+    pose: torch.Tensor            # [1, C, F, H, W] pose embedding, added to the patch embedding
+    noisy_mask_embedding: torch.Tensor  # [1, 1, C] trainable_cond_mask(0)
+    prefix: torch.Tensor          # [1, S_ref + S_motion, C] reference and motion tokens (+ mask)
+    token_dtype: torch.dtype      # dtype of the concatenated token sequence
+    grid_sizes: torch.Tensor      # [1, 3] (F, H, W) of the noisy latents after patching, on the CPU
+    rope: torch.Tensor            # [S, 1, D/2, 2] (cos, sin) for every token
+    noisy: torch.Tensor           # [S, 1] bool, True for the tokens with the sampled timestep
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block
+    audio: dict[int, tuple]       # block index -> (shift, scale, k, v)
+    num_frames: int
+
+    @property
+    def noisy_tokens(self) -> int:
+        return int(self.grid_sizes.prod())
+
+
+def rope_table(freqs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Official complex float64 RoPE factors [..., S, heads, D/2] (equal across heads) -> the
+    (cos, sin) table [S, 1, D/2, 2], without the head copies. float64: the official numbers."""
+    freqs = freqs.reshape(-1, *freqs.shape[-2:])[:, :1]
+    return torch.view_as_real(freqs).to(dtype).contiguous()
+
+
+_ALL_LINEARS = ("q_w", "k_w", "v_w", "o_w", "cross_q_w", "cross_o_w", "ffn1_w", "ffn2_w")
+# name -> (block linears in FP8, rowwise scales). Fast mode uses one of them (pipeline.py).
+FLOAT8_LAYER_SETS = {
+    "all": (_ALL_LINEARS, True),
+    "all_tensorwise": (_ALL_LINEARS, False),
+    "ffn": (("ffn1_w", "ffn2_w"), True),
+}
+
+
+class DiTEngine:
+    """Runs an official `WanModel_S2V` with per-clip caching and, optionally, compiled blocks."""
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False,
+                 dynamic_shapes: bool = True) -> None:
+        from .official import import_official  # the official helpers the cached parts use
+
+        official = import_official()
+        self._rope_precompute = official.model_s2v.rope_precompute
+        self._sinusoidal = official.model_s2v.sinusoidal_embedding_1d
+        self.model = model
+        self.compiled = compile
+        self.rope_dtype = torch.float32 if compile else torch.float64
+        # Dynamic: one compilation serves every image size (the token count varies with the
+        # aspect ratio and resolution); static: one compilation per size.
+        self.dynamic_shapes = compile and dynamic_shapes
+        first = model.blocks[0]
+        self.num_heads = first.self_attn.num_heads
+        self.eps = first.norm1.eps
+        self._block = dit_block
+        self._audio = audio_injection
+        self._float8_blocks: dict[str, list[BlockWeights]] = {}
+        if compile:
+            # One graph for blocks 1..39 (float32 residual stream) and one for the injections; block
+            # 0 (bfloat16 input) runs eagerly rather than costing a second compilation.
+            dynamic = None if dynamic_shapes else False
+            self._block = torch.compile(dit_block, fullgraph=True, dynamic=dynamic)
+            self._audio = torch.compile(audio_injection, fullgraph=True, dynamic=dynamic)
+
+    def float8_blocks(self, layers: str) -> list[BlockWeights]:
+        """The blocks' weights with FLOAT8_LAYER_SETS[layers] in float8, quantized on first use
+        from the current (possibly LoRA-merged) weights; `forget_float8` drops them."""
+        if layers not in self._float8_blocks:
+            names, rowwise = FLOAT8_LAYER_SETS[layers]
+            self._float8_blocks[layers] = [BlockWeights.of(b).in_float8(names, rowwise)
+                                           for b in self.model.blocks]
+        return self._float8_blocks[layers]
+
+    def forget_float8(self) -> None:
+        """Called when the DiT's weights change (LoRA merge or restore)."""
+        self._float8_blocks.clear()
+
+    # --- once per clip ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, *, context, ref_latents, motion_latents, cond_states, audio_input,
+                motion_frames=(17, 5), add_last_motion=2, drop_motion_frames=False,
+                seq_len=None, **unused) -> ClipConditioning:
+        """The clip-constant part of `WanModel_S2V.forward`, same arguments (x and t aside)."""
+        m = self.model
+        add_last_motion = m.add_last_motion * add_last_motion
+        audio_input = torch.cat([audio_input[..., 0:1].repeat(1, 1, 1, motion_frames[0]),
+                                 audio_input], dim=-1)
+        audio = m.casual_audio_encoder(audio_input)
+        if m.enbale_adain:
+            audio_global, audio = audio
+            audio_global = audio_global[:, motion_frames[1]:]
+        audio = audio[:, motion_frames[1]:]  # b f n c
+        num_frames = audio.shape[1]
+
+        pose = m.cond_encoder(cond_states[0].unsqueeze(0))
+        grid = torch.tensor(pose.shape[2:], dtype=torch.long).unsqueeze(0)
+        noisy_tokens = int(grid.prod())
+        ref = m.patch_embedding(ref_latents[0].unsqueeze(0))
+        height, width = ref.shape[3], ref.shape[4]
+        ref = ref.flatten(2).transpose(1, 2)
+        ref_grid = [torch.tensor([30, 0, 0]).unsqueeze(0), torch.tensor([31, height, width]).unsqueeze(0),
+                    torch.tensor([1, height, width]).unsqueeze(0)]  # as in the official forward
+        head_dim = m.dim // m.num_heads
+        placeholder = torch.zeros(1, noisy_tokens + ref.shape[1], 1, head_dim, device=ref.device)
+        freqs = self._rope_precompute(placeholder, [[torch.zeros_like(grid), grid, grid], ref_grid],
+                                      m.freqs, start=None)
+        motion, motion_freqs = self._motion_tokens(motion_latents, drop_motion_frames,
+                                                   add_last_motion)
+        prefix = torch.cat([ref, *motion], dim=1)
+        token_dtype = torch.promote_types(pose.dtype, prefix.dtype)
+        rope = torch.cat([rope_table(f, self.rope_dtype) for f in (freqs, *motion_freqs)])
+
+        labels = torch.cat([torch.ones(ref.shape[1]), torch.full((prefix.shape[1] - ref.shape[1],), 2)])
+        mask = m.trainable_cond_mask(labels.long().to(ref.device)).unsqueeze(0).to(token_dtype)
+        prefix = prefix.to(token_dtype) + mask
+        noisy_mask = m.trainable_cond_mask(torch.zeros(1, 1, dtype=torch.long, device=ref.device))
+        seg = noisy_tokens if m.zero_timestep else 0
+        noisy = (torch.arange(rope.shape[0], device=ref.device) < seg).unsqueeze(1)
+
+        text = m.text_embedding(torch.stack([
+            torch.cat([u, u.new_zeros(m.text_len - u.size(0), u.size(1))]) for u in context]))
+        text_kv = []
+        for block in m.blocks:
+            ca = block.cross_attn
+            text_kv.append((ca.norm_k(ca.k(text)).view(1, -1, ca.num_heads, ca.head_dim),
+                            ca.v(text).view(1, -1, ca.num_heads, ca.head_dim)))
+
+        audio_tokens = audio.flatten(0, 1)  # (b f) n c
+        injected = {}
+        injector = m.audio_injector
+        for block_index, audio_index in injector.injected_block_id.items():
+            attn = injector.injector[audio_index]
+            shift = scale = None
+            if m.enbale_adain and m.adain_mode == "attn_norm":
+                adain = injector.injector_adain_layers[audio_index]
+                if adain.chunk_dim != 1:
+                    raise NotImplementedError("AdaLayerNorm with chunk_dim != 1")
+                temb = adain.linear(adain.silu(audio_global.flatten(0, 1)[:, 0]))
+                shift, scale = temb.chunk(2, dim=1)
+                shift, scale = shift[:, None, :], 1 + scale[:, None, :]
+                norm_eps = adain.norm.eps
+            else:
+                norm_eps = injector.injector_pre_norm_feat[audio_index].eps
+            k = attn.norm_k(attn.k(audio_tokens)).view(audio_tokens.shape[0], -1, attn.num_heads,
+                                                      attn.head_dim)
+            v = attn.v(audio_tokens).view(audio_tokens.shape[0], -1, attn.num_heads, attn.head_dim)
+            injected[block_index] = (shift, scale, k, v, norm_eps)
+        return ClipConditioning(pose=pose, noisy_mask_embedding=noisy_mask.to(token_dtype),
+                                prefix=prefix, token_dtype=token_dtype, grid_sizes=grid, rope=rope,
+                                noisy=noisy, text_kv=text_kv, audio=injected, num_frames=num_frames)
+
+    def _motion_tokens(self, motion_latents, drop_motion_frames, add_last_motion):
+        """`WanModel_S2V.inject_motion`'s choice of motion encoder, its tokens and RoPE factors."""
+        m = self.model
+        if m.enable_motioner:
+            return m.process_motion_transformer_motioner(
+                motion_latents, drop_motion_frames=drop_motion_frames, add_last_motion=add_last_motion)
+        if m.enable_framepack:
+            return m.process_motion_frame_pack(
+                motion_latents, drop_motion_frames=drop_motion_frames, add_last_motion=add_last_motion)
+        return m.process_motion(motion_latents, drop_motion_frames=drop_motion_frames)
+
+    # --- every step ---------------------------------------------------------------------------------
+
+    def _time_embedding(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head embedding [1, C], block modulation [1, 6, 2, C]) as in the official forward."""
+        m = self.model
+        if m.zero_timestep:
+            t = torch.cat([t, torch.zeros([1], dtype=t.dtype, device=t.device)])
+        with torch.autocast("cuda", dtype=torch.float32, enabled=t.is_cuda):
+            e = m.time_embedding(self._sinusoidal(m.freq_dim, t).float())
+            e0 = m.time_projection(e).unflatten(1, (6, m.dim))
+        if m.zero_timestep:
+            e, zero_e0, e0 = e[:-1], e0[-1:], e0[:-1]
+            e0 = torch.cat([e0.unsqueeze(2), zero_e0.unsqueeze(2).repeat(e0.size(0), 1, 1, 1)], dim=2)
+        else:
+            e0 = e0.unsqueeze(2).repeat(1, 1, 2, 1)
+        return e, e0
+
+    @torch.no_grad()
+    def forward(self, x: list[torch.Tensor], t: torch.Tensor, conditioning: ClipConditioning,
+                float8: str | None = None) -> list[torch.Tensor]:
+        """One DiT call for one branch: x = [latents [C, F, H, W]], t = [1] timestep. float8: a
+        key of FLOAT8_LAYER_SETS to run those GEMMs in FP8 (fast mode), None for bfloat16."""
+        m, c = self.model, conditioning
+        block_weights = (self.float8_blocks(float8) if float8
+                         else [BlockWeights.of(b) for b in m.blocks])
+        tokens = m.patch_embedding(x[0].unsqueeze(0))
+        tokens = (tokens + c.pose).flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.to(c.token_dtype) + c.noisy_mask_embedding, c.prefix], dim=1)
+        e_head, e0 = self._time_embedding(t)
+
+        noisy_tokens = c.noisy_tokens
+        if self.dynamic_shapes:
+            for tensor in (c.noisy, c.rope):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        for index in range(len(m.blocks)):
+            run_block = dit_block if index == 0 else self._block
+            if self.dynamic_shapes:
+                torch._dynamo.maybe_mark_dynamic(tokens, 1)
+            kv = c.text_kv[index]
+            tokens = run_block(tokens, e0, c.noisy, c.rope, kv[0], kv[1], block_weights[index],
+                               self.num_heads, self.eps)
+            if index in c.audio:
+                shift, scale, k, v, norm_eps = c.audio[index]
+                attn = m.audio_injector.injector[m.audio_injector.injected_block_id[index]]
+                audio_weights = AudioWeights(attn.q.weight, attn.q.bias, attn.o.weight,
+                                             attn.o.bias, attn.norm_q.weight)
+                noisy_part = tokens[:, :noisy_tokens]
+                if self.dynamic_shapes:
+                    torch._dynamo.maybe_mark_dynamic(noisy_part, 1)
+                noisy_part += self._audio(
+                    noisy_part, shift, scale, k, v, audio_weights, c.num_frames,
+                    attn.num_heads, norm_eps, attn.norm_q.eps)
+
+        out = m.head(tokens[:, :noisy_tokens], e_head)
+        return [u.float() for u in m.unpatchify(out, c.grid_sizes)]
