@@ -23,12 +23,17 @@ ARG BAKE_WEIGHTS=0
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base
 
 ARG DEBIAN_FRONTEND=noninteractive
+# gcc, libc6-dev and python3-dev: torch.compile (WAN_S2V_COMPILE, on by default) has Triton build
+# its small C launcher modules on the worker, against Python's headers.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         ffmpeg \
         ca-certificates \
         python3 \
         python3-venv \
+        python3-dev \
+        gcc \
+        libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # Ubuntu's Python is "externally managed" (PEP 668): install into a virtual environment.

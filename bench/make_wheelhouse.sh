@@ -3,7 +3,7 @@
 # (git-ignored; the device tool carries it). torch/torchvision/transformers come from the image.
 # llvmlite (60 MB) and imageio-ffmpeg (68 MB) are too large to carry: bench/device_shims stands in
 # for numba and imageio_ffmpeg there when the image lacks them. boto3 lets bench/coldstart_child.py
-# start the worker as handler.py does; torchao is the fast mode's FP8 GEMMs.
+# start the worker as handler.py does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .wheels
@@ -14,6 +14,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   diffusers==0.42.1 wan22==2.2.11 librosa==0.11.0 soxr==1.1.0 soundfile==0.14.0 cffi==2.1.1 \
   pycparser==3.12 audioread==3.1.0 pooch==1.9.0 platformdirs==4.14.8 decorator==5.3.1 \
   lazy_loader==0.6 msgpack==1.2.4 easydict==1.14 ftfy==6.3.1 wcwidth==0.9.4 decord==0.6.0 \
-  boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 python-dateutil==2.9.0.post0 \
-  torchao==0.18.0
+  boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 python-dateutil==2.9.0.post0
 du -sh .wheels

@@ -15,8 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-SECTION_KEYS = ("faithfulness", "dit_forward_s", "vae_s", "job_s", "cold_start_s")
-FAITHFULNESS_KEYS = ("tiny_whole_job", "fullsize_forward_480p", "fullsize_three_steps_480p")
+SECTION_KEYS = ("faithfulness", "dit_forward_s", "vae_s", "job_s", "cold_start_s", "fast_mode_480p")
+FAITHFULNESS_KEYS = ("tiny_whole_job", "fullsize_forward_480p", "fullsize_forward_720p",
+                     "fullsize_three_steps_480p")
+COLD_START_RUNS = ("official", "worker", "worker_cached_compile")
 
 
 def merge(parts: list[dict]) -> dict:
@@ -26,18 +28,20 @@ def merge(parts: list[dict]) -> dict:
     first = parts[0]["env"]
     merged = {"device": first["device"], "torch": first["torch"], "date": first["date"],
               "commits": sorted({part["env"]["commit"] for part in parts})}
-    for part in parts:
+    for part in parts:  # in file order: a later part's check or row replaces an earlier one
         commit = part["env"]["commit"]
-        if any(key in part for key in FAITHFULNESS_KEYS):
-            merged["faithfulness"] = {key: part[key] for key in FAITHFULNESS_KEYS if key in part}
-            merged["faithfulness"]["pytest_summary"] = part.get("pytest_summary")
-            merged["faithfulness"]["commit"] = commit
+        for key in FAITHFULNESS_KEYS:
+            if key in part:
+                merged.setdefault("faithfulness", {})[key] = {
+                    **part[key], "commit": commit, "pytest_summary": part.get("pytest_summary")}
         for key in ("dit_forward_s", "vae_s"):
             if key in part:
                 merged[key] = {**merged.get(key, {}), **part[key], "commit": commit}
+        if "fast_mode_480p" in part:
+            merged["fast_mode_480p"] = {**part["fast_mode_480p"], "commit": commit}
         for path, row in part.get("cold_start_s", {}).items():
             cold = merged.setdefault("cold_start_s", {})
-            if path in ("official", "worker") and "ready_s" in row:
+            if path in COLD_START_RUNS and "ready_s" in row:
                 cold[path] = row["ready_s"]
                 cold[f"{path}_detail"] = {**row, "commit": commit}
             elif path.startswith("checkpoint_"):
@@ -64,44 +68,68 @@ def readme_section(result: dict, result_path: Path) -> str:
         f"commit(s) {', '.join(result['commits'])}, random weights at full size; file: "
         f"`{result_path.relative_to(ROOT)}`. \"Official\" is the official Wan2.2 modules with their "
         "attention sent to PyTorch SDPA (what the official code runs without flash_attn); "
-        "\"worker\" is this repository's path. Ratio = official / worker (higher is better).",
+        "\"worker\" is this repository's path in exact mode, \"fast\" its fast mode. "
+        "Ratio = official / worker (higher is better).",
         "",
-        "| what | official | worker | ratio |",
-        "| --- | --- | --- | --- |",
+        "| what | official | worker (exact) | ratio | fast mode |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    fast_key = "worker_fp8_all_tensorwise"
     for res, row in result.get("dit_forward_s", {}).items():
         if isinstance(row, dict):
+            fast = (f"{row[fast_key]:.2f} s ({_ratio(row['official'], row[fast_key])})"
+                    if fast_key in row else "-")
             lines.append(f"| DiT forward, {res} ({row['size'][0]}x{row['size'][1]}, {row['tokens']:,} "
                          f"tokens), median of 3 | {row['official']:.2f} s | {row['worker']:.2f} s | "
-                         f"{_ratio(row['official'], row['worker'])} |")
+                         f"{_ratio(row['official'], row['worker'])} | {fast} |")
     for res, row in result.get("vae_s", {}).items():
         if isinstance(row, dict):
             o, w = row["official"], row["worker"]
             lines.append(f"| VAE {res}: encode 73 frames / decode one clip | "
                          f"{o['encode_73_frames_s']:.2f} / {o['decode_clip_s']:.2f} s | "
                          f"{w['encode_73_frames_s']:.2f} / {w['decode_clip_s']:.2f} s | "
-                         f"{_ratio(o['encode_73_frames_s'] + o['decode_clip_s'], w['encode_73_frames_s'] + w['decode_clip_s'])} |")
+                         f"{_ratio(o['encode_73_frames_s'] + o['decode_clip_s'], w['encode_73_frames_s'] + w['decode_clip_s'])} | - |")
+    fast_loop = result.get("fast_mode_480p", {})
+    if fast_loop:
+        e, q = fast_loop["exact"], fast_loop["fast"]
+        lines.append(f"| 30 guided steps at 480p (DiT loop only): wall time / DiT calls / per requested "
+                     f"forward | - | {e['loop_s']:.1f} s / {e['dit_calls']} / {e['s_per_requested_forward']:.2f} s "
+                     f"| - | {q['loop_s']:.1f} s / {q['dit_calls']} / {q['s_per_requested_forward']:.2f} s |")
     for name, row in result.get("job_s", {}).items():
         if "official" in row and "worker" in row:
             lines.append(f"| whole job `{name}` (4.5 s speech, guidance 4.5), generate | "
                          f"{row['official']:.1f} s | {row['worker']:.1f} s | "
-                         f"{_ratio(row['official'], row['worker'])} |")
+                         f"{_ratio(row['official'], row['worker'])} | - |")
     cold = result.get("cold_start_s", {})
     if "official" in cold and "worker" in cold:
         dropped = cold["worker_detail"].get("page_cache_dropped")
-        lines.append(f"| cold start, process start to ready, full checkpoint on local disk (page "
-                     f"cache dropped: {'yes' if dropped else 'no'}) | {cold['official']:.0f} s | "
-                     f"{cold['worker']:.0f} s | {_ratio(cold['official'], cold['worker'])} |")
-    lines += ["", "Faithfulness (tests/gpu, bounds from the issue):", ""]
-    labels = {"tiny_whole_job": "tiny checkpoint, whole job (2 clips, 4 guided steps): max |diff| on pixels",
-              "fullsize_forward_480p": "full size, one DiT forward at 480p: relative L2",
-              "fullsize_three_steps_480p": "full size, three guided steps at 480p: relative L2 of latents"}
+        cached = (f"; {cold['worker_cached_compile']:.0f} s with the compile cache a first worker "
+                  "left" if "worker_cached_compile" in cold else "")
+        lines.append(f"| cold start, process start to ready (worker: load + warm-up compilation), "
+                     f"full checkpoint on local disk (page cache dropped: {'yes' if dropped else 'no'}) "
+                     f"| {cold['official']:.0f} s | {cold['worker']:.0f} s{cached} | "
+                     f"{_ratio(cold['official'], cold['worker'])} | - |")
+    lines += ["", "Faithfulness (tests/gpu, bounds from the issues):", ""]
+    labels = {"tiny_whole_job": "tiny checkpoint, whole job (2 clips, 4 guided steps), official "
+                                "generate vs the worker with WAN_S2V_COMPILE=false and "
+                                "WAN_S2V_AUDIO_ENCODER_DEVICE=cpu: max |diff| on pixels",
+              "fullsize_forward_480p": "full size, one DiT forward at 480p, as served: relative L2",
+              "fullsize_forward_720p": "full size, one DiT forward at 720p, as served: relative L2",
+              "fullsize_three_steps_480p": "full size, three guided steps at 480p, as served: "
+                                           "relative L2 of latents"}
     for key, label in labels.items():
         if key in f:
             row = f[key]
             value = row.get("max_abs_diff", row.get("rel_l2"))
+            served = (f"; as served (compiled, wav2vec2 on the GPU): {row['served_max_abs_diff']:.2e}"
+                      if "served_max_abs_diff" in row else "")
             lines.append(f"- {label}: {value:.2e} (bound {row['bound']:g}) - "
-                         f"{'passed' if row['passed'] else 'FAILED'}")
+                         f"{'passed' if row['passed'] else 'FAILED'}{served}")
+    if fast_loop:
+        lines.append(f"- fast mode against exact mode (not bounded; for choosing): one forward "
+                     f"{fast_loop['forward_rel_l2_vs_exact']:.2e}, final latents after "
+                     f"{fast_loop['steps']} guided steps {fast_loop['final_latents_rel_l2_vs_exact']:.2e} "
+                     "(relative L2)")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import fullsize  # noqa: E402  (bench/: the random-weight builders)
 import make_tiny_checkpoint as tiny  # noqa: E402
-from s2v_worker.dit import BlockWeights, DiTEngine, Float8Weight, rope_table
+from s2v_worker.dit import FLOAT8_LAYER_SETS, BlockWeights, DiTEngine, Float8Weight, rope_table
 from s2v_worker.official import install_attention
 from s2v_worker.pipeline import _official, reused_steps
 
@@ -83,6 +83,38 @@ def test_float8_weights_round_trip_within_float8_precision(dit):
     restored = quantized.weight.float() * quantized.scale.t()
     assert rel_l2(restored, weight.float()) < 0.05  # 3 mantissa bits
     assert restored.abs().amax(dim=1).allclose(weight.float().abs().amax(dim=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("layers", sorted(FLOAT8_LAYER_SETS))
+def test_fast_mode_forward_is_near_the_exact_one(dit, layers):
+    """FP8 GEMMs (CPU kernels here, cuBLAS on the GPU) move the prediction by FP8 rounding only."""
+    engine = DiTEngine(dit)
+    conditioning = engine.prepare(**clip_inputs(1, False))
+    x = [torch.randn(16, 20, LAT_H, LAT_W, generator=torch.Generator().manual_seed(4))]
+    t = torch.tensor([600.0])
+    exact = engine.forward(x, t, conditioning)[0]
+    fast = engine.forward(x, t, conditioning, float8=layers)[0]
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    assert 1e-4 < rel_l2(fast, exact) < 0.1
+
+
+def test_float8_copies_follow_weight_changes(dit):
+    """A LoRA merge changes the DiT's weights; the runner then drops the FP8 copies."""
+    engine = DiTEngine(dit)
+    first = engine.float8_blocks("ffn")
+    assert engine.float8_blocks("ffn") is first  # quantized once
+    weight = dit.blocks[0].ffn[0].weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2)
+    try:
+        engine.forget_float8()
+        again = engine.float8_blocks("ffn")
+        assert again is not first
+        assert torch.equal(again[0].ffn1_w.scale, first[0].ffn1_w.scale * 2)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
 
 
 def test_reused_steps_keep_the_first_and_last_steps():

@@ -269,8 +269,12 @@ def lora_server(tmp_path):
 
 
 def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, tmp_path,
-                                                              portrait_png, speech_1s, lora_server):
+                                                              portrait_png, speech_1s, lora_server,
+                                                              monkeypatch):
     served, base_url = lora_server
+    forgotten = []  # fast mode's FP8 copies must be dropped whenever the weights may have changed
+    forget = tiny_pipeline.dit.forget_float8
+    monkeypatch.setattr(tiny_pipeline.dit, "forget_float8", lambda: (forgotten.append(1), forget()))
     model = tiny_pipeline.noise_model
     base = snapshot(model)
     volume = tmp_path / "volume"
@@ -300,6 +304,9 @@ def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, tm
             volume / "loras" / "distill.safetensors")
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
         assert not torch.equal(model.blocks[0].self_attn.q.weight, base["blocks.0.self_attn.q.weight"])
+        assert len(forgotten) == 1
+        again = worker.run(job(loras=loras))  # same set: nothing merged, the copies stay
+        assert "video_base64" in again and len(forgotten) == 1
 
         bad = worker.run(job(loras=[{"path": "loras/missing.safetensors"}]))
         assert bad == {"error": "'loras[0].path' is not a file on the network volume"}
@@ -307,6 +314,7 @@ def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, tm
         plain = worker.run(job())
         assert "video_base64" in plain and plain["settings"]["loras"] == []
         assert_base(model, base)
+        assert len(forgotten) == 2  # the refused LoRA failed before any weight changed
     finally:
         if worker._loras is not None:
             worker._loras.restore()

@@ -197,6 +197,16 @@ def test_baked_revision_matches_the_download_script():
     assert _arg_defaults().get("WAN_S2V_REVISION") == load_download_script().DEFAULT_REVISION
 
 
+def test_image_can_compile_the_dit():
+    """torch.compile is on by default; Triton needs a C compiler and Python's headers at run time."""
+    from s2v_worker.settings import Settings
+
+    assert Settings.from_env({}).compile
+    apt = " ".join(args for kw, args in INSTRUCTIONS if kw == "RUN" and "apt-get install" in args)
+    for package in ("gcc", "libc6-dev", "python3-dev"):
+        assert re.search(rf"(^|\s){re.escape(package)}(\s|$)", apt), package
+
+
 def test_cmd_runs_the_handler():
     cmds = _of("CMD")
     assert cmds, "no CMD"

@@ -129,16 +129,18 @@ def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def _float8_linear(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """Fast mode: activations quantized per token (row), weights per output channel, one FP8
-    tensor-core GEMM with a bfloat16 result. Under torch.compile the activation scaling fuses into
-    the kernel that produces the activation."""
+    """Fast mode: the activation scaled as the weight is (per token for per-row weights, one scale
+    for per-tensor ones), one FP8 tensor-core GEMM with a bfloat16 result. Under torch.compile the
+    activation scaling fuses into the kernel that produces the activation."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if weight.rowwise:
         scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
     else:
         scale = rows.abs().amax().clamp(min=1e-12).reshape(1, 1) / FLOAT8_MAX
     out = torch._scaled_mm((rows / scale).to(torch.float8_e4m3fn), weight.weight.t(),
-                           scale_a=scale, scale_b=weight.scale, bias=bias, out_dtype=torch.bfloat16)
+                           scale_a=scale, scale_b=weight.scale,
+                           bias=None if bias is None else bias.to(torch.bfloat16),
+                           out_dtype=torch.bfloat16)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -305,6 +307,8 @@ class DiTEngine:
             dynamic = None if dynamic_shapes else False
             self._block = torch.compile(dit_block, fullgraph=True, dynamic=dynamic)
             self._audio = torch.compile(audio_injection, fullgraph=True, dynamic=dynamic)
+        logger.info("DiT engine: %s", f"compiled ({'dynamic' if dynamic_shapes else 'static'} shapes)"
+                    if compile else "eager")
 
     def float8_blocks(self, layers: str) -> list[BlockWeights]:
         """The blocks' weights with FLOAT8_LAYER_SETS[layers] in float8, quantized on first use
