@@ -161,3 +161,33 @@ def test_sdpa_attention_refuses_what_it_cannot_do_exactly():
         sdpa_attention(q, q, q, window_size=(2, 2))
     with pytest.raises(NotImplementedError):
         sdpa_attention(q, q, q, q_lens=torch.tensor([3]))
+
+
+def test_skipping_the_unread_first_motion_encode_changes_no_frame(pipeline, portrait_png, speech_2s,
+                                                                  monkeypatch):
+    """With the first clip's motion frames dropped, the worker does not VAE-encode the 73 blank
+    motion frames (nothing reads them); encoding them as upstream does gives the same video."""
+    gen = settings(prompt="a person talks", max_clips=2)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    encoded = []
+    encode = pipeline.vae.encode
+    monkeypatch.setattr(pipeline.vae, "encode", lambda videos: (encoded.append(1), encode(videos))[1])
+    skipped = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=11).video
+    calls_skipped = len(encoded)
+    monkeypatch.setattr(pipeline, "_first_motion_latents",
+                        lambda pixels, dropped: torch.stack(pipeline.vae.encode(pixels)))
+    upstream = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=11).video
+    assert len(encoded) - calls_skipped == calls_skipped + 1  # upstream: one encode more
+    assert torch.equal(skipped, upstream)
+
+
+def test_without_a_pose_video_the_pose_latents_are_upstreams_zeros(pipeline, portrait_png):
+    """Upstream encodes blank pose frames and multiplies the latents by 0; the worker's zeros
+    have the same shape and values (and the VAE is not called)."""
+    gen = settings(infer_frames=16)
+    plan = pipeline.plan(portrait_png, 0.5, gen)
+    upstream = pipeline.load_pose_cond(pose_video=None, num_repeat=1, infer_frames=16,
+                                       size=(plan.height, plan.width))[0] * 0
+    lat_frames = (16 + 3 + pipeline.motion_frames) // 4 - (pipeline.motion_frames + 3) // 4
+    assert upstream.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
+    assert torch.equal(upstream, torch.zeros_like(upstream)) and torch.isfinite(upstream).all()

@@ -385,6 +385,18 @@ class S2VPipeline(WanS2V):
                 on_step(i, len(timesteps))
         return latents
 
+    def _first_motion_latents(self, motion_pixels: torch.Tensor, dropped: bool) -> torch.Tensor:
+        """The first clip's motion latents. When the first clip drops its motion frames (the
+        default), upstream still VAE-encodes 73 blank frames whose latents nothing reads: the
+        DiT drops the motion tokens and the decode starts from the reference latents, and later
+        clips encode their own. Their shape is enough then (saves that encode: 1.7 s at 480p)."""
+        if not dropped:
+            return torch.stack(self.vae.encode(motion_pixels))
+        frames, height, width = motion_pixels.shape[2:]
+        # float32, as Wan2_1_VAE.encode returns (later clips' motion pixels take this dtype)
+        return torch.zeros(1, self.vae.model.z_dim, (frames + 3) // 4, height // 8, width // 8,
+                           dtype=torch.float32, device=self.vae.device)
+
     @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
@@ -418,10 +430,12 @@ class S2VPipeline(WanS2V):
             drop_first_motion = self.drop_first_motion and not settings.init_first_frame
             if settings.init_first_frame:
                 motion_pixels[:, :, -6:] = ref_pixel_values
-            motion_latents = torch.stack(self.vae.encode(motion_pixels))
-            cond = self.load_pose_cond(pose_video=str(pose_video_path) if pose_video_path else None,
-                                       num_repeat=plan.num_clips, infer_frames=infer_frames,
-                                       size=size)
+            motion_latents = self._first_motion_latents(motion_pixels, drop_first_motion)
+            # Without a pose video upstream VAE-encodes infer_frames + 1 blank frames and then
+            # multiplies the latents by 0: the worker takes the zeros (saves about 2 s at 480p).
+            cond = (self.load_pose_cond(pose_video=str(pose_video_path), num_repeat=plan.num_clips,
+                                        infer_frames=infer_frames, size=size)
+                    if pose_video_path else None)
 
         lat_motion_frames = (self.motion_frames + 3) // 4
         lat_target_frames = (infer_frames + 3 + self.motion_frames) // 4 - lat_motion_frames
@@ -438,8 +452,9 @@ class S2VPipeline(WanS2V):
                                        generator=generator)]
                 scheduler, timesteps = self._make_scheduler(settings.solver, settings.sample_steps,
                                                             settings.shift)
-                cond_latents = (cond[r] if pose_video_path else cond[0] * 0).to(
-                    dtype=self.param_dtype, device=self.device)
+                cond_latents = (cond[r].to(dtype=self.param_dtype, device=self.device)
+                                if cond is not None else torch.zeros(1, 16, *target_shape, dtype=self.param_dtype,
+                                                 device=self.device))
                 audio_input = audio_emb[..., r * infer_frames:(r + 1) * infer_frames]
                 common = {"seq_len": max_seq_len, "cond_states": cond_latents,
                           "motion_latents": motion_latents.clone(), "ref_latents": ref_latents,
