@@ -190,7 +190,7 @@ class S2VPipeline(WanS2V):
         timings["dit_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        # The official pipeline keeps wav2vec2 on the CPU (17 s for 4.5 s of speech at full size);
+        # The official pipeline keeps wav2vec2 on the CPU (21 s for 4.5 s of speech in the job benchmark);
         # the worker runs it on the GPU by default, in float32 without TF32 (see _encode_audio).
         audio_encoder = _official.audio_encoder.AudioEncoder(
             device="cpu" if offload or audio_encoder_on_cpu else device,

@@ -102,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
             "same numbers within bfloat16 rounding. The first compilation takes tens of seconds "
             "(see WAN_S2V_WARMUP and TORCH_COMPILE_CACHE_DIR)."),
     Setting("WAN_S2V_AUDIO_ENCODER_DEVICE", "audio_encoder_device", _one_of("gpu", "cpu"), "gpu",
-            "Where wav2vec2 encodes the speech: 'gpu' (the pipeline's device; 17 s faster for 4.5 s "
+            "Where wav2vec2 encodes the speech: 'gpu' (the pipeline's device; 21 s faster for 4.5 s "
             "of speech) or 'cpu' (as the official code). With 'cpu' and WAN_S2V_COMPILE=false the "
             "output is bit-identical to the official code's."),
     Setting("WAN_S2V_WARMUP", "warmup", _parse_resolution_list, ("480p",),
