@@ -255,7 +255,7 @@ class ClipConditioning:
     rope: torch.Tensor            # [S, 1, D/2, 2] (cos, sin) for every token
     noisy: torch.Tensor           # [S, 1] bool, True for the tokens with the sampled timestep
     text_kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block
-    audio: dict[int, tuple]       # block index -> (shift, scale, k, v)
+    audio: dict[int, tuple]       # block index -> (AdaLN shift, 1 + scale, k, v, norm eps)
     num_frames: int
 
     @property
