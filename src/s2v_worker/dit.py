@@ -39,6 +39,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .official import import_official
+
 logger = logging.getLogger(__name__)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -169,8 +171,9 @@ def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("s2v_worker::attention", mutates_args=())
 def _sdpa_token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # An opaque op, so that torch.compile hands SDPA the [B, L, N, D] (token-major) tensors the
-    # official code hands it: Inductor's own SDPA lowering re-lays them out head-major, and cuDNN's
-    # Hopper kernel is about 10% slower on that layout (measured, 480p: 1.68 s against 1.52 s).
+    # official code hands it, instead of Inductor's own layout choice. Measured at 480p: 2.889 s
+    # per forward with it against 2.911 s with Inductor's lowering (bench/results), a wash; kept
+    # because the numbers on record were measured with it.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
 
@@ -284,13 +287,10 @@ class DiTEngine:
 
     def __init__(self, model: torch.nn.Module, compile: bool = False,
                  dynamic_shapes: bool = True) -> None:
-        from .official import import_official  # the official helpers the cached parts use
-
-        official = import_official()
+        official = import_official()  # the official helpers the cached parts use
         self._rope_precompute = official.model_s2v.rope_precompute
         self._sinusoidal = official.model_s2v.sinusoidal_embedding_1d
         self.model = model
-        self.compiled = compile
         self.rope_dtype = torch.float32 if compile else torch.float64
         # Dynamic: one compilation serves every image size (the token count varies with the
         # aspect ratio and resolution); static: one compilation per size.

@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -253,8 +253,11 @@ def _full(misfit: str, layer: str, module: torch.nn.Module, param: str,
 class LoraManager:
     """Keeps one LoRA set merged into `noise_model`; restores the exact base weights on a change."""
 
-    def __init__(self, noise_model: torch.nn.Module) -> None:
+    def __init__(self, noise_model: torch.nn.Module,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.noise_model = noise_model
+        # Called whenever the weights may have changed (e.g. to drop copies derived from them).
+        self.on_change = on_change
         self.base: dict[str, torch.Tensor] = {}  # exact CPU copies, taken on first touch
         self.current: tuple[tuple[str, float], ...] = ()
         self.merges = 0  # sets merged so far (tests check that a repeated set is not re-merged)
@@ -267,12 +270,15 @@ class LoraManager:
         # Parsed (and checked) before anything changes: a LoRA that does not fit leaves the
         # merged set as it was.
         parsed = [(lora, parse_lora(lora, self.noise_model)) for lora in loras]
-        self.restore()
         try:
+            self.restore()
             self._merge(parsed)
         except BaseException:
             self.restore()  # never leave half a set merged
             raise
+        finally:
+            if self.on_change is not None:
+                self.on_change()
         self.current = wanted
         self.merges += 1
         logger.info("merged %d LoRA(s): %s", len(loras),

@@ -247,12 +247,13 @@ def _connect_checked(conn: HTTPConnection, hop: _Hop) -> socket.socket:
     raise NewConnectionError(conn, f"could not connect: {last_error.strerror or last_error}")
 
 
-class _CheckedHTTPConnection(HTTPConnection):
-    """urllib3's connection, connecting to the hop's checked addresses instead of resolving `host`.
+class _CheckedConnection:
+    """Mixed into urllib3's connections: connect to the hop's checked addresses instead of
+    resolving `host`.
 
-    `host` stays the URL's host name, so the Host header is unchanged; for HTTPS the subclass below
-    also keeps TLS SNI and the certificate check on the host name, as urllib3 does them after
-    `_new_conn` from `self.host`.
+    `host` stays the URL's host name, so the Host header is unchanged; for HTTPS urllib3 also keeps
+    TLS SNI and the certificate check on the host name, as it does them after `_new_conn` from
+    `self.host`.
     """
 
     def __init__(self, *args: Any, hop: _Hop, **kwargs: Any) -> None:
@@ -263,13 +264,12 @@ class _CheckedHTTPConnection(HTTPConnection):
         return _connect_checked(self, self._hop)
 
 
-class _CheckedHTTPSConnection(HTTPSConnection):
-    def __init__(self, *args: Any, hop: _Hop, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._hop = hop
+class _CheckedHTTPConnection(_CheckedConnection, HTTPConnection):
+    pass
 
-    def _new_conn(self) -> socket.socket:
-        return _connect_checked(self, self._hop)
+
+class _CheckedHTTPSConnection(_CheckedConnection, HTTPSConnection):
+    pass
 
 
 class _CheckedHTTPPool(HTTPConnectionPool):

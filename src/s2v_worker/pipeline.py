@@ -259,6 +259,11 @@ class S2VPipeline(WanS2V):
                         frames_per_clip=settings.infer_frames, dropped_frames=dropped,
                         audio_seconds=audio_seconds)
 
+    def _latent_frames(self, frames_per_clip: int) -> tuple[int, int]:
+        """(motion latent frames, new latent frames per clip), as WanS2V.generate counts them."""
+        motion = (self.motion_frames + 3) // 4
+        return motion, (frames_per_clip + 3 + self.motion_frames) // 4 - motion
+
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
         """One DiT call per resolution on blank inputs at its 16:9 size, so that compilation
         (and cuDNN/cuBLAS kernel selection) happens before the first job. Seconds per resolution."""
@@ -274,8 +279,7 @@ class S2VPipeline(WanS2V):
                 height, width = self.get_gen_size(size=None,
                                                   max_area=self.checkpoint.max_area[resolution],
                                                   ref_image_path=str(image_path), pre_video_path=None)
-                lat_motion = (self.motion_frames + 3) // 4
-                lat_frames = (frames_per_clip + 3 + self.motion_frames) // 4 - lat_motion
+                lat_motion, lat_frames = self._latent_frames(frames_per_clip)
                 latent = partial(torch.zeros, dtype=self.param_dtype, device=self.device)
                 size = (height // 8, width // 8)
                 audio_layers = m.casual_audio_encoder.weights.shape[1]
@@ -437,8 +441,7 @@ class S2VPipeline(WanS2V):
                                         infer_frames=infer_frames, size=size)
                     if pose_video_path else None)
 
-        lat_motion_frames = (self.motion_frames + 3) // 4
-        lat_target_frames = (infer_frames + 3 + self.motion_frames) // 4 - lat_motion_frames
+        lat_motion_frames, lat_target_frames = self._latent_frames(infer_frames)
         target_shape = [lat_target_frames, plan.height // 8, plan.width // 8]
         max_seq_len = int(np.prod(target_shape)) // 4
         guided = settings.guidance_scale > 1

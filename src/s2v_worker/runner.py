@@ -212,8 +212,8 @@ class Worker:
             progress.step(clip, clips, step, steps)
             control.check()
 
-        if generation.speed == "fast" and pipeline.fast_mode_unavailable:
-            raise JobInputError(pipeline.fast_mode_unavailable)
+        if generation.speed == "fast" and (reason := pipeline.fast_mode_unavailable):
+            raise JobInputError(reason)
 
         stage("download")
         with _timed(timings, "download_s"):
@@ -226,13 +226,7 @@ class Worker:
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
-            changed = None  # stays None when apply fails, after restoring the base weights
-            try:
-                changed = self._lora_manager().apply(loras)
-            finally:
-                if changed is not False:
-                    # Fast mode's FP8 copies were quantized from the weights before the change.
-                    pipeline.dit.forget_float8()
+            self._lora_manager().apply(loras)
 
         plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
@@ -273,7 +267,9 @@ class Worker:
 
     def _lora_manager(self) -> LoraManager:
         if self._loras is None:
-            self._loras = LoraManager(self.pipeline.noise_model)
+            # Fast mode's FP8 copies are quantized from the weights a LoRA change replaces.
+            self._loras = LoraManager(self.pipeline.noise_model,
+                                      on_change=self.pipeline.dit.forget_float8)
         return self._loras
 
     def _release_gpu_memory(self) -> None:
