@@ -393,7 +393,8 @@ class S2VPipeline(WanS2V):
         """The first clip's motion latents. When the first clip drops its motion frames (the
         default), upstream still VAE-encodes 73 blank frames whose latents nothing reads: the
         DiT drops the motion tokens and the decode starts from the reference latents, and later
-        clips encode their own. Their shape is enough then (saves that encode: 1.7 s at 480p)."""
+        clips encode their own. Their shape is enough then (saves that encode: 1.69 s at 480p in
+        the first bench/results file)."""
         if not dropped:
             return torch.stack(self.vae.encode(motion_pixels))
         frames, height, width = motion_pixels.shape[2:]
@@ -436,7 +437,7 @@ class S2VPipeline(WanS2V):
                 motion_pixels[:, :, -6:] = ref_pixel_values
             motion_latents = self._first_motion_latents(motion_pixels, drop_first_motion)
             # Without a pose video upstream VAE-encodes infer_frames + 1 blank frames and then
-            # multiplies the latents by 0: the worker takes the zeros (saves about 2 s at 480p).
+            # multiplies the latents by 0: the worker takes the zeros (saves load_pose_cond, 2.08 s in the job benchmark).
             cond = (self.load_pose_cond(pose_video=str(pose_video_path), num_repeat=plan.num_clips,
                                         infer_frames=infer_frames, size=size)
                     if pose_video_path else None)
