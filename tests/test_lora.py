@@ -1,7 +1,8 @@
 """LoRAs on the tiny checkpoint, on the CPU: every key layout merges to the weights an offline merge
 gives, the base weights come back bit-identical, a repeated set is not merged again, keys for
 layers this model lacks are skipped and reported, bad LoRAs and bad fields are refused with clear
-messages, and the worker runs LoRAs from the volume and from a URL."""
+messages, the URL cache keeps only files that load, and the worker runs LoRAs from the volume and
+from a URL."""
 import base64
 import functools
 import http.server
@@ -554,3 +555,39 @@ def test_a_bad_lora_is_a_clear_client_error(tiny_pipeline, lora_worker, portrait
                                       loras=[{"path": "loras/bad.safetensors"}]))
     assert result == {"error": f"'loras[0]' {message}"}  # no refresh_worker, no traceback
     assert_base(model, base)
+
+
+def test_the_url_cache_keeps_only_files_that_load(tiny_pipeline, lora_worker, portrait_png,
+                                                  speech_1s):
+    """Whatever the URL served before, the same URL works as soon as it serves a LoRA."""
+    from safetensors.torch import save
+
+    model = tiny_pipeline.noise_model
+    served = lora_worker.served / "lora.safetensors"
+    job = lora_job(portrait_png, speech_1s, loras=[{"url": f"{lora_worker.base_url}/lora.safetensors"}])
+    bad = bad_loras(model)
+    not_loras = [  # (what the URL serves, the error)
+        (b"<html>502 Bad Gateway</html>", "'loras[0]' is not a readable safetensors file"),
+        (save({"blocks.0.self_attn.q.weight": model.blocks[0].self_attn.q.weight.detach()}),
+         "'loras[0]' has a key of no LoRA layout this worker reads: 'blocks.0.self_attn.q.weight'"),
+        # These read as LoRAs, so they enter the cache, and leave it when they fail to merge.
+        (save(bad["nan_up"][0]), f"'loras[0]' {bad['nan_up'][1]}"),
+        (save(bad["shape"][0]), f"'loras[0]' {bad['shape'][1]}"),
+    ]
+    # What does not read as a LoRA is refused on download, before the job's next LoRA is looked at.
+    missing_second = lora_job(portrait_png, speech_1s, loras=[
+        {"url": f"{lora_worker.base_url}/lora.safetensors"}, {"path": "loras/missing.safetensors"}])
+    for content, error in not_loras[:2]:
+        served.write_bytes(content)
+        assert lora_worker.run(missing_second) == {"error": error}
+        assert cache_files(lora_worker) == []
+    for content, error in not_loras:
+        served.write_bytes(content)
+        assert lora_worker.run(job) == {"error": error}
+        assert cache_files(lora_worker) == []
+    write_lora(served, make_lora(model, "a_b")[0])
+    result = lora_worker.run(job)
+    assert "video_base64" in result, result
+    assert len(cache_files(lora_worker)) == 1 and cache_files(lora_worker)[0].endswith(".safetensors")
+    served.unlink()  # now served from the cache
+    assert "video_base64" in lora_worker.run(job)

@@ -88,6 +88,7 @@ class ResolvedLora:
     path: Path
     identity: str
     strength: float
+    cached: bool = False  # in the URL cache, which must drop it if it does not load
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,22 @@ def _download_cached(source: LoraSource, settings: Settings) -> Path:
     try:
         size = download(f"{source.field}.url", source.url, Path(partial), settings.max_lora_bytes,
                         settings)
+        # Only what reads as a LoRA enters the cache, so a URL that served something else (an
+        # error page, a model) is fetched again as soon as it serves a LoRA; what needs the model
+        # to check is checked at merge time, which drops a cached file that fails (forget_cached).
+        check_lora_file(Path(partial), source.field)
         os.replace(partial, dest)
     finally:
         Path(partial).unlink(missing_ok=True)
     logger.info("%s: downloaded %d bytes", source.field, size)
     return dest
+
+
+def forget_cached(lora: ResolvedLora) -> None:
+    """Remove a URL's cached file that did not load, so the next job downloads the URL again."""
+    if lora.cached:
+        lora.path.unlink(missing_ok=True)
+        logger.info("%s: removed from the LoRA cache (it does not load)", lora.field)
 
 
 def _volume_file(source: LoraSource, settings: Settings) -> Path:
@@ -201,7 +213,8 @@ def resolve_loras(sources: Sequence[LoraSource], settings: Settings) -> list[Res
     resolved = []
     for source in sources:
         path = _download_cached(source, settings) if source.url else _volume_file(source, settings)
-        resolved.append(ResolvedLora(source.field, path, file_identity(path), source.strength))
+        resolved.append(ResolvedLora(source.field, path, file_identity(path), source.strength,
+                                     cached=source.url is not None))
     return resolved
 
 
@@ -265,6 +278,22 @@ class _LayerNames:
             raise LoraError(f"{misfit} the kohya name {_short(key.layer)} could mean any of "
                             f"{', '.join(_short(n) for n in names)}")
         return names[0] if names else None
+
+
+def check_lora_file(path: Path, field: str) -> None:
+    """What can be checked without the model, from the header alone: a readable safetensors file
+    with at least one tensor, every key of a known layout."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise LoraError(f"'{field}' is not a readable safetensors file") from None
+    if not keys:
+        raise LoraError(f"'{field}' holds no LoRA weights")
+    for raw_key in keys:
+        _key(field, raw_key)
 
 
 def _read_safetensors(lora: ResolvedLora) -> dict[str, torch.Tensor]:
@@ -443,7 +472,7 @@ class LoraManager:
             return False
         # Parsed (and checked) before anything changes: a LoRA that does not fit leaves the
         # merged set as it was.
-        parsed = [(lora, parse_lora(lora, self.noise_model)) for lora in loras]
+        parsed = [(lora, self._parse(lora)) for lora in loras]
         try:
             self.restore()
             self._merge(parsed)
@@ -470,6 +499,13 @@ class LoraManager:
         if self.current:
             logger.info("restored the base weights of %d tensor(s)", len(self.base))
         self.current, self.warnings = (), ()
+
+    def _parse(self, lora: ResolvedLora) -> ParsedLora:
+        try:
+            return parse_lora(lora, self.noise_model)
+        except LoraError:
+            forget_cached(lora)
+            raise
 
     def _merge(self, parsed: list[tuple[ResolvedLora, ParsedLora]]) -> None:
         # Deltas of one tensor are summed in float32 and added once, so a bf16 weight is rounded
