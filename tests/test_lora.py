@@ -9,13 +9,14 @@ import http.server
 import json
 import re
 import shutil
+import sys
 import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import speech_excerpt
+from conftest import ROOT, speech_excerpt
 from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker.job import JobInputError, parse_job
 from s2v_worker.lora import (LoraError, LoraManager, ResolvedLora, file_identity, parse_lora,
@@ -591,3 +592,65 @@ def test_the_url_cache_keeps_only_files_that_load(tiny_pipeline, lora_worker, po
     assert len(cache_files(lora_worker)) == 1 and cache_files(lora_worker)[0].endswith(".safetensors")
     served.unlink()  # now served from the cache
     assert "video_base64" in lora_worker.run(job)
+
+
+# --- (f) the benchmark's LoRA (bench/harness.py, section job with --job-lora-rank) --------------
+
+@pytest.fixture(scope="module")
+def harness():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    return harness
+
+
+def test_the_benchmark_lora_has_lightx2v_layout_and_applies_whole(tiny_pipeline, manager, tmp_path,
+                                                                 harness):
+    """Written, parsed as a job, resolved and merged the worker's way on the tiny DiT: every key
+    applies, every Wan-core tensor changes as the file says (read here independently), and
+    nothing else."""
+    model = tiny_pipeline.noise_model
+    base = snapshot(model)
+    lora_path, info = harness._write_job_lora(model, 4, tmp_path)
+    state = load_file(str(tmp_path / lora_path))
+    assert (info["rank"], info["keys"]) == (4, len(state))
+    q = model.blocks[0].self_attn.q
+    assert state["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape == (4, q.in_features)
+    assert state["diffusion_model.blocks.0.self_attn.q.lora_up.weight"].shape == (q.out_features, 4)
+    assert {"diffusion_model.blocks.0.self_attn.q.alpha", "diffusion_model.blocks.0.self_attn.q.diff_b",
+            "diffusion_model.blocks.0.norm3.diff", "diffusion_model.blocks.0.diff_m",
+            "diffusion_model.head.head.diff", "diffusion_model.head.diff_m",
+            "diffusion_model.patch_embedding.diff"} <= set(state)
+
+    request = harness._job_request(4, 1.0, 42, lora_path)
+    assert (request.generation.sample_steps, request.generation.guidance_scale) == (4, 1.0)
+    loras = resolve_loras(request.loras, Settings.from_env({}).replace(network_volume_dir=str(tmp_path)))
+    assert manager.apply(loras) and manager.warnings == ()
+
+    expected = {}
+    for key, value in state.items():
+        name = key.removeprefix("diffusion_model.")
+        if name.endswith(".lora_down.weight"):
+            layer = name.removesuffix(".lora_down.weight")
+            up = state[f"diffusion_model.{layer}.lora_up.weight"].float()
+            scale = float(state[f"diffusion_model.{layer}.alpha"]) / value.shape[0]
+            expected[f"{layer}.weight"] = (up @ value.float()) * scale
+        for suffix, tensor in ((".diff_m", "modulation"), (".diff_b", "bias"), (".diff", "weight")):
+            if name.endswith(suffix):
+                expected[f"{name.removesuffix(suffix)}.{tensor}"] = value.float()
+    core = {name for name, _ in model.named_parameters() if name.startswith(harness.fullsize.WAN_CORE_LAYERS)}
+    assert set(expected) == core
+    state_now = model.state_dict()
+    for name, value in base.items():
+        assert torch.equal(state_now[name], value + expected[name] if name in expected else value), name
+
+
+def test_no_kohya_name_of_the_full_size_dit_is_ambiguous(harness):
+    """Every layer of the real S2V DiT keeps a unique name with dots as underscores, so every
+    kohya LoRA key maps back to one layer."""
+    from s2v_worker.pipeline import _official
+
+    with torch.device("meta"):
+        model = _official.model_s2v.WanModel_S2V(**harness.fullsize.DIT_CONFIG)
+    names = [name for name, _ in model.named_modules() if name]
+    assert len(names) > 1000 and len({n.replace(".", "_") for n in names}) == len(names)
