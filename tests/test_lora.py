@@ -533,7 +533,8 @@ def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, lo
     assert len(forgotten) == 2  # the refused LoRA failed before any weight changed
 
 
-def test_skipped_keys_reach_the_job_result(tiny_pipeline, lora_worker, portrait_png, speech_1s):
+def test_skipped_keys_reach_the_job_result(tiny_pipeline, lora_worker, portrait_png, speech_1s,
+                                           monkeypatch):
     model = tiny_pipeline.noise_model
     tensors = {**make_lora(model, "down_up", "diffusion_model.")[0], **i2v_branch(model)}
     write_lora(lora_worker.volume / "loras" / "i2v.safetensors", tensors)
@@ -543,6 +544,14 @@ def test_skipped_keys_reach_the_job_result(tiny_pipeline, lora_worker, portrait_
         assert "video_base64" in result, result
         assert result["warnings"] == [I2V_WARNING]
     assert "warnings" not in lora_worker.run(lora_job(portrait_png, speech_1s))
+
+    import s2v_worker.runner as runner  # a storage fallback's warning comes after the LoRA's
+
+    deliver = runner.deliver_video
+    monkeypatch.setattr(runner, "deliver_video", lambda *a: {
+        **deliver(*a), "warnings": ["the upload failed; the video is returned inline instead"]})
+    assert lora_worker.run(job)["warnings"] == [
+        I2V_WARNING, "the upload failed; the video is returned inline instead"]
 
 
 @pytest.mark.parametrize("name", ["nan_up", "inf_diff", "nan_alpha", "rank_0", "shape", "no_layer"])
