@@ -170,6 +170,48 @@ def dit_inputs(height: int, width: int, device: torch.device, seed: int = 0) -> 
         motion_frames=[73, 19], drop_motion_frames=False)
 
 
+# The Wan DiT's own layers, which a Wan distill LoRA changes; the S2V-only ones (audio, pose, frame
+# packing) are not in such a LoRA.
+WAN_CORE_LAYERS = ("blocks.", "text_embedding.", "time_embedding.", "time_projection.", "head.",
+                   "patch_embedding.")
+
+
+@torch.no_grad()
+def lightx2v_lora(model: torch.nn.Module, rank: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random LoRA for `model`'s Wan layers in the layout of LightX2V's Wan distill LoRAs (their
+    extractor, tools/extract/lora_extractor.py, and the key lists of their published files):
+    `diffusion_model.X.lora_down.weight` [rank, in], `.lora_up.weight` [out, rank] and `.alpha`
+    (= rank, scale 1) for every Linear but the small head projection; `X.diff` for the other
+    weights (norms, head.head, the patch embedding's Conv3d), `X.diff_b` for every bias and
+    `X.diff_m` for each block's and the head's modulation. bf16 on the CPU, ready for save_file;
+    drawn on the model's device. The values are small: the merged model stays near the base."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, std):
+        return (torch.randn(shape, generator=generator, device=device) * std).to(torch.bfloat16).cpu()
+
+    state = {}
+    for name, param in model.named_parameters():
+        if not name.startswith(WAN_CORE_LAYERS):
+            continue
+        layer, _, kind = name.rpartition(".")
+        key = f"diffusion_model.{layer}"
+        module = model.get_submodule(layer)
+        if kind == "modulation":
+            state[f"{key}.diff_m"] = randn(*param.shape, std=1e-4)
+        elif kind == "bias":
+            state[f"{key}.diff_b"] = randn(*param.shape, std=1e-4)
+        elif isinstance(module, torch.nn.Linear) and layer != "head.head":
+            state[f"{key}.lora_down.weight"] = randn(rank, module.in_features,
+                                                     std=module.in_features ** -0.5)
+            state[f"{key}.lora_up.weight"] = randn(module.out_features, rank, std=1e-3)
+            state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=torch.bfloat16)
+        else:
+            state[f"{key}.diff"] = randn(*param.shape, std=1e-4)
+    return state
+
+
 def write_checkpoint(folder: Path, device: torch.device) -> dict[str, float]:
     """The full-size random checkpoint in the real repository's layout (about 44 GB)."""
     from safetensors.torch import save_file

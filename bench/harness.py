@@ -3,6 +3,8 @@
     python bench/harness.py --sections faithfulness,forward,vae --out $OUT/part-a.json
     python bench/harness.py --sections job --paths official --out $OUT/part-b.json
     python bench/harness.py --sections coldstart --out $OUT/part-c.json
+    python bench/harness.py --sections job --paths worker --job-steps 4 --job-guidance 1 \
+        --job-lora-rank 64 --out $OUT/part-d.json   # -> job_s.480p_1clip_4steps_lora
     python bench/merge.py $OUT/part-*.json   # -> bench/results/<date>-<gpu>.json + README table
 
 "Official" is the official modules with their attention sent to PyTorch SDPA through the official
@@ -318,20 +320,89 @@ def _time_forwards(model: torch.nn.Module, timings: dict[str, float]) -> list:
     return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
 
 
-def section_job(args) -> dict:
-    """A whole 1-clip 480p job, 30 guided steps, 4.5 s of speech, full-size random weights."""
+def _job_request(steps: int, guidance: float, seed: int, lora_path: str | None = None):
+    """The benchmark job as the worker parses it; with a LoRA on the network volume."""
     from s2v_worker.job import parse_job
+
+    fields = {"image_url": "https://x/i", "audio_url": "https://x/a", "prompt": "a person talks",
+              "resolution": "480p", "sample_steps": steps, "guidance_scale": guidance, "seed": seed}
+    if lora_path:
+        fields["loras"] = [{"path": lora_path}]
+    return parse_job({"input": fields})
+
+
+def _write_job_lora(model: torch.nn.Module, rank: int, volume: Path) -> tuple[str, dict]:
+    """A random LoRA in LightX2V's layout (fullsize.lightx2v_lora) written under `volume`, the
+    network volume of the benchmark job; its path there, and what the file holds."""
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    state = fullsize.lightx2v_lora(model, rank)
+    path = volume / "loras" / f"lightx2v-layout-rank{rank}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return str(path.relative_to(volume)), {
+        "rank": rank, "keys": len(state), "file_mb": round(path.stat().st_size / 2**20, 1),
+        "written_s": round(time.perf_counter() - start, 2)}
+
+
+def _worker_job(pipeline, loras, lora_parts: dict[str, float], request, settings, image: Path,
+                audio: Path, out_path: Path) -> dict:
+    """One job the worker's way, each stage timed: the LoRA set as the runner sets it
+    (resolve_loras, then LoraManager.apply, whose parse and merge add up in `lora_parts`),
+    generate (audio, text, VAE encode, sampling, decode) and the MP4 encode; not the upload."""
+    from s2v_worker.lora import resolve_loras
     from s2v_worker.video import encode_mp4
+
+    torch.cuda.reset_peak_memory_stats()
+    lora_parts.clear()
+    sync()
+    start = time.perf_counter()
+    resolved = resolve_loras(request.loras, settings)
+    stages = {"lora_resolve_s": time.perf_counter() - start}
+    loras.apply(resolved)
+    sync()
+    lora_s = time.perf_counter() - start
+    stages.update(lora_parse_s=lora_parts.get("_parse", 0.0), lora_merge_s=lora_parts.get("_merge", 0.0))
+    start = time.perf_counter()
+    plan = pipeline.plan(image, 4.5, request.generation)
+    result = pipeline.generate(image, audio, plan, request.generation, seed=request.generation.seed)
+    sync()
+    generate_s = time.perf_counter() - start
+    stages.update(result.timings)
+    row = {"lora_s": round(lora_s, 2), "generate_s": round(generate_s, 2),
+           "peak_gb": round(peak_gb(), 2), "video_shape": list(result.video.shape),
+           "num_clips": plan.num_clips}
+    try:
+        start = time.perf_counter()
+        encode_mp4(result.video, native_fps=16, output_fps=24, audio_path=audio,
+                   duration_s=plan.video_seconds, out_path=out_path, settings=settings)
+        stages["encoding_s"] = time.perf_counter() - start
+    except Exception as exc:  # no ffmpeg on the device image: say so, keep the GPU figures
+        row["encoding_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    row["stages_s"] = {k: round(v, 2) for k, v in stages.items()}
+    row["job_s_without_upload"] = round(lora_s + generate_s + stages.get("encoding_s", 0.0), 2)
+    return row
+
+
+def section_job(args) -> dict:
+    """A whole 1-clip 480p job on 4.5 s of speech, full-size random weights: --job-steps steps at
+    --job-guidance (30 guided steps by default). With --job-lora-rank R the worker's job merges a
+    random rank-R LoRA in LightX2V's layout first, through the worker's LoRA path (a file on the
+    job's network volume), and runs twice: the first job merges it, the second finds it merged."""
+    from s2v_worker.lora import LoraManager
     from s2v_worker.settings import Settings
 
+    if args.job_lora_rank and "official" in args.paths:
+        raise ValueError("--job-lora-rank times the worker's path only: give --paths worker")
     work = Path(tempfile.mkdtemp())
     start = time.perf_counter()
     pipeline = fullsize.build_pipeline(DEVICE, work / "components")
     build_s = time.perf_counter() - start
     image, audio = _image_16x9(work), _speech(4.5, work)
-    steps, guidance, seed = args.job_steps, 4.5, 42
-    key = f"480p_1clip_{steps}steps"
-    out = {"build_components_s": round(build_s, 1)}
+    steps, guidance, seed = args.job_steps, args.job_guidance, 42
+    key = f"480p_1clip_{steps}steps" + ("_lora" if args.job_lora_rank else "")
+    out = {"build_components_s": round(build_s, 1), "guidance_scale": guidance}
     if "official" in args.paths:
         official = fullsize.official_view(pipeline)
         install_attention("official-sdpa")
@@ -364,31 +435,21 @@ def section_job(args) -> dict:
         pipeline.audio_encoder.model.to(DEVICE)
         # Worker start-up does this before it takes jobs (counted in the cold start).
         out["worker_warm_up_s"] = {k: round(v, 1) for k, v in pipeline.warm_up(("480p",)).items()}
-        settings = parse_job({"input": {"image_url": "https://x/i", "audio_url": "https://x/a",
-                                        "prompt": "a person talks", "resolution": "480p",
-                                        "sample_steps": steps, "guidance_scale": guidance,
-                                        "seed": seed}}).generation
-        torch.cuda.reset_peak_memory_stats()
-        sync()
-        start = time.perf_counter()
-        plan = pipeline.plan(image, 4.5, settings)
-        result = pipeline.generate(image, audio, plan, settings, seed=seed)
-        sync()
-        generate_s = time.perf_counter() - start
-        row = {"generate_s": round(generate_s, 2), "peak_gb": round(peak_gb(), 2),
-               "video_shape": list(result.video.shape), "num_clips": plan.num_clips,
-               "stages_s": {k: round(v, 2) for k, v in result.timings.items()}}
-        try:
-            start = time.perf_counter()
-            encode_mp4(result.video, native_fps=16, output_fps=24, audio_path=audio,
-                       duration_s=plan.video_seconds, out_path=work / "job.mp4",
-                       settings=Settings.from_env({}))
-            row["stages_s"]["encoding_s"] = round(time.perf_counter() - start, 2)
-        except Exception as exc:  # no ffmpeg on the device image: say so, keep the GPU figures
-            row["encoding_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        row["job_s_without_upload"] = round(generate_s + row["stages_s"].get("encoding_s", 0.0), 2)
-        out["worker"] = row
-        print("job worker", row, flush=True)
+        settings = Settings.from_env({}).replace(network_volume_dir=str(work))
+        lora_path = None
+        if args.job_lora_rank:
+            lora_path, out["lora"] = _write_job_lora(pipeline.noise_model, args.job_lora_rank, work)
+        request = _job_request(steps, guidance, seed, lora_path)
+        # As the runner makes it (Worker._lora_manager), its parse and merge timed apart.
+        loras = LoraManager(pipeline.noise_model, on_change=pipeline.dit.forget_float8)
+        lora_parts: dict[str, float] = {}
+        _timed_methods(loras, ["_parse", "_merge"], lora_parts)
+        runs = ("worker", "worker_second_job") if args.job_lora_rank else ("worker",)
+        for run in runs:
+            out[run] = _worker_job(pipeline, loras, lora_parts, request, settings, image, audio,
+                                   work / "job.mp4")
+            print("job", run, out[run], flush=True)
+        loras.restore()
     return {"job_s": {key: out}}
 
 
@@ -445,6 +506,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--vae-iters", type=int, default=2)
     parser.add_argument("--job-steps", type=int, default=30)
+    parser.add_argument("--job-guidance", type=float, default=4.5,
+                        help="job: guidance_scale (1: no guidance, one DiT call per step)")
+    parser.add_argument("--job-lora-rank", type=int, default=0,
+                        help="job: merge a random LoRA of this rank in LightX2V's layout first "
+                             "(worker path; key 480p_1clip_<steps>steps_lora)")
     parser.add_argument("--float8", default="",
                         help="forward: also time fast mode with these FP8 layer sets (all,ffn)")
     parser.add_argument("--profile", action="store_true",

@@ -50,7 +50,7 @@ def merge(parts: list[dict]) -> dict:
             job = merged.setdefault("job_s", {})
             for name, row in part["job_s"].items():
                 entry = job.setdefault(name, {})
-                for path in ("official", "worker"):
+                for path in ("official", "worker", "worker_second_job"):
                     if path in row:
                         entry[path] = row[path]["generate_s"]
                         entry[f"{path}_detail"] = {**row[path], "commit": commit}

@@ -7,17 +7,35 @@ as the following jobs ask for the same set. The base weights of every touched te
 exact CPU copies taken before its first change; restoring copies them back, so the base model is
 bit-identical whatever was merged before.
 
-Accepted formats (the common Wan ones), with or without a `diffusion_model.` or
-`model.diffusion_model.` prefix on every key:
-  X.lora_down.weight + X.lora_up.weight (+ optional X.alpha: scale = alpha / rank)
-  X.lora_A.weight + X.lora_B.weight (+ optional X.alpha, else scale 1)
-  X.diff (a full weight delta) and X.diff_b (a bias delta), which distillation LoRAs carry for norms
-where X names a layer of the DiT, e.g. `blocks.0.self_attn.q`.
+Key layouts: those that ComfyUI's and LightX2V's Wan LoRA loaders read. A key is PREFIX X SUFFIX:
+  PREFIX  none, `diffusion_model.`, `model.diffusion_model.`, `model.` or `transformer.`, with X a
+          layer of the DiT as it names it (`blocks.0.self_attn.q`); or kohya's `lora_unet_` or
+          `lora_unet__`, with X spelled with underscores (`blocks_0_self_attn_q`), mapped back
+          through the DiT's own layer names (a spelling two layers share is refused, not guessed).
+  SUFFIX  low rank, delta = up @ down times alpha/rank when `X.alpha` is given, else times 1:
+            .lora_down.weight + .lora_up.weight        .lora_A.weight + .lora_B.weight
+            .lora_A.default.weight + .lora_B.default.weight (PEFT)      .lora_A + .lora_B
+            _lora.down.weight + _lora.up.weight        .lora.down.weight + .lora.up.weight
+            .lora_linear_layer.down.weight + .lora_linear_layer.up.weight
+          full deltas: .diff (X.weight), .diff_b (X.bias), .diff_m (X.modulation: the modulation
+          parameter of a block or of the head, which LightX2V's distill LoRAs carry).
+Low rank applies to Linear layers and is applied to convolutions too (`patch_embedding` is a
+Conv3d): down is [r, in*kt*kh*kw] or conv-shaped [r, in, kt, kh, kw], up is [out, r] or
+[out, r, 1, 1, 1], and up @ down reshaped to the kernel's shape [out, in, kt, kh, kw] is the same
+linear map on each flattened input patch. Grouped convolutions are refused.
+
+Keys for layers (or tensors) this DiT does not have, such as an I2V LoRA's image branch
+(`cross_attn.k_img`, `cross_attn.norm_k_img`, `img_emb.*`), are skipped and reported per LoRA; a
+LoRA of which nothing applies is refused. Refused before any weight changes, each with the LoRA's
+field and the layer named: a key of no known layout, shapes that do not fit a layer the DiT has (a
+LoRA for another model size), NaN or infinite values (in the tensors that apply), rank 0, and
+values so large that the merged change could overflow float32.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,20 +44,35 @@ from typing import Callable, Sequence
 
 import torch
 
-from .job import LoraSource
+from .job import LORA_STRENGTH_LIMIT, MAX_LORAS, LoraSource
 from .media import download
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 LORA_CACHE_SUBDIR = "wan-s2v-loras"
-KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # longest first
-LOW_RANK_SUFFIXES = {  # suffix -> (pair name, role)
-    ".lora_down.weight": ("down_up", "down"), ".lora_up.weight": ("down_up", "up"),
-    ".lora_A.weight": ("a_b", "down"), ".lora_B.weight": ("a_b", "up"),
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")  # longest first
+KOHYA_PREFIXES = ("lora_unet__", "lora_unet_")  # longest first
+LOW_RANK_SUFFIXES = {  # suffix -> (layout, role); the layout names the pair in messages
+    ".lora_down.weight": ("lora_down/lora_up", "down"), ".lora_up.weight": ("lora_down/lora_up", "up"),
+    ".lora_A.weight": ("lora_A/lora_B", "down"), ".lora_B.weight": ("lora_A/lora_B", "up"),
+    ".lora_A.default.weight": ("lora_A/lora_B.default", "down"),
+    ".lora_B.default.weight": ("lora_A/lora_B.default", "up"),
+    ".lora_A": ("lora_A/lora_B without .weight", "down"),
+    ".lora_B": ("lora_A/lora_B without .weight", "up"),
+    "_lora.down.weight": ("_lora.down/up", "down"), "_lora.up.weight": ("_lora.down/up", "up"),
+    ".lora.down.weight": ("lora.down/up", "down"), ".lora.up.weight": ("lora.down/up", "up"),
+    ".lora_linear_layer.down.weight": ("lora_linear_layer.down/up", "down"),
+    ".lora_linear_layer.up.weight": ("lora_linear_layer.down/up", "up"),
 }
-FULL_SUFFIXES = {".diff": "weight", ".diff_b": "bias"}
+FULL_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
 ALPHA_SUFFIX = ".alpha"
+# Longest first: a key is read by the longest suffix it ends with.
+SUFFIXES = tuple(sorted((*LOW_RANK_SUFFIXES, *FULL_SUFFIXES, ALPHA_SUFFIX), key=len, reverse=True))
+# The largest change one LoRA may make to one value: the most LoRAs a job may give, each at the
+# largest strength, then still sum to a finite float32 (and bfloat16, which has the same range).
+MAX_CHANGE = torch.finfo(torch.float32).max / (MAX_LORAS * LORA_STRENGTH_LIMIT)
+SKIPPED_NAMES_SHOWN = 3
 HASH_CHUNK = 16 * 1024 * 1024
 
 
@@ -55,22 +88,46 @@ class ResolvedLora:
     path: Path
     identity: str
     strength: float
+    cached: bool = False  # in the URL cache, which must drop it if it does not load
 
 
 @dataclass(frozen=True)
 class ParamDelta:
-    """A change to one DiT tensor: `up @ down` (low rank) or `full`, times `scale`, in float32."""
+    """A change to one DiT tensor, times `scale`: `up @ down` reshaped to `shape` (low rank), or
+    `full`. The tensors stay as the file stores them; `tensor` computes in float32."""
 
     param: str  # e.g. "blocks.0.self_attn.q.weight"
     scale: float
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
+    shape: tuple[int, ...]
+    up: torch.Tensor | None = None  # [out, rank]
+    down: torch.Tensor | None = None  # [rank, fan_in]
     full: torch.Tensor | None = None
 
     def tensor(self, device: torch.device) -> torch.Tensor:
+        # Moved in the file's dtype, widened on the device: half the bytes to copy for bf16 files.
         if self.full is not None:
-            return self.full.to(device) * self.scale
-        return (self.up.to(device) @ self.down.to(device)) * self.scale
+            return self.full.to(device).float() * self.scale
+        product = self.up.to(device).float() @ self.down.to(device).float()
+        return product.reshape(self.shape) * self.scale
+
+
+@dataclass(frozen=True)
+class ParsedLora:
+    """What one LoRA file changes in the DiT, and what it holds for layers the DiT does not have."""
+
+    deltas: tuple[ParamDelta, ...]
+    skipped_keys: int = 0
+    skipped_layers: tuple[str, ...] = ()  # distinct, in the file's order
+
+    def warning(self, field: str) -> str | None:
+        """The line for the job result's `warnings`, None when nothing was skipped."""
+        if not self.skipped_keys:
+            return None
+        shown = [_short(name) for name in self.skipped_layers[:SKIPPED_NAMES_SHOWN]]
+        if len(self.skipped_layers) > SKIPPED_NAMES_SHOWN:
+            shown.append("...")
+        return (f"{field}: skipped {self.skipped_keys} key(s) for layers this model does not have "
+                f"({', '.join(shown)})")
 
 
 # --- fetch ---------------------------------------------------------------------------------------
@@ -99,11 +156,22 @@ def _download_cached(source: LoraSource, settings: Settings) -> Path:
     try:
         size = download(f"{source.field}.url", source.url, Path(partial), settings.max_lora_bytes,
                         settings)
+        # Only what reads as a LoRA enters the cache, so a URL that served something else (an
+        # error page, a model) is fetched again as soon as it serves a LoRA; what needs the model
+        # to check is checked at merge time, which drops a cached file that fails (forget_cached).
+        check_lora_file(Path(partial), source.field)
         os.replace(partial, dest)
     finally:
         Path(partial).unlink(missing_ok=True)
     logger.info("%s: downloaded %d bytes", source.field, size)
     return dest
+
+
+def forget_cached(lora: ResolvedLora) -> None:
+    """Remove a URL's cached file that did not load, so the next job downloads the URL again."""
+    if lora.cached:
+        lora.path.unlink(missing_ok=True)
+        logger.info("%s: removed from the LoRA cache (it does not load)", lora.field)
 
 
 def _volume_file(source: LoraSource, settings: Settings) -> Path:
@@ -145,7 +213,8 @@ def resolve_loras(sources: Sequence[LoraSource], settings: Settings) -> list[Res
     resolved = []
     for source in sources:
         path = _download_cached(source, settings) if source.url else _volume_file(source, settings)
-        resolved.append(ResolvedLora(source.field, path, file_identity(path), source.strength))
+        resolved.append(ResolvedLora(source.field, path, file_identity(path), source.strength,
+                                     cached=source.url is not None))
     return resolved
 
 
@@ -155,19 +224,76 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in KEY_PREFIXES:
+@dataclass(frozen=True)
+class _Key:
+    """A key of a known layout: its layer as the file spells it, and its suffix."""
+
+    layer: str
+    kohya: bool  # the layer is spelled with underscores for dots
+    suffix: str
+
+
+def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> tuple[str, bool]:
+    for prefix in prefixes:
         if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
+            return key[len(prefix):], True
+    return key, False
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """(layer name, suffix) for a recognised key."""
-    for suffix in (*LOW_RANK_SUFFIXES, *FULL_SUFFIXES, ALPHA_SUFFIX):
+def _split_key(raw_key: str) -> _Key:
+    """The key's layer and suffix; ValueError for a key of no known layout."""
+    key, kohya = _strip_prefix(raw_key, KOHYA_PREFIXES)
+    if not kohya:
+        key, _ = _strip_prefix(key, KEY_PREFIXES)
+    for suffix in SUFFIXES:
         if key.endswith(suffix) and len(key) > len(suffix):
-            return key[:-len(suffix)], suffix
-    raise ValueError(key)
+            return _Key(key[:-len(suffix)], kohya, suffix)
+    raise ValueError(raw_key)
+
+
+def _key(field: str, raw_key: str) -> _Key:
+    try:
+        return _split_key(raw_key)
+    except ValueError:
+        raise LoraError(f"'{field}' has a key of no LoRA layout this worker reads: "
+                        f"{_short(raw_key)}") from None
+
+
+class _LayerNames:
+    """The DiT's layer names, and the kohya spelling of each (dots as underscores)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = dict(model.named_modules())
+        self.kohya: dict[str, list[str]] = {}
+        for name in self.modules:
+            if name:
+                self.kohya.setdefault(name.replace(".", "_"), []).append(name)
+
+    def find(self, misfit: str, key: _Key) -> str | None:
+        """The DiT's name of the layer `key` names; None when the DiT has no such layer."""
+        if not key.kohya:
+            return key.layer if key.layer in self.modules else None
+        names = self.kohya.get(key.layer, [])
+        if len(names) > 1:  # underscores lose where the dots were: never guess between layers
+            raise LoraError(f"{misfit} the kohya name {_short(key.layer)} could mean any of "
+                            f"{', '.join(_short(n) for n in names)}")
+        return names[0] if names else None
+
+
+def check_lora_file(path: Path, field: str) -> None:
+    """What can be checked without the model, from the header alone: a readable safetensors file
+    with at least one tensor, every key of a known layout."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise LoraError(f"'{field}' is not a readable safetensors file") from None
+    if not keys:
+        raise LoraError(f"'{field}' holds no LoRA weights")
+    for raw_key in keys:
+        _key(field, raw_key)
 
 
 def _read_safetensors(lora: ResolvedLora) -> dict[str, torch.Tensor]:
@@ -175,77 +301,153 @@ def _read_safetensors(lora: ResolvedLora) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(lora.path), device="cpu")
+        state = load_file(str(lora.path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError):
         raise LoraError(f"'{lora.field}' is not a readable safetensors file") from None
+    # Integer alphas (and any other non-float tensor) as floats, for the checks and the maths.
+    return {k: v if v.is_floating_point() else v.float() for k, v in state.items()}
 
 
-def parse_lora(lora: ResolvedLora, noise_model: torch.nn.Module) -> list[ParamDelta]:
-    """The file's changes to `noise_model`, checked to fit it (every layer exists, shapes match)."""
+def parse_lora(lora: ResolvedLora, noise_model: torch.nn.Module) -> ParsedLora:
+    """The file's changes to `noise_model`, each checked to fit it, and the keys it skipped."""
     state = _read_safetensors(lora)
-    misfit = f"'{lora.field}' does not fit this model:"
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for raw_key, tensor in state.items():
-        try:
-            layer, suffix = _split_key(_strip_prefix(raw_key))
-        except ValueError:
-            raise LoraError(f"{misfit} unrecognised key {_short(raw_key)}") from None
-        groups.setdefault(layer, {})[suffix] = tensor
-    if not groups:
+    if not state:
         raise LoraError(f"'{lora.field}' holds no LoRA weights")
+    misfit = f"'{lora.field}' does not fit this model:"
+    names = _LayerNames(noise_model)
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    skipped: dict[str, int] = {}  # layer as the file spells it -> keys skipped
+    for raw_key, tensor in state.items():
+        key = _key(lora.field, raw_key)
+        layer = names.find(misfit, key)
+        if layer is None:
+            skipped[key.layer] = skipped.get(key.layer, 0) + 1
+            continue
+        parts = groups.setdefault(layer, {})
+        if key.suffix in parts:  # e.g. the same layer with and without a prefix
+            raise LoraError(f"{misfit} its keys {_short(parts[key.suffix][0])} and "
+                            f"{_short(raw_key)} are the same tensor of layer {_short(layer)}")
+        parts[key.suffix] = (raw_key, tensor)
 
     deltas = []
     for layer, parts in groups.items():
-        try:
-            module = noise_model.get_submodule(layer)
-        except AttributeError:
-            raise LoraError(f"{misfit} it has no layer {_short(layer)}") from None
-        alpha = parts.get(ALPHA_SUFFIX)
-        pairs = {}
-        for suffix, (pair, role) in LOW_RANK_SUFFIXES.items():
-            if suffix in parts:
-                pairs.setdefault(pair, {})[role] = parts[suffix].float()
-        if len(pairs) > 1:
-            raise LoraError(f"{misfit} layer {_short(layer)} mixes lora_down/up and lora_A/B")
-        for roles in pairs.values():
-            deltas.append(_low_rank(misfit, layer, module, roles, alpha))
-        for suffix, param in FULL_SUFFIXES.items():
-            if suffix in parts:
-                deltas.append(_full(misfit, layer, module, param, parts[suffix].float()))
-        if not pairs and not any(s in parts for s in FULL_SUFFIXES):
-            raise LoraError(f"{misfit} layer {_short(layer)} has an alpha but no weights")
-    logger.info("%s: %d tensor change(s), sha256 %s", lora.field, len(deltas), lora.identity[:12])
-    return deltas
+        changes, absent = _layer_deltas(lora.field, misfit, layer, names.modules[layer], parts)
+        deltas += changes
+        for name in absent:
+            skipped[name] = skipped.get(name, 0) + 1
+    if not deltas:
+        examples = ", ".join(_short(name) for name in list(skipped)[:SKIPPED_NAMES_SHOWN])
+        raise LoraError(f"{misfit} none of its {len(state)} keys is for a layer this model has "
+                        f"(e.g. {examples})")
+    parsed = ParsedLora(tuple(deltas), sum(skipped.values()), tuple(skipped))
+    logger.info("%s: %d tensor change(s), %d key(s) skipped, sha256 %s", lora.field, len(deltas),
+                parsed.skipped_keys, lora.identity[:12])
+    return parsed
 
 
-def _low_rank(misfit: str, layer: str, module: torch.nn.Module, roles: dict[str, torch.Tensor],
-              alpha: torch.Tensor | None) -> ParamDelta:
+def _layer_deltas(field: str, misfit: str, layer: str, module: torch.nn.Module,
+                  parts: dict[str, tuple[str, torch.Tensor]]) -> tuple[list[ParamDelta], list[str]]:
+    """One layer's changes, and the names of the tensors it gives that the layer does not have."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for suffix, (layout, role) in LOW_RANK_SUFFIXES.items():
+        if suffix in parts:
+            pairs.setdefault(layout, {})[role] = parts[suffix][1]
+    if len(pairs) > 1:
+        raise LoraError(f"{misfit} layer {_short(layer)} mixes the layouts {' and '.join(sorted(pairs))}")
+    alpha = parts[ALPHA_SUFFIX][1] if ALPHA_SUFFIX in parts else None
+    if alpha is not None and not pairs:
+        raise LoraError(f"{misfit} layer {_short(layer)} has an alpha but no low-rank pair")
+    deltas = [_low_rank(field, misfit, layer, module, roles, alpha) for roles in pairs.values()]
+    absent = []
+    for suffix, param in FULL_SUFFIXES.items():
+        if suffix not in parts:
+            continue
+        target = getattr(module, param, None)
+        if isinstance(target, torch.Tensor):
+            deltas.append(_full(field, misfit, layer, param, target, parts[suffix][1]))
+        else:  # e.g. a norm without an affine weight in this model
+            absent.append(f"{layer}.{param}")
+    return deltas, absent
+
+
+def _max_abs(field: str, layer: str, part: str, tensor: torch.Tensor) -> float:
+    """The largest magnitude in `tensor`; a LoraError if any value is NaN or infinite."""
+    if tensor.numel() == 0:
+        return 0.0
+    peak = float(tensor.abs().max())  # max propagates NaN, so one reduction checks both
+    if not math.isfinite(peak):
+        raise LoraError(f"'{field}' has non-finite values (NaN or infinity) in layer "
+                        f"{_short(layer)} ({part})")
+    return peak
+
+
+def _too_large(field: str, layer: str) -> LoraError:
+    return LoraError(f"'{field}' has values too large to merge in layer {_short(layer)}: the "
+                     "change could overflow float32")
+
+
+def _low_rank_weight(misfit: str, layer: str, module: torch.nn.Module) -> torch.Tensor:
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if module.groups != 1:
+            raise LoraError(f"{misfit} {_short(layer)} is a grouped convolution, which a low-rank "
+                            "LoRA cannot change")
+        return module.weight
+    raise LoraError(f"{misfit} {_short(layer)} is not a Linear or convolution layer")
+
+
+def _as_matrices(up: torch.Tensor, down: torch.Tensor,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up [out, rank], down [rank, fan_in]) for `weight`, conv-shaped factors flattened; None
+    when the shapes do not fit it."""
+    if weight.dim() > 2 and down.dim() == weight.dim() and down.shape[1:] == weight.shape[1:]:
+        down = down.flatten(1)
+    if weight.dim() > 2 and up.dim() == weight.dim() and all(s == 1 for s in up.shape[2:]):
+        up = up.flatten(1)
+    if down.dim() != 2 or up.dim() != 2:
+        return None
+    if down.shape[1] != weight[0].numel() or tuple(up.shape) != (weight.shape[0], down.shape[0]):
+        return None
+    return up, down
+
+
+def _low_rank(field: str, misfit: str, layer: str, module: torch.nn.Module,
+              roles: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> ParamDelta:
     if set(roles) != {"down", "up"}:
         raise LoraError(f"{misfit} layer {_short(layer)} lacks its {'up' if 'down' in roles else 'down'}"
                         " matrix")
-    if not isinstance(module, torch.nn.Linear):
-        raise LoraError(f"{misfit} {_short(layer)} is not a Linear layer")
+    weight = _low_rank_weight(misfit, layer, module)
     down, up = roles["down"], roles["up"]
-    rank = down.shape[0] if down.dim() == 2 else -1
-    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank \
-            or down.shape[1] != module.in_features or up.shape[0] != module.out_features:
-        raise LoraError(f"{misfit} layer {_short(layer)} is {module.out_features}x"
-                        f"{module.in_features}, the LoRA gives {tuple(up.shape)} @ {tuple(down.shape)}")
+    if (down.dim() >= 1 and down.shape[0] == 0) or (up.dim() >= 2 and up.shape[1] == 0):
+        raise LoraError(f"'{field}' has rank 0 in layer {_short(layer)}")
+    matrices = _as_matrices(up, down, weight)
+    if matrices is None:
+        raise LoraError(f"{misfit} layer {_short(layer)} has a weight of shape {tuple(weight.shape)}, "
+                        f"the LoRA gives up {tuple(up.shape)} and down {tuple(down.shape)}")
+    up, down = matrices
+    rank = down.shape[0]
     scale = 1.0
     if alpha is not None:
         if alpha.numel() != 1:
             raise LoraError(f"{misfit} layer {_short(layer)} has an alpha that is not one number")
+        _max_abs(field, layer, "alpha", alpha)
         scale = float(alpha) / rank
-    return ParamDelta(f"{layer}.weight", scale, up=up, down=down)
+    # |up @ down| <= rank * max|up| * max|down|, entry by entry.
+    peak = _max_abs(field, layer, "up", up) * _max_abs(field, layer, "down", down)
+    if peak * rank * abs(scale) > MAX_CHANGE:
+        raise _too_large(field, layer)
+    return ParamDelta(f"{layer}.weight", scale, tuple(weight.shape), up=up, down=down)
 
 
-def _full(misfit: str, layer: str, module: torch.nn.Module, param: str,
+def _full(field: str, misfit: str, layer: str, param: str, target: torch.Tensor,
           delta: torch.Tensor) -> ParamDelta:
-    target = getattr(module, param, None)
-    if not isinstance(target, torch.Tensor) or target.shape != delta.shape:
-        raise LoraError(f"{misfit} layer {_short(layer)} has no {param} of shape "
-                        f"{tuple(delta.shape)}")
-    return ParamDelta(f"{layer}.{param}", 1.0, full=delta)
+    if target.shape != delta.shape:
+        raise LoraError(f"{misfit} layer {_short(layer)} has a {param} of shape "
+                        f"{tuple(target.shape)}, the LoRA's delta is {tuple(delta.shape)}")
+    if _max_abs(field, layer, f"{param} delta", delta) > MAX_CHANGE:
+        raise _too_large(field, layer)
+    return ParamDelta(f"{layer}.{param}", 1.0, tuple(target.shape), full=delta)
 
 
 # --- merge ---------------------------------------------------------------------------------------
@@ -260,6 +462,7 @@ class LoraManager:
         self.on_change = on_change
         self.base: dict[str, torch.Tensor] = {}  # exact CPU copies, taken on first touch
         self.current: tuple[tuple[str, float], ...] = ()
+        self.warnings: tuple[str, ...] = ()  # the merged set's skipped keys, one line per LoRA
         self.merges = 0  # sets merged so far (tests check that a repeated set is not re-merged)
 
     def apply(self, loras: Sequence[ResolvedLora]) -> bool:
@@ -269,7 +472,7 @@ class LoraManager:
             return False
         # Parsed (and checked) before anything changes: a LoRA that does not fit leaves the
         # merged set as it was.
-        parsed = [(lora, parse_lora(lora, self.noise_model)) for lora in loras]
+        parsed = [(lora, self._parse(lora)) for lora in loras]
         try:
             self.restore()
             self._merge(parsed)
@@ -280,6 +483,8 @@ class LoraManager:
             if self.on_change is not None:
                 self.on_change()
         self.current = wanted
+        self.warnings = tuple(line for lora, result in parsed
+                              if (line := result.warning(lora.field)) is not None)
         self.merges += 1
         logger.info("merged %d LoRA(s): %s", len(loras),
                     ", ".join(f"{lora.field} {lora.identity[:12]} x{lora.strength:g}" for lora in loras))
@@ -293,21 +498,29 @@ class LoraManager:
                 target.copy_(base.to(target.device))
         if self.current:
             logger.info("restored the base weights of %d tensor(s)", len(self.base))
-        self.current = ()
+        self.current, self.warnings = (), ()
 
-    def _merge(self, parsed: list[tuple[ResolvedLora, list[ParamDelta]]]) -> None:
+    def _parse(self, lora: ResolvedLora) -> ParsedLora:
+        try:
+            return parse_lora(lora, self.noise_model)
+        except LoraError:
+            forget_cached(lora)
+            raise
+
+    def _merge(self, parsed: list[tuple[ResolvedLora, ParsedLora]]) -> None:
         # Deltas of one tensor are summed in float32 and added once, so a bf16 weight is rounded
-        # once, whatever the number of LoRAs.
-        totals: dict[str, torch.Tensor] = {}
+        # once, whatever the number of LoRAs. One tensor at a time: float32 sums for every layer
+        # of the 14B DiT at once would take about 56 GB of GPU memory.
+        by_param: dict[str, list[tuple[ParamDelta, float]]] = {}
+        for lora, result in parsed:
+            for delta in result.deltas:
+                by_param.setdefault(delta.param, []).append((delta, lora.strength))
         with torch.no_grad():
-            for lora, deltas in parsed:
-                for delta in deltas:
-                    target = self.noise_model.get_parameter(delta.param)
-                    change = delta.tensor(target.device) * lora.strength
-                    totals[delta.param] = totals[delta.param] + change if delta.param in totals \
-                        else change
-            for name, change in totals.items():
+            for name, changes in by_param.items():
                 target = self.noise_model.get_parameter(name)
+                total = changes[0][0].tensor(target.device) * changes[0][1]
+                for delta, strength in changes[1:]:
+                    total += delta.tensor(target.device) * strength
                 if name not in self.base:
                     self.base[name] = target.detach().to("cpu", copy=True)
-                target.copy_((target.float() + change).to(target.dtype))
+                target.copy_((target.float() + total).to(target.dtype))

@@ -226,7 +226,10 @@ class Worker:
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
-            self._lora_manager().apply(loras)
+            lora_manager = self._lora_manager()
+            lora_manager.apply(loras)
+        # Keys for layers this model lacks (an I2V LoRA's image branch) were skipped: say so.
+        warnings = list(lora_manager.warnings)
 
         plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
@@ -250,8 +253,10 @@ class Worker:
         with _timed(timings, "upload_s"):
             delivered = deliver_video(video.path, settings, request.storage)
 
+        warnings += delivered.pop("warnings", [])
         return {
             **delivered,
+            **({"warnings": warnings} if warnings else {}),
             "seed": seed,
             "width": video.width,
             "height": video.height,

@@ -141,7 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LORA_CACHE_DIR", "lora_cache_dir", _parse_optional_str, None,
             "Where LoRAs given by URL are kept, named by the URL's sha256 and reused by later jobs "
             "(default: <NETWORK_VOLUME_DIR>/wan-s2v-loras when the volume is mounted, else "
-            "<system temp>/wan-s2v-loras). Nothing is evicted."),
+            "<system temp>/wan-s2v-loras). A download enters it only if it reads as a LoRA, and "
+            "leaves it if it then fails to load; nothing else is evicted."),
     # --- video ---------------------------------------------------------------------------------
     Setting("VIDEO_CRF", "video_crf", int, 18,
             "x264 constant rate factor of the output (lower is better quality, larger files)."),
