@@ -98,7 +98,9 @@ VAE_ARCH = dict(dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_s
 # patch_size, text_dim, window_size, qk_norm and cross_attn_norm are absent on purpose: the class lists
 # them in `ignore_for_config`, so the real config.json does not have them and diffusers would not pass
 # them on anyway (the DiT gets its defaults, which are the official values).
-DIT_DIM, DIT_HEADS, DIT_LAYERS = 64, 2, 3  # head_dim 32: rope splits it into 12 + 10 + 10
+# head_dim 32: rope splits it into 12 + 10 + 10. Four heads, so that the multi-GPU code can split
+# them over 2 or 4 processes in the tests (as it splits the real 40 over 2, 4, 5 or 8 GPUs).
+DIT_DIM, DIT_HEADS, DIT_LAYERS = 128, 4, 3
 DIT_CONFIG = dict(
     cond_dim=16,
     audio_dim=WAV2VEC_HIDDEN,
