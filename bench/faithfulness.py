@@ -14,6 +14,7 @@ import torch
 
 import fullsize
 from s2v_worker.checkpoint import read_checkpoint
+from s2v_worker import attention
 from s2v_worker.dit import DiTEngine
 from s2v_worker.job import parse_job
 from s2v_worker.official import install_attention, official_architecture
@@ -110,10 +111,12 @@ def _forward(dit, inputs: dict, attention: str) -> torch.Tensor:
 
 
 def worker_forward(engine: DiTEngine, inputs: dict) -> torch.Tensor:
-    """The worker's DiT call: clip state prepared once, then one step."""
+    """The worker's DiT call as served: clip state prepared once, then one step, with the
+    attention kernel WAN_S2V_ATTENTION=auto picks on this GPU (FlashAttention-3 on Hopper)."""
     inputs = dict(inputs)
     x, t = inputs.pop("x"), inputs.pop("t")
     install_attention("sdpa")
+    attention.use_kernel(attention.choose_kernel("auto", torch.device("cuda")))
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         return engine.forward(x, t, engine.prepare(**inputs))[0]
 
@@ -127,7 +130,7 @@ def fullsize_forward(dit, resolution: str = "480p") -> dict:
     got = worker_forward(DiTEngine(dit, compile=True), inputs)
     error = rel_l2(got, expected)
     return {"passed": error <= FORWARD_REL_L2, "rel_l2": error, "bound": FORWARD_REL_L2,
-            "resolution": resolution, "size": [height, width]}
+            "resolution": resolution, "size": [height, width], "kernel": attention.ATTENTION.name}
 
 
 def _scheduler(steps: int, shift: float = 3.0):
@@ -165,7 +168,7 @@ def fullsize_three_steps(dit, resolution: str = "480p", guidance: float = 4.5) -
     expected = latents[0]
 
     pipeline = S2VPipeline.from_components(None, device, text_encoder=None, vae=None,
-                                           noise_model=dit, audio_encoder=None, attention="sdpa",
+                                           noise_model=dit, audio_encoder=None, attention="auto",
                                            compile_dit=True)
     scheduler = _scheduler(30)
     got = pipeline.denoise([noise.clone()], scheduler.timesteps[:3], scheduler,

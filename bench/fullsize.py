@@ -81,6 +81,17 @@ def build_dit(device: torch.device, num_layers: int | None = None, seed: int = 0
     return randomize_(model.eval().requires_grad_(False), seed)
 
 
+def bench_rank_main(spec, conn) -> None:
+    """Entry of a benchmark's other ranks (s2v_worker.parallel): the worker's rank, whose DiT is
+    build_dit()'s random full-size weights (same seed, so the same weights as rank 0's) instead of
+    a checkpoint read from disk."""
+    import s2v_worker.pipeline as pipeline_module
+    from s2v_worker.parallel import rank_main
+
+    pipeline_module.load_noise_model = lambda checkpoint, device, dtype: build_dit(device)
+    rank_main(spec, conn)
+
+
 def build_t5(device: torch.device, seed: int = 1) -> torch.nn.Module:
     with torch.device(device), default_dtype(torch.bfloat16):
         model = _official.t5.T5Encoder(**T5_CONFIG)

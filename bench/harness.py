@@ -100,17 +100,30 @@ def section_forward(args) -> dict:
     """Seconds per DiT call, and the relative L2 error of every variant against the official call.
     Official: `WanModel_S2V.forward` with the official attention fallback. Worker: `DiTEngine`
     as the pipeline runs it (per-clip state prepared once, blocks compiled; its compilation and
-    preparation timed apart); "fast" variants run the named GEMMs in FP8."""
+    preparation timed apart), with the attention kernel WAN_S2V_ATTENTION=auto picks here:
+    "worker" exact mode, "fast" FP8 GEMMs (fast mode as served), "fastest" FP8 GEMMs and FP8
+    self-attention; "worker_sdpa" is exact mode on PyTorch SDPA (cuDNN), the kernel before
+    FlashAttention-3; worker_fp8_<set> are --float8 GEMM sets for comparison."""
     from faithfulness import rel_l2
+    from s2v_worker import attention
     from s2v_worker.dit import DiTEngine
+    from s2v_worker.pipeline import FAST_MODE_FLOAT8
 
     dit = fullsize.build_dit(DEVICE)
     engine = DiTEngine(dit, compile=True)
-    variants = {"worker": (engine, None)}
+    served = attention.choose_kernel("auto", DEVICE)
+    # name -> (engine, FP8 GEMM set, FP8 attention, attention kernel)
+    variants = {"worker": (engine, None, False, served)}
+    if served != "sdpa":
+        variants["worker_sdpa"] = (engine, None, False, "sdpa")
+    variants["fast"] = (engine, FAST_MODE_FLOAT8, False, served)
+    if served == "fa3":
+        variants["fastest"] = (engine, FAST_MODE_FLOAT8, True, served)
     if args.static_too:
-        variants["worker_static"] = (DiTEngine(dit, compile=True, dynamic_shapes=False), None)
+        variants["worker_static"] = (DiTEngine(dit, compile=True, dynamic_shapes=False), None,
+                                     False, served)
     for layers in args.float8:
-        variants[f"worker_fp8_{layers}"] = (engine, layers)
+        variants[f"worker_fp8_{layers}"] = (engine, layers, False, served)
     out = {}
     for resolution in args.resolutions:
         height, width = fullsize.SIZES_16X9[resolution]
@@ -140,7 +153,8 @@ def section_forward(args) -> dict:
         install_attention("sdpa")
         step_inputs = dict(inputs)
         x, t = step_inputs.pop("x"), step_inputs.pop("t")
-        for path, (variant, float8) in variants.items():
+        for path, (variant, float8, float8_attention, kernel) in variants.items():
+            attention.use_kernel(kernel)
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
                 sync()
@@ -151,7 +165,8 @@ def section_forward(args) -> dict:
 
             def step():
                 with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
-                    result["out"] = variant.forward(x, t, conditioning, float8=float8)[0]
+                    result["out"] = variant.forward(x, t, conditioning, float8=float8,
+                                                    float8_attention=float8_attention)[0]
 
             start = time.perf_counter()
             step()
@@ -171,56 +186,96 @@ def section_forward(args) -> dict:
                   f"{row[f'{path}_rel_l2']:.2e})", flush=True)
             del conditioning
         del expected
+        attention.use_kernel(served)
+        row["kernel"] = served
         row["tokens"] = tokens.get("n")
         row["size"] = [height, width]
         out[resolution] = row
     return {"dit_forward_s": out}  # the DiT is freed with this frame
 
 
+def section_kernels(args) -> dict:
+    """The DiT's self-attention alone at each resolution's token count (40 heads of 128, random
+    bfloat16 q/k/v, as many calls as the DiT has blocks): seconds per forward's worth for each
+    kernel of attention.py, and each kernel's relative L2 error against SDPA's result."""
+    from faithfulness import rel_l2
+    from s2v_worker import attention
+
+    kernels = {"sdpa": attention.sdpa_token_major}
+    if attention.fa3_unavailable(DEVICE) is None:
+        kernels.update(fa3=attention.fa3_token_major, fa3_float8=attention.fa3_float8)
+    out: dict = {}
+    for resolution in args.resolutions:
+        height, width = fullsize.SIZES_16X9[resolution]
+        # 20 noisy frames + the reference frame + 1.5 frames' worth of frame-packed motion tokens
+        tokens = (height // 16) * (width // 16) * 45 // 2  # 480p: 32,760; 720p: 61,200
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        q, k, v = (torch.randn(1, tokens, 40, 128, device=DEVICE, dtype=torch.bfloat16,
+                               generator=g) for _ in range(3))
+        reference = attention.sdpa_token_major(q, k, v)
+        row = out.setdefault(resolution, {"tokens": tokens})
+        for name, kernel in kernels.items():
+            seconds, _ = median_time(lambda: kernel(q, k, v), args.iters)
+            row[name] = {"s_per_40_calls": round(40 * seconds, 4),
+                         "rel_l2_vs_sdpa": rel_l2(kernel(q, k, v), reference)}
+            print(f"kernels {resolution} {name}: {row[name]}", flush=True)
+    return {"attention_kernels": out}
+
+
 def section_fastmode(args) -> dict:
-    """Fast mode against exact mode over a whole 30-step guided UniPC loop at 480p (random
-    weights): wall time of the loop, DiT calls, and the deviation of the final latents; plus the
-    deviation of one fast forward from one exact forward. Both through S2VPipeline.denoise."""
+    """The fast speeds against exact mode over a whole 30-step guided UniPC loop at 480p (random
+    weights), each as served ("fast": FP8 GEMMs + step reuse; "fastest": also FP8 self-attention):
+    wall time of the loop, DiT calls, the deviation of one forward and of the final latents
+    from exact mode's. Through S2VPipeline.denoise, attention as WAN_S2V_ATTENTION=auto picks."""
     from faithfulness import _scheduler, rel_l2
+    from s2v_worker import attention
     from s2v_worker.pipeline import S2VPipeline
 
     dit = fullsize.build_dit(DEVICE)
     pipeline = S2VPipeline.from_components(None, DEVICE, text_encoder=None, vae=None,
-                                           noise_model=dit, audio_encoder=None, attention="sdpa",
+                                           noise_model=dit, audio_encoder=None, attention="auto",
                                            compile_dit=True)
-    pipeline.fast_mode_float8 = args.fast_float8
+    pipeline.sampler.fast_float8 = args.fast_float8
     height, width = fullsize.SIZES_16X9["480p"]
     inputs = fullsize.dit_inputs(height, width, DEVICE)
     noise, t = inputs.pop("x")[0], inputs.pop("t")
     arg_c = dict(inputs)
     arg_null = {**inputs, "context": [torch.zeros_like(inputs["context"][0])],
                 "audio_input": 0.0 * inputs["audio_input"]}
-    out = {"float8": args.fast_float8, "steps": args.job_steps, "guidance_scale": 4.5}
+    out = {"float8": args.fast_float8, "steps": args.job_steps, "guidance_scale": 4.5,
+           "kernel": attention.ATTENTION.name}
+    # speed -> (FP8 GEMMs, step reuse, FP8 attention)
+    speeds = {"exact": (False, False, False), "fast": (True, True, False)}
+    if attention.ATTENTION.name == "fa3":
+        speeds["fastest"] = (True, True, True)
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         conditioning = pipeline.dit.prepare(**arg_c)
         exact = pipeline.dit.forward([noise], t, conditioning)[0]
-        fast = pipeline.dit.forward([noise], t, conditioning, float8=args.fast_float8)[0]
-        out["forward_rel_l2_vs_exact"] = rel_l2(fast, exact)
-        del conditioning, exact, fast
+        for name, (fast, _, float8_attention) in list(speeds.items())[1:]:
+            got = pipeline.dit.forward([noise], t, conditioning, float8=args.fast_float8,
+                                       float8_attention=float8_attention)[0]
+            out.setdefault(name, {})["forward_rel_l2_vs_exact"] = rel_l2(got, exact)
+        del conditioning, exact
     finals = {}
-    for name, fast, cache in (("exact", False, False), ("fast", True, True)):
+    for name, (fast, cache, float8_attention) in speeds.items():
         scheduler = _scheduler(args.job_steps)
         calls = pipeline.dit_calls
         sync()
         start = time.perf_counter()
         finals[name] = pipeline.denoise([noise.clone()], scheduler.timesteps, scheduler,
-                                        torch.Generator(device=DEVICE).manual_seed(0), arg_c, arg_null,
-                                        4.5, fast=fast, step_cache=cache)[0]
+                                        torch.Generator(device=DEVICE).manual_seed(0), arg_c,
+                                        arg_null, 4.5, fast=fast, step_cache=cache,
+                                        attention_float8=float8_attention)[0]
         sync()
         seconds = time.perf_counter() - start
         calls = pipeline.dit_calls - calls
-        out[name] = {"loop_s": round(seconds, 2), "dit_calls": calls,
-                     "s_per_requested_forward": round(seconds / (2 * args.job_steps), 3),
-                     "s_per_dit_call": round(seconds / calls, 3)}
+        out.setdefault(name, {}).update(
+            loop_s=round(seconds, 2), dit_calls=calls,
+            s_per_requested_forward=round(seconds / (2 * args.job_steps), 3),
+            s_per_dit_call=round(seconds / calls, 3))
+        if name != "exact":
+            out[name]["final_latents_rel_l2_vs_exact"] = rel_l2(finals[name], finals["exact"])
         print(f"fastmode {name}: {out[name]}", flush=True)
-    out["final_latents_rel_l2_vs_exact"] = rel_l2(finals["fast"], finals["exact"])
-    print(f"fastmode deviation: forward {out['forward_rel_l2_vs_exact']:.3e}, after "
-          f"{args.job_steps} steps {out['final_latents_rel_l2_vs_exact']:.3e}", flush=True)
     return {"fast_mode_480p": out}
 
 
@@ -321,14 +376,20 @@ def _time_forwards(model: torch.nn.Module, timings: dict[str, float]) -> list:
 
 
 def _job_request(steps: int, guidance: float, seed: int, lora_path: str | None = None):
-    """The benchmark job as the worker parses it; with a LoRA on the network volume."""
+    """The benchmark job as the worker parses it (fields only; the media are placeholders)."""
     from s2v_worker.job import parse_job
 
-    fields = {"image_url": "https://x/i", "audio_url": "https://x/a", "prompt": "a person talks",
-              "resolution": "480p", "sample_steps": steps, "guidance_scale": guidance, "seed": seed}
+    return parse_job({"input": _job_fields(steps, guidance, seed, lora_path,
+                                           image_url="https://x/i", audio_url="https://x/a")})
+
+
+def _job_fields(steps: int, guidance: float, seed: int, lora_path: str | None = None,
+                **media: str) -> dict:
+    fields = {**media, "prompt": "a person talks", "resolution": "480p", "sample_steps": steps,
+              "guidance_scale": guidance, "seed": seed}
     if lora_path:
         fields["loras"] = [{"path": lora_path}]
-    return parse_job({"input": fields})
+    return fields
 
 
 def _write_job_lora(model: torch.nn.Module, rank: int, volume: Path) -> tuple[str, dict]:
@@ -346,43 +407,22 @@ def _write_job_lora(model: torch.nn.Module, rank: int, volume: Path) -> tuple[st
         "written_s": round(time.perf_counter() - start, 2)}
 
 
-def _worker_job(pipeline, loras, lora_parts: dict[str, float], request, settings, image: Path,
-                audio: Path, out_path: Path) -> dict:
-    """One job the worker's way, each stage timed: the LoRA set as the runner sets it
-    (resolve_loras, then LoraManager.apply, whose parse and merge add up in `lora_parts`),
-    generate (audio, text, VAE encode, sampling, decode) and the MP4 encode; not the upload."""
-    from s2v_worker.lora import resolve_loras
-    from s2v_worker.video import encode_mp4
-
+def _worker_job(worker, lora_parts: dict[str, float], job: dict) -> dict:
+    """One job exactly as RunPod hands it to the worker (Worker.run: media from base64, the LoRA
+    set, generation with the MP4 encoded as the clips are decoded, delivery to the network
+    volume); its own timings, to the delivered MP4, with the LoRA parse and merge apart."""
     torch.cuda.reset_peak_memory_stats()
     lora_parts.clear()
-    sync()
-    start = time.perf_counter()
-    resolved = resolve_loras(request.loras, settings)
-    stages = {"lora_resolve_s": time.perf_counter() - start}
-    loras.apply(resolved)
-    sync()
-    lora_s = time.perf_counter() - start
-    stages.update(lora_parse_s=lora_parts.get("_parse", 0.0), lora_merge_s=lora_parts.get("_merge", 0.0))
-    start = time.perf_counter()
-    plan = pipeline.plan(image, 4.5, request.generation)
-    result = pipeline.generate(image, audio, plan, request.generation, seed=request.generation.seed)
-    sync()
-    generate_s = time.perf_counter() - start
-    stages.update(result.timings)
-    row = {"lora_s": round(lora_s, 2), "generate_s": round(generate_s, 2),
-           "peak_gb": round(peak_gb(), 2), "video_shape": list(result.video.shape),
-           "num_clips": plan.num_clips}
-    try:
-        start = time.perf_counter()
-        encode_mp4(result.video, native_fps=16, output_fps=24, audio_path=audio,
-                   duration_s=plan.video_seconds, out_path=out_path, settings=settings)
-        stages["encoding_s"] = time.perf_counter() - start
-    except Exception as exc:  # no ffmpeg on the device image: say so, keep the GPU figures
-        row["encoding_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    row["stages_s"] = {k: round(v, 2) for k, v in stages.items()}
-    row["job_s_without_upload"] = round(lora_s + generate_s + stages.get("encoding_s", 0.0), 2)
-    return row
+    result = worker.run(job)
+    if "error" in result:
+        raise RuntimeError(f"the benchmark job failed: {result['error']}")
+    timings = result["timings"]
+    return {"job_s": timings["total_s"], "peak_gb": round(peak_gb(), 2),
+            "num_frames": result["num_frames"], "num_clips": result["num_clips"],
+            "size": [result["height"], result["width"]], "storage": result["storage"],
+            "stages_s": {**timings, "lora_parse_s": round(lora_parts.get("_parse", 0.0), 3),
+                         "lora_merge_s": round(lora_parts.get("_merge", 0.0), 3)},
+            "mp4_ready_after_last_frame_s": timings.get("encoding_s")}
 
 
 def section_job(args) -> dict:
@@ -390,7 +430,6 @@ def section_job(args) -> dict:
     --job-guidance (30 guided steps by default). With --job-lora-rank R the worker's job merges a
     random rank-R LoRA in LightX2V's layout first, through the worker's LoRA path (a file on the
     job's network volume), and runs twice: the first job merges it, the second finds it merged."""
-    from s2v_worker.lora import LoraManager
     from s2v_worker.settings import Settings
 
     if args.job_lora_rank and "official" in args.paths:
@@ -430,26 +469,34 @@ def section_job(args) -> dict:
                                    "(not timed here)"}
         print("job official", out["official"], flush=True)
     if "worker" in args.paths:
+        import base64
+
+        from s2v_worker.lora import LoraManager
+        from s2v_worker.runner import Worker
+
         # As S2VPipeline.load places it: wav2vec2 on the GPU (the official view above ran it on
         # the CPU, as upstream does).
         pipeline.audio_encoder.model.to(DEVICE)
         # Worker start-up does this before it takes jobs (counted in the cold start).
         out["worker_warm_up_s"] = {k: round(v, 1) for k, v in pipeline.warm_up(("480p",)).items()}
-        settings = Settings.from_env({}).replace(network_volume_dir=str(work))
+        settings = Settings.from_env({}).replace(network_volume_dir=str(work),
+                                                 max_inline_video_bytes=1)
+        worker = Worker(settings, pipeline)
         lora_path = None
         if args.job_lora_rank:
             lora_path, out["lora"] = _write_job_lora(pipeline.noise_model, args.job_lora_rank, work)
-        request = _job_request(steps, guidance, seed, lora_path)
-        # As the runner makes it (Worker._lora_manager), its parse and merge timed apart.
-        loras = LoraManager(pipeline.noise_model, on_change=pipeline.dit.forget_float8)
+        media = {f"{name}_base64": base64.b64encode(path.read_bytes()).decode()
+                 for name, path in (("image", image), ("audio", audio))}
+        job = {"id": "bench", "input": _job_fields(steps, guidance, seed, lora_path, **media)}
+        # The runner's LoRA manager, made here so that its parse and merge can be timed apart.
+        worker._loras = LoraManager(pipeline.noise_model, on_change=pipeline.dit.forget_float8)
         lora_parts: dict[str, float] = {}
-        _timed_methods(loras, ["_parse", "_merge"], lora_parts)
+        _timed_methods(worker._loras, ["_parse", "_merge"], lora_parts)
         runs = ("worker", "worker_second_job") if args.job_lora_rank else ("worker",)
         for run in runs:
-            out[run] = _worker_job(pipeline, loras, lora_parts, request, settings, image, audio,
-                                   work / "job.mp4")
+            out[run] = _worker_job(worker, lora_parts, job)
             print("job", run, out[run], flush=True)
-        loras.restore()
+        worker._loras.restore()
     return {"job_s": {key: out}}
 
 
@@ -492,10 +539,94 @@ def _drop_page_cache() -> bool:
         return False
 
 
+def _clip_request(height: int, width: int, steps: int, seed: int = 0):
+    """One guided clip at a 16:9 size, as the pipeline hands it to the sampler (random inputs)."""
+    from s2v_worker.sampling import ClipRequest
+
+    inputs = fullsize.dit_inputs(height, width, DEVICE, seed)
+    noise = inputs.pop("x")[0]
+    inputs.pop("t")
+    uncond = {**inputs, "context": [torch.zeros_like(inputs["context"][0])],
+              "audio_input": 0.0 * inputs["audio_input"]}
+    return ClipRequest(latents=noise, generator_state=torch.Generator(device=DEVICE).get_state(),
+                       solver="unipc", steps=steps, shift=3.0, guidance_scale=4.5, cond=inputs,
+                       uncond=uncond)
+
+
+def _world_sizes(args) -> list[int]:
+    available = torch.cuda.device_count()
+    return [n for n in args.world_sizes if n <= available and 40 % n == 0]
+
+
+def section_parallel(args) -> dict:
+    """One guided sampling step at 480p and 720p, and the 1-clip 480p job, at each world size the
+    machine has (1, 2, 4, 8), with the speed-up against world size 1 in the same run. A step is
+    timed as (3 steps - 1 step) / 2 of whole clip samplings, so per-clip preparation cancels out.
+    World size N starts N-1 rank processes (parallel.py) whose DiTs are the same random full-size
+    weights (fullsize.bench_rank_main)."""
+    from s2v_worker.parallel import ParallelGroup
+    from s2v_worker.pipeline import FAST_MODE_FLOAT8
+    from s2v_worker.settings import Settings
+
+    work = Path(tempfile.mkdtemp())
+    pipeline = fullsize.build_pipeline(DEVICE, work / "components")
+    pipeline.audio_encoder.model.to(DEVICE)
+    image, audio = _image_16x9(work), _speech(4.5, work)
+    request = _job_request(args.job_steps, 4.5, 42)
+    out: dict = {}
+    for world_size in _world_sizes(args):
+        group = None
+        if world_size > 1:
+            settings = Settings.from_env({}).replace(world_size=world_size, rank_timeout_s=900.0)
+            start = time.perf_counter()
+            group = ParallelGroup.launch(settings, pipeline.checkpoint, world_size, DEVICE,
+                                         compile_dit=True, fast_float8=FAST_MODE_FLOAT8,
+                                         entry=fullsize.bench_rank_main)
+            group.wait_ready()
+            pipeline.group = group
+            out.setdefault("start_s", {})[world_size] = round(time.perf_counter() - start, 1)
+        try:
+            for resolution in args.resolutions:
+                height, width = fullsize.SIZES_16X9[resolution]
+                pipeline.sample_clip(_clip_request(height, width, 1))  # compile, pick kernels
+                seconds = {}
+                for steps in (1, 3):
+                    sync()
+                    start = time.perf_counter()
+                    pipeline.sample_clip(_clip_request(height, width, steps))
+                    sync()
+                    seconds[steps] = time.perf_counter() - start
+                row = out.setdefault(resolution, {}).setdefault(world_size, {})
+                row["step_s"] = round((seconds[3] - seconds[1]) / 2, 4)
+                row["layout"] = pipeline.layout(True).as_dict()
+                print(f"parallel {resolution} world {world_size}: step {row['step_s']:.3f} s",
+                      flush=True)
+            if "job" in args.parallel_parts:
+                sync()
+                start = time.perf_counter()
+                plan = pipeline.plan(image, 4.5, request.generation)
+                pipeline.generate(image, audio, plan, request.generation, seed=42)
+                sync()
+                job = out.setdefault("480p_1clip_job", {}).setdefault(world_size, {})
+                job["generate_s"] = round(time.perf_counter() - start, 2)
+                print(f"parallel job world {world_size}: {job['generate_s']} s", flush=True)
+        finally:
+            pipeline.group = None
+            if group is not None:
+                group.close()
+    for part, metric in [*((r, "step_s") for r in args.resolutions),
+                         ("480p_1clip_job", "generate_s")]:
+        rows = out.get(part, {})
+        for row in rows.values() if 1 in rows else ():
+            row["speedup"] = round(rows[1][metric] / row[metric], 3)
+    return {"parallel": out}
+
+
 SECTIONS = {"env": section_env, "faithfulness": section_faithfulness, "forward": section_forward,
             "vae": section_vae, "fastmode": section_fastmode, "job": section_job,
             "tinyjob": section_tinyjob,
-            "coldstart": section_coldstart}
+            "coldstart": section_coldstart, "parallel": section_parallel,
+            "kernels": section_kernels}
 
 
 def main() -> None:
@@ -519,6 +650,10 @@ def main() -> None:
                         help="fastmode: the FP8 layer set fast mode uses (dit.FLOAT8_LAYER_SETS)")
     parser.add_argument("--static-too", action="store_true",
                         help="forward: also time the engine compiled for static shapes")
+    parser.add_argument("--world-sizes", default="1,2,4,8",
+                        help="parallel: world sizes to measure (those the machine has)")
+    parser.add_argument("--parallel-parts", default="step,job",
+                        help="parallel: 'step' (one guided step per resolution) and/or 'job'")
     parser.add_argument("--ckpt-dir", default="/root/wan-s2v-fullsize")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--out", required=True)
@@ -526,6 +661,8 @@ def main() -> None:
     args.paths = args.paths.split(",")
     args.resolutions = args.resolutions.split(",")
     args.float8 = [s for s in args.float8.split(",") if s]
+    args.world_sizes = [int(n) for n in args.world_sizes.split(",") if n]
+    args.parallel_parts = args.parallel_parts.split(",")
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

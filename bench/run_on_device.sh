@@ -7,7 +7,11 @@ set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .wheels/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-for module in numba imageio_ffmpeg; do
+if [ -f .ffmpeg/ffmpeg.xz ]; then  # a carried static ffmpeg (the image has none)
+  mkdir -p /tmp/bin && python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.ffmpeg/ffmpeg.xz'), open('/tmp/bin/ffmpeg', 'wb'))"
+  chmod +x /tmp/bin/ffmpeg && export PATH=/tmp/bin:$PATH IMAGEIO_FFMPEG_EXE=/tmp/bin/ffmpeg
+fi
+for module in numba imageio_ffmpeg decord; do
   python3 -c "import $module" 2>/dev/null || { cp -r "bench/device_shims/$module" /tmp/site/; echo "shim: $module"; }
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -12,7 +12,8 @@ import fullsize  # noqa: E402  (bench/: the random-weight builders)
 import make_tiny_checkpoint as tiny  # noqa: E402
 from s2v_worker.dit import FLOAT8_LAYER_SETS, BlockWeights, DiTEngine, Float8Weight, rope_table
 from s2v_worker.official import install_attention
-from s2v_worker.pipeline import _official, reused_steps
+from s2v_worker.pipeline import _official
+from s2v_worker.sampling import reused_steps
 
 LAT_H, LAT_W = 8, 12
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,14 +134,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def api(tiny_checkpoint, s3_server, tmp_path_factory):
+@contextmanager
+def api_server(checkpoint: Path, s3_endpoint: str, log: Path, **extra_env: str):
     """handler.py --rp_serve_api with a bucket configured; yields (base URL, log path, pid)."""
-    s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
     port = free_port()
-    env = worker_env(tiny_checkpoint, BUCKET_ENDPOINT_URL=s3_server, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
-                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET)
-    log = tmp_path_factory.mktemp("api") / "server.log"
+    env = worker_env(checkpoint, BUCKET_ENDPOINT_URL=s3_endpoint, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
+                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET, **extra_env)
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api",
                                    "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
@@ -156,9 +155,18 @@ def api(tiny_checkpoint, s3_server, tmp_path_factory):
             time.sleep(0.5)
     else:
         pytest.fail("the API server did not start:\n" + log.read_text()[-3000:])
-    yield base, log, server.pid
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        yield base, log, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def api(tiny_checkpoint, s3_server, tmp_path_factory):
+    s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
+    with api_server(tiny_checkpoint, s3_server, tmp_path_factory.mktemp("api") / "server.log") as server:
+        yield server
 
 
 def runsync(base: str, job: dict) -> dict:
@@ -239,3 +247,35 @@ def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, por
         memory.append(rss_mb(server_pid))
     growth = memory[-1] - memory[0]
     assert growth < 64, f"worker memory grew by {growth:.0f} MB over 30 jobs: {memory}"
+
+
+def decoded_frames(video: Path) -> bytes:
+    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-f", "rawvideo",
+                           "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+
+
+def test_a_job_on_two_ranks_matches_one_gpu_frame_for_frame(api, tiny_checkpoint, s3_server,
+                                                             portrait_png, tmp_path):
+    """WAN_S2V_WORLD_SIZE=2 (two CPU processes over gloo here, two GPUs on RunPod): the same job
+    gives the same video as the one-process worker, through the local API."""
+    job = with_image(speech_job(prompt="two ranks", max_clips=1, sample_steps=3), portrait_png)
+    videos = {}
+    with api_server(tiny_checkpoint, s3_server, tmp_path / "two.log",
+                    WAN_S2V_WORLD_SIZE="2") as (base, log, _):
+        reply = runsync(base, job)
+        assert reply["status"] == "COMPLETED", reply
+        assert reply["output"]["parallel"] == {"world_size": 2, "cfg_parallel": True,
+                                               "sequence_parallel": 1}
+        videos[2] = reply["output"]["video_url"]
+        assert "all 2 ranks ready" in log.read_text()
+    reply = runsync(api[0], job)
+    assert reply["output"]["parallel"]["world_size"] == 1
+    videos[1] = reply["output"]["video_url"]
+    frames = {}
+    for world_size, url in videos.items():
+        path = tmp_path / f"world{world_size}.mp4"
+        path.write_bytes(requests.get(url, timeout=30).content)
+        frames[world_size] = decoded_frames(path)
+    output = reply["output"]
+    assert len(frames[1]) == output["num_frames"] * output["width"] * output["height"] * 3 > 0
+    assert frames[2] == frames[1]

@@ -136,7 +136,10 @@ def test_bad_input_leaves_no_files_and_no_refresh(worker, portrait_png, speech_1
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
 
 
-def test_fast_mode_on_a_machine_without_fp8_is_a_clear_error(worker, portrait_png, speech_1s_b64):
-    result = worker.run(job(portrait_png, speech_1s_b64, speed="fast"))
-    assert result == {"error": "fast mode needs a GPU with FP8 tensor cores; this worker runs on the CPU"}
+@pytest.mark.parametrize("speed", ["fast", "fastest"])
+def test_fast_modes_on_a_machine_without_fp8_are_a_clear_error(worker, portrait_png, speech_1s_b64,
+                                                                speed):
+    result = worker.run(job(portrait_png, speech_1s_b64, speed=speed))
+    assert result == {"error": f'"speed": "{speed}" needs a GPU with FP8 tensor cores; this '
+                               "worker runs on the CPU"}
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)

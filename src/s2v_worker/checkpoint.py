@@ -35,6 +35,9 @@ OFFICIAL_MAX_AREA = {"480p": 832 * 480, "720p": 1024 * 704}
 REQUIRED_ENTRIES = (DIT_CONFIG, T5_CHECKPOINT, VAE_CHECKPOINT, T5_TOKENIZER_DIR, WAV2VEC_DIR)
 
 
+DEFAULT_DIT_HEADS = 40  # WanModel_S2V's default, and Wan2.2-S2V-14B's
+
+
 class CheckpointNotFound(RuntimeError):
     """No complete checkpoint where the worker looked; the message lists every place."""
 
@@ -44,6 +47,13 @@ class Checkpoint:
     path: Path
     max_area: dict[str, int] = field(default_factory=lambda: dict(OFFICIAL_MAX_AREA))
     random_weights: bool = False
+
+    @property
+    def dit_heads(self) -> int:
+        """The DiT's attention heads (config.json), which bound how far its tokens can be split
+        over GPUs (parallel.py); the official default when the config does not say."""
+        config = json.loads((self.path / "config.json").read_text())
+        return int(config.get("num_heads", DEFAULT_DIT_HEADS))
 
 
 def missing_entries(folder: Path) -> list[str]:

@@ -37,15 +37,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .attention import SequenceParallel, attention, forward_state, self_attention
 from .official import import_official
 
 logger = logging.getLogger(__name__)
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-# `wan.modules.attention.flash_attention` casts fp32 inputs to this before the kernel.
-ATTENTION_DTYPE = torch.bfloat16
 
 
 class BlockWeights(NamedTuple):
@@ -168,30 +167,6 @@ def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).float()
 
 
-@torch.library.custom_op("s2v_worker::attention", mutates_args=())
-def _sdpa_token_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # An opaque op, so that torch.compile hands SDPA the [B, L, N, D] (token-major) tensors the
-    # official code hands it, instead of Inductor's own layout choice. Measured at 480p: 2.889 s
-    # per forward with it against 2.911 s with Inductor's lowering (bench/results), a wash; kept
-    # because the numbers on record were measured with it.
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
-
-
-@_sdpa_token_major.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[B, L, N, D] attention without masks (every S2V call attends to all keys), in bfloat16 as
-    the official `flash_attention` computes it."""
-    def half(t: torch.Tensor) -> torch.Tensor:
-        return t if t.dtype in _HALF_DTYPES else t.to(ATTENTION_DTYPE)
-
-    return _sdpa_token_major(half(q).contiguous(), half(k).contiguous(), half(v).contiguous())
-
-
 def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torch.Tensor,
               text_k: torch.Tensor, text_v: torch.Tensor, w: BlockWeights, num_heads: int,
               eps: float) -> torch.Tensor:
@@ -210,7 +185,7 @@ def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torc
     q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, eps).view(batch, seq, num_heads, head_dim)
     k = _rms_norm(_linear(h, w.k_w, w.k_b), w.norm_k, eps).view(batch, seq, num_heads, head_dim)
     v = _linear(h, w.v_w, w.v_b).view(batch, seq, num_heads, head_dim)
-    y = _linear(_attention(_rope(q, rope), _rope(k, rope), v).flatten(2), w.o_w, w.o_b)
+    y = _linear(self_attention(_rope(q, rope), _rope(k, rope), v).flatten(2), w.o_w, w.o_b)
     x = x + y * per_token(2)
 
     # text cross-attention
@@ -219,7 +194,7 @@ def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torc
     else:
         h = x
     q = _rms_norm(_linear(h, w.cross_q_w, w.cross_q_b), w.cross_norm_q, eps)
-    y = _attention(q.view(batch, -1, num_heads, head_dim), text_k, text_v).flatten(2)
+    y = attention(q.view(batch, -1, num_heads, head_dim), text_k, text_v).flatten(2)
     x = x + _linear(y, w.cross_o_w, w.cross_o_b)
 
     # feed-forward
@@ -230,18 +205,17 @@ def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torc
 
 def audio_injection(x_noisy: torch.Tensor, norm_shift: torch.Tensor | None,
                     norm_scale: torch.Tensor | None, audio_k: torch.Tensor, audio_v: torch.Tensor,
-                    w: AudioWeights, num_frames: int, num_heads: int, norm_eps: float,
-                    qk_eps: float) -> torch.Tensor:
-    """`WanModel_S2V.after_transformer_block`'s residual for the noisy tokens [B, F*HW, C]: each
-    frame's tokens attend to that frame's audio tokens. norm_scale is (1 + scale) of the AdaLayerNorm
-    (None: the plain pre-norm)."""
+                    w: AudioWeights, num_heads: int, norm_eps: float, qk_eps: float) -> torch.Tensor:
+    """`WanModel_S2V.after_transformer_block`'s residual for the noisy tokens [B, F*HW, C] of F
+    whole frames: each frame's tokens attend to that frame's audio tokens (audio_k/audio_v:
+    [B*F, n, N, D]). norm_scale is (1 + scale) of the AdaLayerNorm (None: the plain pre-norm)."""
     batch, seq, dim = x_noisy.shape
     head_dim = dim // num_heads
-    h = F.layer_norm(x_noisy.reshape(batch * num_frames, -1, dim).float(), (dim,), eps=norm_eps)
+    h = F.layer_norm(x_noisy.reshape(audio_k.shape[0], -1, dim).float(), (dim,), eps=norm_eps)
     if norm_scale is not None:
         h = h * norm_scale + norm_shift
     q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, qk_eps)
-    y = _attention(q.view(batch * num_frames, -1, num_heads, head_dim), audio_k, audio_v)
+    y = attention(q.view(audio_k.shape[0], -1, num_heads, head_dim), audio_k, audio_v)
     return _linear(y.flatten(2), w.o_w, w.o_b).reshape(batch, seq, dim)
 
 
@@ -255,15 +229,47 @@ class ClipConditioning:
     prefix: torch.Tensor          # [1, S_ref + S_motion, C] reference and motion tokens (+ mask)
     token_dtype: torch.dtype      # dtype of the concatenated token sequence
     grid_sizes: torch.Tensor      # [1, 3] (F, H, W) of the noisy latents after patching, on the CPU
-    rope: torch.Tensor            # [S, 1, D/2, 2] (cos, sin) for every token
+    rope: torch.Tensor            # [S, 1, D/2, 2] (cos, sin) for this process's tokens
     noisy: torch.Tensor           # [S, 1] bool, True for the tokens with the sampled timestep
     text_kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block
     audio: dict[int, tuple]       # block index -> (AdaLN shift, 1 + scale, k, v, norm eps)
     num_frames: int
+    shard: "TokenShard | None" = None  # this process's tokens, under sequence parallelism
 
     @property
     def noisy_tokens(self) -> int:
         return int(self.grid_sizes.prod())
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """The tokens [start, start + length) of a `total`-token sequence that one rank of a
+    sequence-parallel group holds; positions past `total` are padding (zeros)."""
+    parallel: SequenceParallel
+    total: int
+    start: int
+    length: int
+
+    @classmethod
+    def of(cls, parallel: SequenceParallel, total: int) -> "TokenShard":
+        length = -(-total // parallel.size)
+        return cls(parallel, total, parallel.rank * length, length)
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This shard of a full-sequence tensor along `dim`, zero-padded past the end."""
+        available = max(0, min(self.length, tensor.shape[dim] - self.start))
+        part = tensor.narrow(dim, min(self.start, tensor.shape[dim]), available)
+        if available == self.length:
+            return part
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = self.length - available
+        return torch.cat([part, part.new_zeros(pad_shape)], dim=dim)
+
+    def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's shard of `tensor` along `dim`, in token order, padding removed."""
+        parts = [torch.empty_like(tensor) for _ in range(self.parallel.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.parallel.group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, self.total)
 
 
 def rope_table(freqs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -328,8 +334,10 @@ class DiTEngine:
     @torch.no_grad()
     def prepare(self, *, context, ref_latents, motion_latents, cond_states, audio_input,
                 motion_frames=(17, 5), add_last_motion=2, drop_motion_frames=False,
-                seq_len=None, **unused) -> ClipConditioning:
-        """The clip-constant part of `WanModel_S2V.forward`, same arguments (x and t aside)."""
+                seq_len=None, sequence: SequenceParallel | None = None,
+                **unused) -> ClipConditioning:
+        """The clip-constant part of `WanModel_S2V.forward`, same arguments (x and t aside).
+        sequence: this process's place in a sequence-parallel group (None: all tokens here)."""
         m = self.model
         add_last_motion = m.add_last_motion * add_last_motion
         audio_input = torch.cat([audio_input[..., 0:1].repeat(1, 1, 1, motion_frames[0]),
@@ -394,9 +402,14 @@ class DiTEngine:
                                                       attn.head_dim)
             v = attn.v(audio_tokens).view(audio_tokens.shape[0], -1, attn.num_heads, attn.head_dim)
             injected[block_index] = (shift, scale, k, v, norm_eps)
+        shard = None
+        if sequence is not None and sequence.size > 1:
+            shard = TokenShard.of(sequence, rope.shape[0])
+            rope, noisy = shard.take(rope, 0), shard.take(noisy, 0)
         return ClipConditioning(pose=pose, noisy_mask_embedding=noisy_mask.to(token_dtype),
                                 prefix=prefix, token_dtype=token_dtype, grid_sizes=grid, rope=rope,
-                                noisy=noisy, text_kv=text_kv, audio=injected, num_frames=num_frames)
+                                noisy=noisy, text_kv=text_kv, audio=injected, num_frames=num_frames,
+                                shard=shard)
 
     def _motion_tokens(self, motion_latents, drop_motion_frames, add_last_motion):
         """`WanModel_S2V.inject_motion`'s choice of motion encoder, its tokens and RoPE factors."""
@@ -428,10 +441,12 @@ class DiTEngine:
 
     @torch.no_grad()
     def forward(self, x: list[torch.Tensor], t: torch.Tensor, conditioning: ClipConditioning,
-                float8: str | None = None) -> list[torch.Tensor]:
+                float8: str | None = None, float8_attention: bool = False) -> list[torch.Tensor]:
         """One DiT call for one branch: x = [latents [C, F, H, W]], t = [1] timestep. float8: a
-        key of FLOAT8_LAYER_SETS to run those GEMMs in FP8 (fast mode), None for bfloat16."""
-        m, c = self.model, conditioning
+        key of FLOAT8_LAYER_SETS to run those GEMMs in FP8 (fast mode), None for bfloat16;
+        float8_attention: self-attention in FP8 too (attention.fa3_float8). Under sequence
+        parallelism (conditioning.shard) every rank of the group calls this at once."""
+        m, c, shard = self.model, conditioning, conditioning.shard
         block_weights = (self.float8_blocks(float8) if float8
                          else [BlockWeights.of(b) for b in m.blocks])
         tokens = m.patch_embedding(x[0].unsqueeze(0))
@@ -439,28 +454,57 @@ class DiTEngine:
         tokens = torch.cat([tokens.to(c.token_dtype) + c.noisy_mask_embedding, c.prefix], dim=1)
         e_head, e0 = self._time_embedding(t)
 
-        noisy_tokens = c.noisy_tokens
+        # The noisy tokens (a prefix of the sequence) held here, and where they start.
+        noisy_start, noisy_here = 0, c.noisy_tokens
+        if shard is not None:
+            tokens = shard.take(tokens, 1)
+            noisy_start = shard.start
+            noisy_here = max(0, min(shard.length, c.noisy_tokens - shard.start))
         if self.dynamic_shapes:
             for tensor in (c.noisy, c.rope):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        for index in range(len(m.blocks)):
-            run_block = dit_block if index == 0 else self._block
-            if self.dynamic_shapes:
-                torch._dynamo.maybe_mark_dynamic(tokens, 1)
-            kv = c.text_kv[index]
-            tokens = run_block(tokens, e0, c.noisy, c.rope, kv[0], kv[1], block_weights[index],
-                               self.num_heads, self.eps)
-            if index in c.audio:
-                shift, scale, k, v, norm_eps = c.audio[index]
-                attn = m.audio_injector.injector[m.audio_injector.injected_block_id[index]]
-                audio_weights = AudioWeights(attn.q.weight, attn.q.bias, attn.o.weight,
-                                             attn.o.bias, attn.norm_q.weight)
-                noisy_part = tokens[:, :noisy_tokens]
+        with forward_state(shard.parallel if shard else None, shard.total if shard else 0,
+                           float8_attention):
+            for index in range(len(m.blocks)):
+                run_block = dit_block if index == 0 else self._block
                 if self.dynamic_shapes:
-                    torch._dynamo.maybe_mark_dynamic(noisy_part, 1)
-                noisy_part += self._audio(
-                    noisy_part, shift, scale, k, v, audio_weights, c.num_frames,
-                    attn.num_heads, norm_eps, attn.norm_q.eps)
+                    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+                kv = c.text_kv[index]
+                tokens = run_block(tokens, e0, c.noisy, c.rope, kv[0], kv[1], block_weights[index],
+                                   self.num_heads, self.eps)
+                if index in c.audio and noisy_here:
+                    self._inject_audio(index, tokens, c, noisy_start, noisy_here)
 
-        out = m.head(tokens[:, :noisy_tokens], e_head)
+        if shard is None:
+            out = m.head(tokens[:, :c.noisy_tokens], e_head)
+        else:  # the head is per token: each rank applies it to its shard, then all are gathered
+            out = shard.gather(m.head(tokens, e_head), dim=1)[:, :c.noisy_tokens]
         return [u.float() for u in m.unpatchify(out, c.grid_sizes)]
+
+    def _inject_audio(self, index: int, tokens: torch.Tensor, c: ClipConditioning,
+                      noisy_start: int, noisy_here: int) -> None:
+        """Add block `index`'s audio residual to the noisy tokens held here, in place. They are
+        tokens [noisy_start, noisy_start + noisy_here) of the F frames; under sequence
+        parallelism the shard may begin or end inside a frame, so it is padded to whole frames
+        (the padding's result is dropped: each token attends only to its own frame's audio)."""
+        m = self.model
+        shift, scale, k, v, norm_eps = c.audio[index]
+        attn = m.audio_injector.injector[m.audio_injector.injected_block_id[index]]
+        audio_weights = AudioWeights(attn.q.weight, attn.q.bias, attn.o.weight, attn.o.bias,
+                                     attn.norm_q.weight)
+        noisy_part = tokens[:, :noisy_here]
+        frame = c.noisy_tokens // c.num_frames
+        first, end = noisy_start // frame, -(-(noisy_start + noisy_here) // frame)
+        before, after = noisy_start - first * frame, end * frame - noisy_start - noisy_here
+        x = noisy_part
+        if before or after:
+            x = F.pad(x, (0, 0, before, after))
+        if (first, end) != (0, c.num_frames):
+            k, v = k[first:end], v[first:end]
+            shift = None if shift is None else shift[first:end]
+            scale = None if scale is None else scale[first:end]
+        if self.dynamic_shapes:
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+        residual = self._audio(x, shift, scale, k, v, audio_weights, attn.num_heads, norm_eps,
+                               attn.norm_q.eps)
+        noisy_part += residual[:, before:before + noisy_here] if before or after else residual

@@ -29,9 +29,12 @@ from torchvision import transforms
 
 from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
                          Checkpoint)
+from . import attention as dit_attention
 from .dit import DiTEngine
 from .job import GenerationSettings
 from .official import import_official, install_attention, official_architecture
+from .parallel import Layout
+from .sampling import ClipRequest, ClipSampler, Role, autocast_for
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +67,6 @@ class _VideoVAE(_official.vae.Wan2_1_VAE):
 FAST_MODE_FLOAT8 = "all_tensorwise"
 
 
-def reused_steps(num_steps: int, first: int = 3, last: int = 3) -> frozenset[int]:
-    """Fast mode's step cache (fixed-interval reuse, as in FORA): the first and last steps are
-    always computed, and in between every second step reuses the last computed guided
-    prediction. 30 steps: 12 reused, 18 computed. Below 12 steps (distilled few-step LoRAs)
-    every step is computed: each one moves the latents too far for a reuse."""
-    if num_steps < 12:
-        return frozenset()
-    return frozenset(range(first + 1, num_steps - last, 2))
-
-
 class GenerationStopped(Exception):
     """Raised from a progress callback to stop sampling between two steps."""
 
@@ -91,6 +84,8 @@ class ClipPlan:
     dropped_frames: int
     audio_seconds: float
 
+    native_fps: int = NATIVE_FPS
+
     @property
     def native_frames(self) -> int:
         return self.num_clips * self.frames_per_clip - self.dropped_frames
@@ -103,7 +98,9 @@ class ClipPlan:
 
 @dataclass
 class GenerationResult:
-    video: torch.Tensor  # [3, frames, height, width], float32 in [-1, 1], on the CPU
+    # [3, frames, height, width], float32 in [-1, 1], on the CPU; None when the frames went to
+    # `on_frames` as they were decoded
+    video: torch.Tensor | None
     plan: ClipPlan
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -136,6 +133,15 @@ def infer_t5_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, int]
 
 def infer_vae_width(state_dict: dict[str, torch.Tensor]) -> int:
     return state_dict["encoder.conv1.weight"].shape[0]
+
+
+def load_noise_model(checkpoint: Checkpoint, device: torch.device,
+                     dtype: torch.dtype) -> torch.nn.Module:
+    """The DiT (`WanModel_S2V`) from the checkpoint's sharded safetensors, onto `device`: every
+    rank loads it this way (parallel.py)."""
+    model = _official.model_s2v.WanModel_S2V.from_pretrained(
+        str(checkpoint.path), torch_dtype=dtype, device_map=str(device))
+    return model.eval().requires_grad_(False)
 
 
 def _peek_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -185,8 +191,7 @@ class S2VPipeline(WanS2V):
         timings["vae_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        noise_model = _official.model_s2v.WanModel_S2V.from_pretrained(
-            str(folder), torch_dtype=param_dtype, device_map=str(resident))
+        noise_model = load_noise_model(checkpoint, resident, param_dtype)
         timings["dit_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -226,24 +231,36 @@ class S2VPipeline(WanS2V):
         self.audio_sample_m = 0
         self.offload = offload
         self.checkpoint = checkpoint
-        self.attention_backend = install_attention(attention)
+        self.attention_backend = install_attention(attention)  # the official modules'
+        dit_attention.use_kernel(dit_attention.choose_kernel(attention, device))  # the DiT's
+        logger.info("DiT attention: %s", dit_attention.ATTENTION.name)
         self.text_encoder, self.vae, self.audio_encoder = text_encoder, vae, audio_encoder
         self.noise_model = noise_model.eval().requires_grad_(False)
         # torch.compile needs a GPU back-end (Triton); on the CPU the engine runs eagerly.
         self.dit = DiTEngine(self.noise_model, compile=compile_dit and device.type == "cuda")
-        self.dit_calls = 0  # DiT forwards run, all jobs together (tests and logs read it)
-        self.fast_mode_float8 = FAST_MODE_FLOAT8
+        self.sampler = ClipSampler(self.dit, device, FAST_MODE_FLOAT8)
+        self.group = None  # the other ranks, when the worker has several GPUs (parallel.py)
         return self
 
     @property
-    def fast_mode_unavailable(self) -> str | None:
-        """Why `"speed": "fast"` cannot run here (None: it can): FP8 tensor cores are Ada/Hopper+."""
+    def dit_calls(self) -> int:
+        """DiT calls this process ran, all jobs together (tests and logs read it)."""
+        return self.sampler.dit_calls
+
+    def speed_unavailable(self, speed: str) -> str | None:
+        """Why a job's `speed` cannot run here (None: it can). "fast" needs FP8 tensor cores
+        (Ada, Hopper or newer); "fastest" also FlashAttention-3 (attention.py)."""
+        if speed == "exact":
+            return None
         if self.device.type != "cuda":
-            return "fast mode needs a GPU with FP8 tensor cores; this worker runs on the CPU"
+            return f"\"speed\": \"{speed}\" needs a GPU with FP8 tensor cores; this worker runs on the CPU"
         major, minor = torch.cuda.get_device_capability(self.device)
         if (major, minor) < (8, 9):
-            return (f"fast mode needs FP8 tensor cores (compute capability 8.9 or newer); "
-                    f"{torch.cuda.get_device_name(self.device)} has {major}.{minor}")
+            return (f"\"speed\": \"{speed}\" needs FP8 tensor cores (compute capability 8.9 or "
+                    f"newer); {torch.cuda.get_device_name(self.device)} has {major}.{minor}")
+        if speed == "fastest" and dit_attention.ATTENTION.name != "fa3":
+            return ("\"speed\": \"fastest\" needs FlashAttention-3 (a Hopper GPU with the fa3-fwd "
+                    "package); use \"fast\"")
         return None
 
     # --- planning: everything that needs no model ------------------------------------------------
@@ -265,8 +282,9 @@ class S2VPipeline(WanS2V):
         return motion, (frames_per_clip + 3 + self.motion_frames) // 4 - motion
 
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
-        """One DiT call per resolution on blank inputs at its 16:9 size, so that compilation
-        (and cuDNN/cuBLAS kernel selection) happens before the first job. Seconds per resolution."""
+        """One sampling step per resolution on blank inputs at its 16:9 size, so that compilation
+        (and cuDNN/cuBLAS kernel selection) happens before the first job, on every rank and for
+        every layout the ranks may sample in (parallel.py). Seconds per resolution."""
         import tempfile
 
         timings = {}
@@ -283,21 +301,45 @@ class S2VPipeline(WanS2V):
                 latent = partial(torch.zeros, dtype=self.param_dtype, device=self.device)
                 size = (height // 8, width // 8)
                 audio_layers = m.casual_audio_encoder.weights.shape[1]
-                with torch.no_grad(), self._on_device(m), self._autocast():
-                    conditioning = self.dit.prepare(
-                        context=[latent(1, m.text_embedding[0].in_features)],
-                        ref_latents=latent(1, 16, 1, *size), motion_latents=latent(1, 16, lat_motion, *size),
-                        cond_states=latent(1, 16, lat_frames, *size),
-                        audio_input=latent(1, audio_layers, m.config.audio_dim, frames_per_clip),
-                        motion_frames=[self.motion_frames, lat_motion], drop_motion_frames=False)
-                    self.dit.forward([latent(16, lat_frames, *size)],
-                                     torch.tensor([999.0], device=self.device), conditioning)
+                branch = dict(
+                    context=[latent(1, m.text_embedding[0].in_features)],
+                    ref_latents=latent(1, 16, 1, *size), motion_latents=latent(1, 16, lat_motion, *size),
+                    cond_states=latent(1, 16, lat_frames, *size),
+                    audio_input=latent(1, audio_layers, m.config.audio_dim, frames_per_clip),
+                    motion_frames=[self.motion_frames, lat_motion], drop_motion_frames=False)
+                generator = torch.Generator(device=self.device)
+                for guided in self._layouts_to_warm():
+                    request = ClipRequest(
+                        latents=latent(16, lat_frames, *size), generator_state=generator.get_state(),
+                        solver="unipc", steps=1, shift=3.0, guidance_scale=4.5 if guided else 1.0,
+                        cond=branch, uncond=branch if guided else None)
+                    with self._on_device(m):
+                        self.sample_clip(request)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 timings[resolution] = time.perf_counter() - start
                 logger.info("warm-up at %s (%dx%d): %.1f s", resolution, width, height,
                             timings[resolution])
         return timings
+
+    def layout(self, guided: bool) -> Layout:
+        """How the worker's GPUs share a clip (the job result reports it)."""
+        if self.group is None:
+            return Layout(world_size=1, cfg_parallel=False, sequence_parallel=1)
+        return self.group.layout(guided)
+
+    def _layouts_to_warm(self) -> tuple[bool, ...]:
+        """Guided or not, for each distinct way the ranks split a DiT call: alone, unguided (one
+        call per step) compiles what guided does too."""
+        if self.group is None or not self.group.layout(True).cfg_parallel:
+            return (False,)
+        return (True, False)
+
+    def sample_clip(self, request: ClipRequest, on_step=None) -> torch.Tensor:
+        """One clip's final latents: here alone, or together with the other ranks."""
+        if self.group is None:
+            return self.sampler.sample(request, Role(), on_step)
+        return self.group.sample(self.sampler, request, on_step)
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -313,11 +355,6 @@ class S2VPipeline(WanS2V):
                 module.cpu()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=self.param_dtype)
-        return contextlib.nullcontext()
 
     def _encode_text(self, prompt: str, negative_prompt: str | None) -> tuple[list, list]:
         # Official: an empty negative prompt means the model's default one.
@@ -339,55 +376,16 @@ class S2VPipeline(WanS2V):
             audio_emb = torch.cat([audio_emb, pad], dim=-1)
         return audio_emb
 
-    def _make_scheduler(self, solver: str, steps: int, shift: float):
-        if solver == "unipc":
-            scheduler = _official.fm_solvers_unipc.FlowUniPCMultistepScheduler(
-                num_train_timesteps=self.num_train_timesteps, shift=1, use_dynamic_shifting=False)
-            scheduler.set_timesteps(steps, device=self.device, shift=shift)
-            return scheduler, scheduler.timesteps
-        if solver == "dpm++":
-            fm = _official.fm_solvers
-            scheduler = fm.FlowDPMSolverMultistepScheduler(
-                num_train_timesteps=self.num_train_timesteps, shift=1, use_dynamic_shifting=False)
-            timesteps, _ = fm.retrieve_timesteps(
-                scheduler, device=self.device, sigmas=fm.get_sampling_sigmas(steps, shift))
-            return scheduler, timesteps
-        raise ValueError(f"unsupported solver {solver!r}")
-
-    @torch.no_grad()
     def denoise(self, latents: list[torch.Tensor], timesteps: torch.Tensor, scheduler,
                 generator: torch.Generator, arg_c: dict, arg_null: dict | None,
                 guidance_scale: float, on_step: Callable[[int, int], None] | None = None,
-                fast: bool = False, step_cache: bool = False) -> list[torch.Tensor]:
-        """One clip's denoising loop, as in WanS2V.generate; arg_null None means no guidance.
-        arg_c/arg_null are the official model's keyword arguments; what in them does not change
-        between steps is computed once (DiTEngine.prepare). fast: FP8 GEMMs; step_cache: the
-        steps of `reused_steps` take the previous step's guided prediction instead of calling
-        the DiT."""
-        with self._autocast():
-            cond = self.dit.prepare(**arg_c)
-            uncond = self.dit.prepare(**arg_null) if arg_null is not None else None
-        float8 = self.fast_mode_float8 if fast else None
-        reuse = reused_steps(len(timesteps)) if step_cache else frozenset()
-        noise_pred = None
-        for i, t in enumerate(timesteps):
-            timestep = torch.stack([t]).to(self.device)
-            # The scheduler step stays inside autocast too: upstream runs the whole loop under it,
-            # and UniPC's einsum then computes in bfloat16.
-            with self._autocast():
-                if i not in reuse or noise_pred is None:
-                    noise_pred = self.dit.forward(latents[0:1], timestep, cond, float8=float8)
-                    self.dit_calls += 1
-                    if uncond is not None:
-                        noise_uncond = self.dit.forward(latents[0:1], timestep, uncond, float8=float8)
-                        self.dit_calls += 1
-                        noise_pred = [u + guidance_scale * (c - u)
-                                      for c, u in zip(noise_pred, noise_uncond)]
-                latents[0] = scheduler.step(noise_pred[0].unsqueeze(0), t, latents[0].unsqueeze(0),
-                                            return_dict=False, generator=generator)[0].squeeze(0)
-            if on_step is not None:
-                on_step(i, len(timesteps))
-        return latents
+                fast: bool = False, step_cache: bool = False,
+                attention_float8: bool = False) -> list[torch.Tensor]:
+        """One clip's loop in this process with a given scheduler, upstream's calling convention
+        (the benchmarks and GPU tests use it); arg_null None means no guidance."""
+        return [self.sampler.denoise(latents[0], timesteps, scheduler, generator, arg_c, arg_null,
+                                     guidance_scale, Role(), on_step, fast=fast,
+                                     step_cache=step_cache, attention_float8=attention_float8)]
 
     def _first_motion_latents(self, motion_pixels: torch.Tensor, dropped: bool) -> torch.Tensor:
         """The first clip's motion latents. When the first clip drops its motion frames (the
@@ -405,8 +403,11 @@ class S2VPipeline(WanS2V):
     @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
-                 on_step: StepCallback | None = None) -> GenerationResult:
-        """The official WanS2V.generate, on any device, for `plan.num_clips` clips."""
+                 on_step: StepCallback | None = None,
+                 on_frames: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+        """The official WanS2V.generate, on any device, for `plan.num_clips` clips. on_frames:
+        gets each clip's frames [3, n, H, W] as soon as they are decoded (the MP4 encoder), and
+        then they are not kept."""
         timings = {"text_encoding_s": 0.0, "audio_encoding_s": 0.0, "vae_encoding_s": 0.0,
                    "sampling_s": 0.0, "decoding_s": 0.0}
 
@@ -452,10 +453,8 @@ class S2VPipeline(WanS2V):
             for r in range(plan.num_clips):
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(seed + r)
-                latents = [torch.randn(16, *target_shape, dtype=self.param_dtype, device=self.device,
-                                       generator=generator)]
-                scheduler, timesteps = self._make_scheduler(settings.solver, settings.sample_steps,
-                                                            settings.shift)
+                noise = torch.randn(16, *target_shape, dtype=self.param_dtype, device=self.device,
+                                    generator=generator)
                 cond_latents = (cond[r].to(dtype=self.param_dtype, device=self.device)
                                 if cond is not None else torch.zeros(1, 16, *target_shape, dtype=self.param_dtype,
                                                  device=self.device))
@@ -466,16 +465,20 @@ class S2VPipeline(WanS2V):
                           "drop_motion_frames": drop_first_motion and r == 0}
                 arg_c = {"context": context[0:1], "audio_input": audio_input, **common}
                 arg_null = {"context": context_null[0:1], "audio_input": 0.0 * audio_input, **common}
+                request = ClipRequest(
+                    latents=noise, generator_state=generator.get_state(), solver=settings.solver,
+                    steps=settings.sample_steps, shift=settings.shift,
+                    guidance_scale=settings.guidance_scale, cond=arg_c,
+                    uncond=arg_null if guided else None, fast=settings.speed != "exact",
+                    step_cache=settings.step_cache,
+                    attention_float8=settings.speed == "fastest")
 
                 with timed("sampling_s"):
-                    latents = self.denoise(
-                        latents, timesteps, scheduler, generator, arg_c,
-                        arg_null if guided else None, settings.guidance_scale,
-                        on_step=None if on_step is None else partial(on_step, r, plan.num_clips),
-                        fast=settings.speed == "fast", step_cache=settings.step_cache)
+                    latents = self.sample_clip(
+                        request, None if on_step is None else partial(on_step, r, plan.num_clips))
 
                 with timed("decoding_s"):
-                    stacked = torch.stack(latents)
+                    stacked = latents.unsqueeze(0)
                     first_dropped = drop_first_motion and r == 0
                     decode_latents = torch.cat([ref_latents if first_dropped else motion_latents,
                                                 stacked], dim=2)
@@ -486,11 +489,15 @@ class S2VPipeline(WanS2V):
                     videos_last_frames = torch.cat(
                         [videos_last_frames[:, :, overlap:], image[:, :, -overlap:]], dim=2
                     ).to(dtype=motion_latents.dtype, device=motion_latents.device)
+                if on_frames is not None:
+                    on_frames(image[0])  # encoded while the next clip samples
+                else:
+                    clips.append(image.cpu())
+                with timed("vae_encoding_s"):
                     if r + 1 < plan.num_clips:  # the last clip's motion latents are never used
                         motion_latents = torch.stack(self.vae.encode(videos_last_frames))
-                    clips.append(image.cpu())
 
-        video = torch.cat(clips, dim=2)[0]
+        video = torch.cat(clips, dim=2)[0] if clips else None
         return GenerationResult(video=video, plan=plan, timings=timings)
 
 

@@ -25,9 +25,10 @@ from .checkpoint import find_checkpoint
 from .job import JobInputError, JobRequest, parse_job
 from .lora import LoraError, LoraManager, resolve_loras
 from .media import MediaError, load_audio, load_image, load_pose_video
-from .settings import Settings, export_to_libraries
+from .parallel import RankFailure
+from .settings import Settings, SettingsError, export_to_libraries
 from .storage import StorageError, deliver_video
-from .video import VideoEncodingError, encode_mp4
+from .video import Mp4Stream, VideoEncodingError
 
 logger = logging.getLogger(__name__)
 
@@ -130,22 +131,45 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
-        """Find the checkpoint and load the pipeline onto the device: once per worker process."""
-        from .pipeline import S2VPipeline  # imports torch models; kept out of validation-only use
+        """Find the checkpoint and load the pipeline onto the device (and, with several GPUs,
+        start the other ranks, which load their DiTs meanwhile): once per worker process."""
+        # Imports torch models; kept out of validation-only use.
+        from .parallel import ParallelGroup, resolve_world_size
+        from .pipeline import FAST_MODE_FLOAT8, S2VPipeline
 
         started = time.perf_counter()
         checkpoint = find_checkpoint(settings)
         device = choose_device(settings.device)
         use_compile = settings.compile and device.type == "cuda"
         if use_compile:
-            configure_compile_cache(settings)
-        pipeline = S2VPipeline.load(checkpoint, device, offload=settings.offload,
-                                    attention=settings.attention, compile_dit=use_compile,
-                                    audio_encoder_on_cpu=settings.audio_encoder_device == "cpu")
-        if use_compile and settings.warmup:
-            pipeline.warm_up(settings.warmup)
-        logger.info("worker ready in %.1f s", time.perf_counter() - started)
+            configure_compile_cache(settings)  # before the ranks start: they share the cache
+        world_size = resolve_world_size(settings.world_size, device, checkpoint.dit_heads)
+        if world_size > 1 and settings.offload:
+            raise SettingsError("WAN_S2V_OFFLOAD is for a single GPU too small for the model; "
+                                "it cannot be combined with several GPUs (WAN_S2V_WORLD_SIZE)")
+        group = (ParallelGroup.launch(settings, checkpoint, world_size, device, use_compile,
+                                      FAST_MODE_FLOAT8) if world_size > 1 else None)
+        try:
+            pipeline = S2VPipeline.load(checkpoint, device, offload=settings.offload,
+                                        attention=settings.attention, compile_dit=use_compile,
+                                        audio_encoder_on_cpu=settings.audio_encoder_device == "cpu")
+            if group is not None:
+                group.wait_ready()
+                pipeline.group = group
+            if use_compile and settings.warmup:
+                pipeline.warm_up(settings.warmup)
+        except BaseException:
+            if group is not None:
+                group.close()
+            raise
+        logger.info("worker ready in %.1f s on %d %s device(s)", time.perf_counter() - started,
+                    world_size, device.type)
         return cls(settings, pipeline, send_progress)
+
+    def close(self) -> None:
+        """Stop the other ranks, if any (the process is ending)."""
+        if self.pipeline.group is not None:
+            self.pipeline.group.close()
 
     async def handle(self, job: dict) -> dict:
         """The RunPod handler. Async so that the SDK's per-job stop, which cancels this task, can
@@ -169,6 +193,10 @@ class Worker:
     def _run_guarded(self, job: dict, control: JobControl) -> dict:
         started = time.perf_counter()
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
+        group = self.pipeline.group
+        if group is not None and group.failure is not None:
+            return {"error": f"{group.failure}; this worker will be replaced",
+                    "refresh_worker": True}
         try:
             request = parse_job(job)
             with tempfile.TemporaryDirectory(prefix="wan-s2v-", dir=self.settings.work_dir) as tmp:
@@ -187,6 +215,9 @@ class Worker:
             logger.exception("job %s: video encoding failed", job_id)
             return {"error": "encoding the video failed; the worker's logs have ffmpeg's message "
                              f"for job {job_id}"}
+        except RankFailure as exc:  # a rank died, hung or raised: this worker cannot sample
+            logger.exception("job %s: the GPU group failed", job_id)
+            return {"error": f"{exc}; this worker will be replaced", "refresh_worker": True}
         except torch.OutOfMemoryError:
             logger.exception("job %s ran out of GPU memory", job_id)
             self._release_gpu_memory()
@@ -212,7 +243,7 @@ class Worker:
             progress.step(clip, clips, step, steps)
             control.check()
 
-        if generation.speed == "fast" and (reason := pipeline.fast_mode_unavailable):
+        if reason := pipeline.speed_unavailable(generation.speed):
             raise JobInputError(reason)
 
         stage("download")
@@ -227,7 +258,8 @@ class Worker:
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
             lora_manager = self._lora_manager()
-            lora_manager.apply(loras)
+            if lora_manager.apply(loras) and self.pipeline.group is not None:
+                self.pipeline.group.set_loras(loras)  # every rank merges the same set
         # Keys for layers this model lacks (an I2V LoRA's image branch) were skipped: say so.
         warnings = list(lora_manager.warnings)
 
@@ -238,16 +270,18 @@ class Worker:
                     generation.sample_steps, seed)
 
         stage("generate")
-        result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
-                                   pose_video_path=pose_video, on_step=on_step)
-        timings.update({k: round(v, 3) for k, v in result.timings.items()})
-
-        stage("encode")
-        with _timed(timings, "encoding_s"):
-            video = encode_mp4(result.video, native_fps=16, output_fps=generation.fps,
-                               audio_path=audio.original_path, duration_s=plan.video_seconds,
-                               out_path=work_dir / "video.mp4", settings=settings)
-        del result
+        # The MP4 is encoded while the clips are made: each clip's frames go to ffmpeg as soon as
+        # they are decoded, so what is left after the last one is a second or two.
+        with Mp4Stream(plan.width, plan.height, plan.native_fps, generation.fps,
+                       plan.native_frames, audio.original_path, plan.video_seconds,
+                       work_dir / "video.mp4", settings) as stream:
+            result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
+                                       pose_video_path=pose_video, on_step=on_step,
+                                       on_frames=stream.add)
+            timings.update({k: round(v, 3) for k, v in result.timings.items()})
+            stage("encode")
+            with _timed(timings, "encoding_s"):  # after the last frame
+                video = stream.finish()
 
         stage("upload")
         with _timed(timings, "upload_s"):
@@ -264,6 +298,7 @@ class Worker:
             "num_frames": video.num_frames,
             "duration_s": round(video.duration_s, 3),
             "num_clips": plan.num_clips,
+            "parallel": pipeline.layout(generation.guidance_scale > 1).as_dict(),
             "settings": {**generation.as_dict(), "seed": seed,
                          "loras": [{"sha256": lora.identity, "strength": lora.strength}
                                    for lora in loras]},
@@ -280,3 +315,8 @@ class Worker:
     def _release_gpu_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if self.pipeline.group is not None:
+            try:
+                self.pipeline.group.release()
+            except RankFailure:  # logged; the next job reports the broken group
+                pass

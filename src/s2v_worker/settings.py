@@ -43,6 +43,11 @@ def _parse_positive_float(raw: str) -> float:
     return value
 
 
+def _parse_world_size(raw: str) -> str | int:
+    value = raw.strip().lower()
+    return value if value == "auto" else _parse_positive_int(value)
+
+
 def _parse_cidr_list(raw: str) -> str:
     """Checked at start-up (a typo must not surface only when a job downloads); kept as text."""
     import ipaddress
@@ -95,8 +100,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WAN_S2V_OFFLOAD", "offload", _parse_bool, False,
             "Keep the text encoder and the DiT on the CPU between uses (fits smaller GPUs, slower). "
             "Off: everything stays resident on the GPU."),
-    Setting("WAN_S2V_ATTENTION", "attention", _one_of("auto", "flash", "sdpa"), "auto",
-            "Attention kernel for the DiT: flash-attn when installed ('auto'), else PyTorch SDPA."),
+    Setting("WAN_S2V_ATTENTION", "attention", _one_of("auto", "fa3", "sdpa", "flash"), "auto",
+            "Attention kernel. 'auto': FlashAttention-3 (the fa3-fwd package) for the DiT on a "
+            "Hopper GPU (H100, H200) when it imports, else PyTorch SDPA (cuDNN on Hopper), with "
+            "one log line saying why; 'fa3' insists on it (start-up fails without it); 'sdpa' "
+            "never uses it. The official modules (T5, frame packing) use flash-attn when it is "
+            "installed, else SDPA; 'flash' insists on flash-attn for them."),
     Setting("WAN_S2V_COMPILE", "compile", _parse_bool, True,
             "Compile the DiT blocks with torch.compile (GPU only): about 1.4x faster per step, "
             "same numbers within bfloat16 rounding. The first compilation takes tens of seconds "
@@ -108,6 +117,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WAN_S2V_WARMUP", "warmup", _parse_resolution_list, ("480p",),
             "Resolutions run once on blank inputs while the worker starts, so the compilation "
             "happens before the first job ('' for none). One compilation serves every image size."),
+    Setting("WAN_S2V_WORLD_SIZE", "world_size", _parse_world_size, "auto",
+            "GPUs one job runs on: 'auto' takes every visible CUDA GPU (the most that divide the "
+            "DiT's 40 attention heads: 1, 2, 4, 5 or 8), or a number to use fewer. The worker "
+            "starts one process per GPU. On a machine without a GPU a number above 1 runs that "
+            "many CPU processes (gloo), which is how the tests exercise the multi-GPU code."),
+    Setting("WAN_S2V_CFG_PARALLEL", "cfg_parallel", _one_of("auto", "off"), "auto",
+            "With several GPUs: 'auto' runs the two guidance branches at once on the two halves "
+            "of the GPUs when the count is even and the job is guided, each half splitting the "
+            "tokens (Ulysses); 'off' splits every DiT call's tokens over all GPUs."),
+    Setting("WAN_S2V_RANK_TIMEOUT_S", "rank_timeout_s", _parse_positive_float, 300.0,
+            "With several GPUs: how long a rank may keep the others waiting in a job (one "
+            "collective, or the end of a command) before the group is declared failed; the job "
+            "then ends with an error and refresh_worker. A rank that exits or raises is reported "
+            "at once."),
     Setting("TORCH_COMPILE_CACHE_DIR", "compile_cache_dir", _parse_optional_str, None,
             "Where torch.compile keeps its kernels between workers (default: "
             "<NETWORK_VOLUME_DIR>/torch-compile-cache when the volume is mounted, else torch's own "
@@ -238,10 +261,13 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
         return f"Settings({', '.join(shown)})"
 
 
-def export_to_libraries(variables: Mapping[str, str]) -> None:
+def export_to_libraries(variables: Mapping[str, str], keep_existing: bool = False) -> None:
     """Set environment variables that libraries read for themselves (torch.compile's cache
-    folders). Kept here so that this module stays the only one touching the environment."""
-    os.environ.update(variables)
+    folders, NCCL's error handling). keep_existing: a value the deployment set wins. Kept here so
+    that this module stays the only one touching the environment."""
+    for name, value in variables.items():
+        if not (keep_existing and name in os.environ):
+            os.environ[name] = value
 
 
 def settings_table_markdown() -> str:

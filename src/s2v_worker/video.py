@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
 import re
 import struct
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import imageio_ffmpeg
 import torch
@@ -37,7 +41,15 @@ MINTERPOLATE_OPTIONS = "mi_mode=mci:mc_mode=obmc:me_mode=bidir:me=epzs"
 # beyond the last output instant; one more is a margin against rounding of timestamps.
 INTERPOLATION_LOOKAHEAD_FRAMES = 3
 
-FRAMES_PER_WRITE = 8  # frames converted and written per pipe write: bounded memory, few syscalls
+FRAMES_PER_WRITE = 8  # frames converted to rgb24 at a time
+# Interpolation segments: output frames each (half a second at 24 fps), and native frames of
+# context before a segment's first one.
+SEGMENT_OUTPUT_FRAMES = 12
+SEGMENT_CONTEXT_FRAMES = 2
+INTERPOLATE_TIMEOUT_S = 300.0
+# Convert to limited-range BT.709 once, before interpolation (minterpolate works in YUV); the
+# encoder tags the stream so players do not guess BT.601.
+_COLOR_FILTERS = ("scale=out_color_matrix=bt709:out_range=tv", "format=yuv420p")
 STDERR_TAIL_LINES = 15
 _FRAME_COUNTER = re.compile(rb"frame=\s*(\d+)")
 
@@ -68,35 +80,17 @@ class _FramePlan:
 
 def encode_mp4(frames: torch.Tensor, native_fps: int, output_fps: int, audio_path: Path,
                duration_s: float, out_path: Path, settings: Settings) -> EncodedVideo:
-    """Encode `frames` ([3, N, H, W], floats in [-1, 1]) and the audio into an H.264/AAC MP4.
+    """Encode `frames` ([3, N, H, W], floats in [-1, 1]) and the audio into an H.264/AAC MP4 (all
+    frames at hand: `Mp4Stream` with one chunk).
 
     The file lasts `duration_s` (the audio's, or less when the caller cut the job short): the
     audio is cut there and the video ends on the first frame reaching it.
     """
-    width, height = _check_frames(frames)
-    if duration_s <= 0:
-        raise ValueError(f"audio duration must be positive, got {duration_s}")
-    interpolate = output_fps != native_fps
-    plan = _plan_frames(frames.shape[1], native_fps, output_fps, duration_s)
-    if plan.shortfall:
-        logger.warning("the pipeline gave %d frames, %d short of the audio's %.3f s; repeating the "
-                       "last frame", frames.shape[1], plan.shortfall, duration_s)
-    command = _ffmpeg_command(width, height, native_fps, output_fps, plan.output_frames,
-                              audio_path, duration_s, out_path, settings)
-    started = time.monotonic()
-    produced = _run_ffmpeg(command, _frame_chunks(frames, plan.input_frames), out_path)
-    elapsed = time.monotonic() - started
-    num_frames = produced if produced is not None else plan.output_frames
-    if num_frames != plan.output_frames:
-        logger.warning("ffmpeg wrote %d frames, expected %d", num_frames, plan.output_frames)
-    logger.info("encoded %d frames %dx%d at %d fps (%s) in %.2f s", num_frames, width, height,
-                output_fps, f"interpolated from {native_fps} fps" if interpolate else "native",
-                elapsed)
-    container_s = _mp4_duration_s(out_path)
-    return EncodedVideo(
-        path=out_path, width=width, height=height, fps=output_fps, num_frames=num_frames,
-        duration_s=container_s if container_s is not None else num_frames / output_fps,
-        size_bytes=out_path.stat().st_size)
+    _check_frames(frames)
+    with Mp4Stream(int(frames.shape[3]), int(frames.shape[2]), native_fps, output_fps,
+                   frames.shape[1], audio_path, duration_s, out_path, settings) as stream:
+        stream.add(frames)
+        return stream.finish()
 
 
 def _check_frames(frames: torch.Tensor) -> tuple[int, int]:
@@ -127,31 +121,247 @@ def _plan_frames(available: int, native_fps: int, output_fps: int,
     return _FramePlan(output_frames=output_frames, input_frames=needed, shortfall=shortfall)
 
 
-def _ffmpeg_command(width: int, height: int, native_fps: int, output_fps: int, output_frames: int,
-                    audio_path: Path, duration_s: float, out_path: Path,
-                    settings: Settings) -> list[str]:
-    # Convert to limited-range BT.709 once, before interpolation (minterpolate works in YUV), and
-    # tag the stream so players do not guess BT.601.
-    filters = ["scale=out_color_matrix=bt709:out_range=tv", "format=yuv420p"]
-    if output_fps != native_fps:
-        filters.append(f"minterpolate=fps={output_fps}:{MINTERPOLATE_OPTIONS}")
+@dataclass(frozen=True)
+class _Segment:
+    """Output frames [first, end) of the video, interpolated from native frames [lo, hi)."""
+    first: int
+    end: int
+    lo: int
+    hi: int
+
+
+class Mp4Stream:
+    """An MP4 encoded while the frames are still being made: `add` each clip's frames as they
+    are decoded, then `finish` (or leave the `with` block, which stops ffmpeg on an error).
+
+    At 24 fps the interpolation (ffmpeg's minterpolate, one thread per process) is the slow part:
+    about 70 ms a frame at 480p. It runs on short segments of the video in parallel processes,
+    each started as soon as its native frames are in (with two frames of context before and the
+    lookahead after, so its frames are the single-pass ones but where minterpolate's motion
+    search carries history across a segment's start); one more ffmpeg process encodes the
+    segments in order with the audio. So the MP4 is ready soon after the last clip is decoded,
+    whatever the video's length, and frames leave memory once their segments are done.
+    """
+
+    def __init__(self, width: int, height: int, native_fps: int, output_fps: int,
+                 native_frames: int, audio_path: Path, duration_s: float, out_path: Path,
+                 settings: Settings, workers: int | None = None) -> None:
+        if height % 2 or width % 2 or not height or not width:  # yuv420p halves both dimensions
+            raise ValueError(f"frame width and height must be even, got {width}x{height}")
+        if duration_s <= 0:
+            raise ValueError(f"audio duration must be positive, got {duration_s}")
+        self.width, self.height, self.out_path = width, height, out_path
+        self.native_fps, self.output_fps = native_fps, output_fps
+        self.interpolate = output_fps != native_fps
+        self.plan = _plan_frames(native_frames, native_fps, output_fps, duration_s)
+        if self.plan.shortfall:
+            logger.warning("the pipeline gives %d frames, %d short of the audio's %.3f s; "
+                           "repeating the last frame", native_frames, self.plan.shortfall,
+                           duration_s)
+        self._segments = _segments(self.plan, native_fps, output_fps) if self.interpolate else []
+        self._next_segment = 0
+        self._frames: dict[int, bytes] = {}  # native index -> rgb24, while a segment needs it
+        self._received = 0
+        self._queue: queue.Queue = queue.Queue()  # results in output order (futures), then None
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                        thread_name_prefix="mp4-interpolate")
+        self._log = tempfile.TemporaryFile()
+        self._started = time.monotonic()
+        command = _encoder_command(width, height, native_fps, output_fps, audio_path, duration_s,
+                                   out_path, settings)
+        try:
+            self._encoder = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, stderr=self._log)
+        except OSError as exc:
+            self._pool.shutdown()
+            raise VideoEncodingError(f"could not start ffmpeg ({command[0]}): {exc}") from None
+        self._writer = threading.Thread(target=self._write_in_order, name="mp4-writer",
+                                        daemon=True)
+        self._writer.start()
+        self._writer_error: BaseException | None = None
+        self.finished_after_last_frame_s: float | None = None
+
+    # --- input ---------------------------------------------------------------------------------
+
+    def add(self, frames: torch.Tensor) -> None:
+        """The next native frames, [3, n, H, W] floats in [-1, 1] (any device)."""
+        if frames.shape[0] != 3 or tuple(frames.shape[2:]) != (self.height, self.width):
+            raise ValueError(f"expected frames shaped [3, n, {self.height}, {self.width}], "
+                             f"got {list(frames.shape)}")
+        for start in range(0, frames.shape[1], FRAMES_PER_WRITE):
+            pixels = _to_rgb24(frames[:, start:start + FRAMES_PER_WRITE])
+            size = self.width * self.height * 3
+            for offset in range(0, len(pixels), size):
+                if self._received < self.plan.input_frames:
+                    self._frames[self._received] = pixels[offset:offset + size]
+                self._received += 1
+        self._schedule()
+
+    def finish(self) -> EncodedVideo:
+        """Wait for the MP4 (the last frame repeated where the frames end before the audio)."""
+        last = self._frames.get(min(self._received, self.plan.input_frames) - 1)
+        while self._received < self.plan.input_frames and last is not None:
+            self._frames[self._received] = last
+            self._received += 1
+        last_frame_at = time.monotonic()
+        self._schedule(final=True)
+        self._queue.put(None)
+        self._writer.join()
+        returncode = self._encoder.wait()
+        self._pool.shutdown()
+        self._log.seek(0)
+        stderr = self._log.read()
+        self._log.close()
+        if returncode != 0 or self._writer_error is not None:
+            self.out_path.unlink(missing_ok=True)
+            detail = _tail(stderr) if returncode else f"{self._writer_error}"
+            raise VideoEncodingError(f"ffmpeg exited with status {returncode}:\n{detail}")
+        self.finished_after_last_frame_s = time.monotonic() - last_frame_at
+        counts = _FRAME_COUNTER.findall(stderr)
+        num_frames = int(counts[-1]) if counts else self.plan.output_frames
+        if num_frames != self.plan.output_frames:
+            logger.warning("ffmpeg wrote %d frames, expected %d", num_frames,
+                           self.plan.output_frames)
+        logger.info("encoded %d frames %dx%d at %d fps (%s) in %.2f s, %.2f s after the last "
+                    "frame", num_frames, self.width, self.height, self.output_fps,
+                    f"interpolated from {self.native_fps} fps" if self.interpolate else "native",
+                    time.monotonic() - self._started, self.finished_after_last_frame_s)
+        container_s = _mp4_duration_s(self.out_path)
+        return EncodedVideo(
+            path=self.out_path, width=self.width, height=self.height, fps=self.output_fps,
+            num_frames=num_frames,
+            duration_s=container_s if container_s is not None else num_frames / self.output_fps,
+            size_bytes=self.out_path.stat().st_size)
+
+    def close(self) -> None:
+        """Stop everything (the job failed or stopped before `finish`); idempotent."""
+        if self._encoder.poll() is None:
+            self._encoder.kill()
+        self._queue.put(None)
+        self._pool.shutdown(cancel_futures=True)
+        self._writer.join()
+        self._encoder.wait()
+        if not self._log.closed:
+            self._log.close()
+
+    def __enter__(self) -> "Mp4Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- work ----------------------------------------------------------------------------------
+
+    def _schedule(self, final: bool = False) -> None:
+        """Queue every piece of work whose native frames are all in, in output order."""
+        available = min(self._received, self.plan.input_frames)
+        if not self.interpolate:  # 16 fps: the native frames themselves
+            count = min(available, self.plan.output_frames)
+            pending = sorted(i for i in self._frames if i < count)
+            if pending:
+                done: Future = Future()
+                done.set_result(b"".join(self._frames.pop(i) for i in pending))
+                self._queue.put(done)
+            return
+        while self._next_segment < len(self._segments):
+            segment = self._segments[self._next_segment]
+            if segment.hi > available and not final:
+                break
+            native = [self._frames[i] for i in range(segment.lo, min(segment.hi, available))]
+            self._queue.put(self._pool.submit(self._interpolate, segment, native))
+            self._next_segment += 1
+        keep_from = (self._segments[self._next_segment].lo
+                     if self._next_segment < len(self._segments) else available)
+        for index in [i for i in self._frames if i < keep_from]:
+            del self._frames[index]
+
+    def _interpolate(self, segment: _Segment, native: list[bytes]) -> bytes:
+        """yuv420p frames [first, end) of the output, from one minterpolate process."""
+        command = _interpolate_command(self.width, self.height, self.native_fps, self.output_fps,
+                                       segment.lo)
+        result = subprocess.run(command, input=b"".join(native), capture_output=True,
+                                timeout=INTERPOLATE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise VideoEncodingError(f"ffmpeg (interpolation) exited with status "
+                                     f"{result.returncode}:\n{_tail(result.stderr)}")
+        frame_bytes = self.width * self.height * 3 // 2
+        produced_first = -(-segment.lo * self.output_fps // self.native_fps)
+        start = (segment.first - produced_first) * frame_bytes
+        data = result.stdout[start:start + (segment.end - segment.first) * frame_bytes]
+        if len(data) != (segment.end - segment.first) * frame_bytes:
+            raise VideoEncodingError("ffmpeg (interpolation) made fewer frames than expected")
+        return data
+
+    def _write_in_order(self) -> None:
+        try:
+            while (future := self._queue.get()) is not None:
+                data = future.result()
+                try:
+                    self._encoder.stdin.write(data)
+                except BrokenPipeError:  # ffmpeg stopped reading (-frames:v reached, or failed)
+                    break
+        except BaseException as exc:  # an interpolation failed: the encoder gets no more input
+            self._writer_error = exc
+            self._encoder.kill()
+        finally:
+            try:
+                self._encoder.stdin.close()
+            except BrokenPipeError:
+                pass
+
+
+def _segments(plan: _FramePlan, native_fps: int, output_fps: int) -> list[_Segment]:
+    segments = []
+    for first in range(0, plan.output_frames, SEGMENT_OUTPUT_FRAMES):
+        end = min(first + SEGMENT_OUTPUT_FRAMES, plan.output_frames)
+        # Output frame i lies at native position i * native / output; minterpolate needs the two
+        # native frames around it and emits nothing past the second-to-last one it is given.
+        lo = max(0, first * native_fps // output_fps - SEGMENT_CONTEXT_FRAMES)
+        hi = min(plan.input_frames,
+                 (end - 1) * native_fps // output_fps + INTERPOLATION_LOOKAHEAD_FRAMES)
+        segments.append(_Segment(first, end, lo, hi))
+    return segments
+
+
+def _interpolate_command(width: int, height: int, native_fps: int, output_fps: int,
+                         first_native: int) -> list[str]:
+    # The segment's timestamps are shifted to its place in the video, so that minterpolate puts
+    # its output frames at the same instants as for the whole video.
+    filters = [f"setpts=PTS+{first_native}/({native_fps}*TB)", *_COLOR_FILTERS,
+               f"minterpolate=fps={output_fps}:{MINTERPOLATE_OPTIONS}"]
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+            "-framerate", str(native_fps), "-i", "pipe:0", "-vf", ",".join(filters),
+            "-f", "rawvideo", "-pix_fmt", "yuv420p", "pipe:1"]
+
+
+def _encoder_command(width: int, height: int, native_fps: int, output_fps: int,
+                     audio_path: Path, duration_s: float, out_path: Path,
+                     settings: Settings) -> list[str]:
+    if output_fps != native_fps:  # interpolated segments, already BT.709 limited-range yuv420p
+        video_input = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
+                       "-framerate", str(output_fps), "-i", "pipe:0"]
+        # Say so: raw frames carry no colour tags, and ffmpeg would convert "unknown" to them.
+        filters = ["-vf", "setparams=range=tv:colorspace=bt709:color_primaries=bt709:"
+                          "color_trc=bt709"]
+    else:
+        video_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+                       "-framerate", str(native_fps), "-i", "pipe:0"]
+        filters = ["-vf", ",".join(_COLOR_FILTERS)]
     return [
         imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "warning",
-        "-stats", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-        "-framerate", str(native_fps), "-i", "pipe:0",
+        "-stats", "-y", *video_input,
         # Input-side -t: an output-side -t would also drop the last video frame (its end lies
         # past the audio's) and, with -frames:v, ffmpeg 9 then ends the audio a packet early.
         "-t", f"{duration_s:.6f}",
         "-i", f"file:{audio_path}",  # file: so no name is read as a protocol or an option
-        "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1",
-        "-vf", ",".join(filters),
+        "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1", *filters,
         "-c:v", "libx264", "-preset", settings.video_preset, "-crf", str(settings.video_crf),
         "-pix_fmt", "yuv420p", "-colorspace", "bt709", "-color_primaries", "bt709",
         "-color_trc", "bt709", "-color_range", "tv", "-r", str(output_fps),
         "-c:a", "aac", "-b:a", settings.video_audio_bitrate,
-        # The video stops at the first frame covering the audio's end: at most one frame longer.
-        "-frames:v", str(output_frames),
+        # No -frames:v: it gets exactly the frames up to the first one covering the audio's end
+        # (at most one frame longer), and a frame limit would also cut the audio in ffmpeg 5.
         "-movflags", "+faststart", "-f", "mp4", f"file:{out_path}",
     ]
 
@@ -159,55 +369,6 @@ def _ffmpeg_command(width: int, height: int, native_fps: int, output_fps: int, o
 def _to_rgb24(chunk: torch.Tensor) -> bytes:
     pixels = ((chunk.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy().tobytes()  # [n, H, W, 3]
-
-
-def _frame_chunks(frames: torch.Tensor, count: int) -> Iterator[bytes]:
-    """rgb24 bytes of the first `count` frames, the last frame repeated when there are fewer."""
-    available = min(count, frames.shape[1])
-    for start in range(0, available, FRAMES_PER_WRITE):
-        yield _to_rgb24(frames[:, start:min(start + FRAMES_PER_WRITE, available)])
-    if count > available:
-        last = _to_rgb24(frames[:, available - 1:available])
-        for _ in range(count - available):
-            yield last
-
-
-def _run_ffmpeg(command: list[str], chunks: Iterator[bytes], out_path: Path) -> int | None:
-    """Feed `chunks` to ffmpeg and return the frame count it reported (None if unreadable)."""
-    # stderr goes to an anonymous temp file: ffmpeg can never block on a full stderr pipe while
-    # this thread blocks writing its stdin, and the file vanishes on close.
-    with tempfile.TemporaryFile() as log:
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                       stdout=subprocess.DEVNULL, stderr=log)
-        except OSError as exc:
-            raise VideoEncodingError(f"could not start ffmpeg ({command[0]}): {exc}") from None
-        try:
-            _feed(process.stdin, chunks)
-        finally:
-            returncode = process.wait()
-        log.seek(0)
-        stderr = log.read()
-    if returncode != 0:
-        out_path.unlink(missing_ok=True)
-        raise VideoEncodingError(f"ffmpeg exited with status {returncode}:\n{_tail(stderr)}")
-    counts = _FRAME_COUNTER.findall(stderr)
-    return int(counts[-1]) if counts else None
-
-
-def _feed(stdin: BinaryIO, chunks: Iterator[bytes]) -> None:
-    try:
-        for chunk in chunks:
-            stdin.write(chunk)
-    except BrokenPipeError:
-        # ffmpeg stops reading once -frames:v is reached, or when it fails; its exit status says
-        # which.
-        pass
-    finally:
-        try:
-            stdin.close()
-        except BrokenPipeError:
-            pass
 
 
 def _tail(stderr: bytes) -> str:

@@ -1,0 +1,8 @@
+"""Stand-in for decord on the GPU machine only, used when the image lacks decord (its 14 MB wheel
+would crowd out what a run must carry). `wan.speech2video` imports VideoReader at import time;
+the benchmarks never read a pose video. Never installed by the worker."""
+
+
+class VideoReader:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("decord is not installed on this machine (benchmark stand-in)")

@@ -1,0 +1,213 @@
+"""One clip's denoising loop, as every process of the worker runs it.
+
+`WanS2V.generate` samples a clip with a flow-matching solver: at every step the DiT predicts the
+noise for the conditional branch and, with classifier-free guidance, for the unconditional one,
+the two are mixed (u + scale * (c - u)) and the solver takes a step. `denoise` is that loop, for a
+process that computes some of it:
+
+* alone (one GPU): both branches, one after the other, as upstream;
+* guidance-parallel: one branch, while the other half of the GPUs computes the other one; the two
+  predictions are then exchanged, so every rank mixes the same two tensors and takes the same
+  solver step (the latents stay equal on every rank);
+* sequence-parallel: a shard of the tokens of each DiT call (dit.py), inside either of the above.
+
+`Role` says which of these a process does. Rank 0 decides after every step whether to go on
+(cancellation, time limit) and tells the others, so every rank stops after the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .dit import ClipConditioning, DiTEngine, SequenceParallel
+from .official import import_official
+
+logger = logging.getLogger(__name__)
+
+_official = import_official()
+NUM_TRAIN_TIMESTEPS = _official.config.num_train_timesteps
+BRANCHES = ("cond", "uncond")
+
+# on_step(step_index, num_steps); may raise to stop sampling after that step.
+StepCallback = Callable[[int, int], None]
+
+
+def reused_steps(num_steps: int, first: int = 3, last: int = 3) -> frozenset[int]:
+    """Fast mode's step cache (fixed-interval reuse, as in FORA): the first and last steps are
+    always computed, and in between every second step reuses the last computed guided
+    prediction. 30 steps: 12 reused, 18 computed. Below 12 steps (distilled few-step LoRAs)
+    every step is computed: each one moves the latents too far for a reuse."""
+    if num_steps < 12:
+        return frozenset()
+    return frozenset(range(first + 1, num_steps - last, 2))
+
+
+def make_scheduler(solver: str, steps: int, shift: float, device: torch.device):
+    """(scheduler, timesteps) of the official solver, as `WanS2V.generate` builds them."""
+    if solver == "unipc":
+        scheduler = _official.fm_solvers_unipc.FlowUniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1, use_dynamic_shifting=False)
+        scheduler.set_timesteps(steps, device=device, shift=shift)
+        return scheduler, scheduler.timesteps
+    if solver == "dpm++":
+        fm = _official.fm_solvers
+        scheduler = fm.FlowDPMSolverMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1, use_dynamic_shifting=False)
+        timesteps, _ = fm.retrieve_timesteps(scheduler, device=device,
+                                             sigmas=fm.get_sampling_sigmas(steps, shift))
+        return scheduler, timesteps
+    raise ValueError(f"unsupported solver {solver!r}")
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """The official code computes under CUDA autocast(bfloat16); on the CPU (tiny checkpoint)
+    every model computes in float32 (see S2VPipeline.compute_dtypes)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class ClipRequest:
+    """One clip's sampling, as rank 0 hands it to every rank: the initial latents, the solver,
+    and the DiT's keyword arguments (`WanModel_S2V.forward`'s, x and t aside) of each branch."""
+    latents: torch.Tensor            # [16, F, H, W]
+    generator_state: torch.Tensor    # of the generator that drew them (scheduler.step gets it)
+    solver: str
+    steps: int
+    shift: float
+    guidance_scale: float
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None    # None: no guidance
+    fast: bool = False             # FP8 GEMMs
+    step_cache: bool = False
+    attention_float8: bool = False  # FP8 self-attention too ("speed": "fastest")
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None
+
+    def to(self, device: torch.device) -> "ClipRequest":
+        moved = {f.name: _move(getattr(self, f.name), device) for f in fields(self)
+                 if f.name != "generator_state"}
+        return replace(self, **moved)
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one process computes of each step. Alone: both branches, no collectives."""
+    branches: tuple[str, ...] = BRANCHES
+    sequence: SequenceParallel | None = None  # its token shard of every DiT call
+    exchange: Any = None   # process group of the ranks computing the two branches of its shard
+    control: Any = None    # process group of every rank: rank 0's go/stop after each step
+    leads: bool = True     # rank 0: calls on_step and decides whether to go on
+
+
+class StopSampling(Exception):
+    """Raised on the other ranks when rank 0 stopped sampling after a step."""
+
+
+class ClipSampler:
+    """Denoises clips with a `DiTEngine` in the given `Role`."""
+
+    def __init__(self, engine: DiTEngine, device: torch.device, fast_float8: str) -> None:
+        self.engine, self.device, self.fast_float8 = engine, device, fast_float8
+        self.dit_calls = 0  # DiT calls made by this process, all clips together
+
+    def sample(self, request: ClipRequest, role: Role = Role(),
+               on_step: StepCallback | None = None) -> torch.Tensor:
+        """The clip's final latents [16, F, H, W] (the same on every rank)."""
+        request = request.to(self.device)
+        scheduler, timesteps = make_scheduler(request.solver, request.steps, request.shift,
+                                              self.device)
+        generator = torch.Generator(device=self.device)
+        generator.set_state(request.generator_state)
+        return self.denoise(request.latents, timesteps, scheduler, generator, request.cond,
+                            request.uncond, request.guidance_scale, role, on_step,
+                            fast=request.fast, step_cache=request.step_cache,
+                            attention_float8=request.attention_float8)
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                generator: torch.Generator, cond: dict, uncond: dict | None,
+                guidance_scale: float, role: Role = Role(), on_step: StepCallback | None = None,
+                fast: bool = False, step_cache: bool = False,
+                attention_float8: bool = False) -> torch.Tensor:
+        """WanS2V.generate's loop for one clip. What in the branches' arguments does not change
+        between steps is computed once (DiTEngine.prepare). fast: FP8 GEMMs; step_cache: the
+        steps of `reused_steps` take the previous step's guided prediction instead of calling
+        the DiT; attention_float8: FP8 self-attention."""
+        inputs = {"cond": cond, "uncond": uncond}
+        mine = [b for b in role.branches if inputs[b] is not None]
+        with autocast_for(self.device):
+            conditioning = {b: self.engine.prepare(**inputs[b], sequence=role.sequence)
+                            for b in mine}
+        float8 = self.fast_float8 if fast else None
+        reuse = reused_steps(len(timesteps)) if step_cache else frozenset()
+        noise_pred = None
+        for i, t in enumerate(timesteps):
+            timestep = torch.stack([t]).to(self.device)
+            # The scheduler step stays inside autocast too: upstream runs the whole loop under
+            # it, and UniPC's einsum then computes in bfloat16.
+            with autocast_for(self.device):
+                if i not in reuse or noise_pred is None:
+                    noise_pred = self._guided_prediction(latents, timestep, conditioning, role,
+                                                         uncond is not None, guidance_scale, float8,
+                                                         attention_float8)
+                latents = scheduler.step(noise_pred.unsqueeze(0), t, latents.unsqueeze(0),
+                                         return_dict=False, generator=generator)[0].squeeze(0)
+            self._after_step(role, on_step, i, len(timesteps))
+        return latents
+
+    def _guided_prediction(self, latents: torch.Tensor, timestep: torch.Tensor,
+                           conditioning: dict[str, ClipConditioning], role: Role, guided: bool,
+                           guidance_scale: float, float8: str | None,
+                           attention_float8: bool) -> torch.Tensor:
+        predictions = {}
+        for branch, c in conditioning.items():
+            predictions[branch] = self.engine.forward([latents], timestep, c, float8=float8,
+                                                      float8_attention=attention_float8)[0]
+            self.dit_calls += 1
+        if not guided:
+            return predictions["cond"]
+        if role.exchange is not None:  # guidance-parallel: the other half computed the other one
+            (branch, prediction), = predictions.items()
+            both = [torch.empty_like(prediction) for _ in BRANCHES]
+            dist.all_gather(both, prediction, group=role.exchange)
+            predictions = dict(zip(BRANCHES, both))
+        c, u = predictions["cond"], predictions["uncond"]
+        return u + guidance_scale * (c - u)
+
+    def _after_step(self, role: Role, on_step: StepCallback | None, step: int, steps: int) -> None:
+        """Rank 0 reports the step (which may raise to stop); every rank learns whether to go on."""
+        stop: BaseException | None = None
+        if role.leads and on_step is not None:
+            try:
+                on_step(step, steps)
+            except Exception as exc:  # re-raised below, once the other ranks know
+                stop = exc
+        if role.control is not None:
+            flag = torch.tensor([0 if stop is None else 1], dtype=torch.int32)
+            if dist.get_backend(role.control) == "nccl":
+                flag = flag.to(self.device)
+            dist.broadcast(flag, src=0, group=role.control)
+            if not role.leads and flag.item():
+                logger.info("rank 0 stopped sampling after step %d of %d", step + 1, steps)
+                raise StopSampling
+        if stop is not None:
+            raise stop
