@@ -117,7 +117,7 @@ def write_small_files(folder: Path) -> None:
     tiny.write_wav2vec2(folder / WAV2VEC_DIR, seed=0)  # its weights are replaced by the caller
 
 
-def build_pipeline(device: torch.device, workdir: Path, attention: str = "sdpa",
+def build_pipeline(device: torch.device, workdir: Path, attention: str = "auto",
                    compile_dit: bool = True) -> S2VPipeline:
     """The worker's pipeline around full-size random components, without touching the disk for
     the big ones (the VAE goes through a file: the official class only loads from one)."""

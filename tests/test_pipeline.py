@@ -191,3 +191,25 @@ def test_without_a_pose_video_the_pose_latents_are_upstreams_zeros(pipeline, por
     lat_frames = (16 + 3 + pipeline.motion_frames) // 4 - (pipeline.motion_frames + 3) // 4
     assert upstream.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
     assert torch.equal(upstream, torch.zeros_like(upstream)) and torch.isfinite(upstream).all()
+
+
+def test_the_vae_decoded_in_pieces_is_the_whole_decode(pipeline):
+    """decode_chunks (what lets the MP4 encoder start during the decode) yields the pieces of
+    the very tensor the official decode returns."""
+    z = torch.randn(16, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = pipeline.vae.decode([z])[0]
+    pieces = list(pipeline.vae.decode_chunks(z))
+    assert [p.shape[1] for p in pieces] == [1, 4, 4, 4, 4]
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
+
+
+def test_streamed_frames_are_the_video(pipeline, portrait_png, speech_2s):
+    """generate's on_frames gets, piece by piece, exactly the frames it would return."""
+    gen = settings(max_clips=2)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    whole = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7).video
+    pieces = []
+    streamed = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7,
+                                 on_frames=lambda frames: pieces.append(frames.cpu()))
+    assert streamed.video is None and len(pieces) > plan.num_clips
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
