@@ -18,6 +18,7 @@ from s2v_worker import attention
 from s2v_worker.dit import DiTEngine
 from s2v_worker.job import parse_job
 from s2v_worker.official import install_attention, official_architecture
+from s2v_worker.sampling import ClipRequest
 from s2v_worker.pipeline import (OFFICIAL_CONFIG, S2VPipeline, _official, _peek_state_dict,
                                  infer_t5_architecture, infer_vae_width)
 from s2v_worker.checkpoint import T5_CHECKPOINT, VAE_CHECKPOINT
@@ -142,7 +143,7 @@ def _scheduler(steps: int, shift: float = 3.0):
 
 def fullsize_three_steps(dit, resolution: str = "480p", guidance: float = 4.5) -> dict:
     """The first 3 guided steps of a 30-step UniPC schedule: the official loop (as written in
-    WanS2V.generate, official attention) vs the worker's S2VPipeline.denoise."""
+    WanS2V.generate, official attention) vs the worker's sampler (ClipSampler.sample)."""
     height, width = fullsize.SIZES_16X9[resolution]
     device = torch.device("cuda")
     inputs = fullsize.dit_inputs(height, width, device)
@@ -170,9 +171,11 @@ def fullsize_three_steps(dit, resolution: str = "480p", guidance: float = 4.5) -
     pipeline = S2VPipeline.from_components(None, device, text_encoder=None, vae=None,
                                            noise_model=dit, audio_encoder=None, attention="auto",
                                            compile_dit=True)
-    scheduler = _scheduler(30)
-    got = pipeline.denoise([noise.clone()], scheduler.timesteps[:3], scheduler,
-                           torch.Generator(device=device).manual_seed(0), arg_c, arg_null, guidance)[0]
+    request = ClipRequest(latents=noise.clone(),
+                          generator_state=torch.Generator(device=device).manual_seed(0).get_state(),
+                          solver="unipc", steps=30, shift=3.0, guidance_scale=guidance, cond=arg_c,
+                          uncond=arg_null)
+    got = pipeline.sampler.sample(request, stop_after=3)
     error = rel_l2(got, expected)
     return {"passed": error <= THREE_STEPS_REL_L2, "rel_l2": error, "bound": THREE_STEPS_REL_L2,
             "resolution": resolution, "steps": 3, "guidance_scale": guidance}

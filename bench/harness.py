@@ -227,9 +227,10 @@ def section_fastmode(args) -> dict:
     weights), each as served ("fast": FP8 GEMMs + step reuse; "fastest": also FP8 self-attention):
     wall time of the loop, DiT calls, the deviation of one forward and of the final latents
     from exact mode's. Through S2VPipeline.denoise, attention as WAN_S2V_ATTENTION=auto picks."""
-    from faithfulness import _scheduler, rel_l2
+    from faithfulness import rel_l2
     from s2v_worker import attention
     from s2v_worker.pipeline import S2VPipeline
+    from s2v_worker.sampling import ClipRequest
 
     dit = fullsize.build_dit(DEVICE)
     pipeline = S2VPipeline.from_components(None, DEVICE, text_encoder=None, vae=None,
@@ -258,14 +259,15 @@ def section_fastmode(args) -> dict:
         del conditioning, exact
     finals = {}
     for name, (fast, cache, float8_attention) in speeds.items():
-        scheduler = _scheduler(args.job_steps)
+        request = ClipRequest(latents=noise.clone(),
+                              generator_state=torch.Generator(device=DEVICE).get_state(),
+                              solver="unipc", steps=args.job_steps, shift=3.0, guidance_scale=4.5,
+                              cond=arg_c, uncond=arg_null, fast=fast, step_cache=cache,
+                              attention_float8=float8_attention)
         calls = pipeline.dit_calls
         sync()
         start = time.perf_counter()
-        finals[name] = pipeline.denoise([noise.clone()], scheduler.timesteps, scheduler,
-                                        torch.Generator(device=DEVICE).manual_seed(0), arg_c,
-                                        arg_null, 4.5, fast=fast, step_cache=cache,
-                                        attention_float8=float8_attention)[0]
+        finals[name] = pipeline.sample_clip(request)
         sync()
         seconds = time.perf_counter() - start
         calls = pipeline.dit_calls - calls

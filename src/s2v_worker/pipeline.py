@@ -405,17 +405,6 @@ class S2VPipeline(WanS2V):
             audio_emb = torch.cat([audio_emb, pad], dim=-1)
         return audio_emb
 
-    def denoise(self, latents: list[torch.Tensor], timesteps: torch.Tensor, scheduler,
-                generator: torch.Generator, arg_c: dict, arg_null: dict | None,
-                guidance_scale: float, on_step: Callable[[int, int], None] | None = None,
-                fast: bool = False, step_cache: bool = False,
-                attention_float8: bool = False) -> list[torch.Tensor]:
-        """One clip's loop in this process with a given scheduler, upstream's calling convention
-        (the benchmarks and GPU tests use it); arg_null None means no guidance."""
-        return [self.sampler.denoise(latents[0], timesteps, scheduler, generator, arg_c, arg_null,
-                                     guidance_scale, Role(), on_step, fast=fast,
-                                     step_cache=step_cache, attention_float8=attention_float8)]
-
     def _first_motion_latents(self, motion_pixels: torch.Tensor, dropped: bool) -> torch.Tensor:
         """The first clip's motion latents. When the first clip drops its motion frames (the
         default), upstream still VAE-encodes 73 blank frames whose latents nothing reads: the

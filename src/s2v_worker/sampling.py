@@ -129,61 +129,49 @@ class ClipSampler:
         self.engine, self.device, self.fast_float8 = engine, device, fast_float8
         self.dit_calls = 0  # DiT calls made by this process, all clips together
 
+    @torch.no_grad()
     def sample(self, request: ClipRequest, role: Role = Role(),
-               on_step: StepCallback | None = None) -> torch.Tensor:
-        """The clip's final latents [16, F, H, W] (the same on every rank)."""
+               on_step: StepCallback | None = None, stop_after: int | None = None) -> torch.Tensor:
+        """WanS2V.generate's loop for one clip: its final latents [16, F, H, W] (the same on
+        every rank). What in the branches' arguments does not change between steps is computed
+        once (DiTEngine.prepare). stop_after: run only the schedule's first steps (the GPU
+        faithfulness check compares three)."""
         request = request.to(self.device)
         scheduler, timesteps = make_scheduler(request.solver, request.steps, request.shift,
                                               self.device)
         generator = torch.Generator(device=self.device)
         generator.set_state(request.generator_state)
-        return self.denoise(request.latents, timesteps, scheduler, generator, request.cond,
-                            request.uncond, request.guidance_scale, role, on_step,
-                            fast=request.fast, step_cache=request.step_cache,
-                            attention_float8=request.attention_float8)
-
-    @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                generator: torch.Generator, cond: dict, uncond: dict | None,
-                guidance_scale: float, role: Role = Role(), on_step: StepCallback | None = None,
-                fast: bool = False, step_cache: bool = False,
-                attention_float8: bool = False) -> torch.Tensor:
-        """WanS2V.generate's loop for one clip. What in the branches' arguments does not change
-        between steps is computed once (DiTEngine.prepare). fast: FP8 GEMMs; step_cache: the
-        steps of `reused_steps` take the previous step's guided prediction instead of calling
-        the DiT; attention_float8: FP8 self-attention."""
-        inputs = {"cond": cond, "uncond": uncond}
-        mine = [b for b in role.branches if inputs[b] is not None]
+        inputs = {"cond": request.cond, "uncond": request.uncond}
         with autocast_for(self.device):
             conditioning = {b: self.engine.prepare(**inputs[b], sequence=role.sequence)
-                            for b in mine}
-        float8 = self.fast_float8 if fast else None
-        reuse = reused_steps(len(timesteps)) if step_cache else frozenset()
-        noise_pred = None
+                            for b in role.branches if inputs[b] is not None}
+        # The step cache (fast modes) reuses the guided prediction on the steps it names.
+        reuse = reused_steps(len(timesteps)) if request.step_cache else frozenset()
+        latents, noise_pred = request.latents, None
+        timesteps = timesteps[:stop_after]
         for i, t in enumerate(timesteps):
-            timestep = torch.stack([t]).to(self.device)
             # The scheduler step stays inside autocast too: upstream runs the whole loop under
             # it, and UniPC's einsum then computes in bfloat16.
             with autocast_for(self.device):
                 if i not in reuse or noise_pred is None:
-                    noise_pred = self._guided_prediction(latents, timestep, conditioning, role,
-                                                         uncond is not None, guidance_scale, float8,
-                                                         attention_float8)
+                    noise_pred = self._guided_prediction(latents, torch.stack([t]), conditioning,
+                                                         role, request)
                 latents = scheduler.step(noise_pred.unsqueeze(0), t, latents.unsqueeze(0),
                                          return_dict=False, generator=generator)[0].squeeze(0)
             self._after_step(role, on_step, i, len(timesteps))
         return latents
 
     def _guided_prediction(self, latents: torch.Tensor, timestep: torch.Tensor,
-                           conditioning: dict[str, ClipConditioning], role: Role, guided: bool,
-                           guidance_scale: float, float8: str | None,
-                           attention_float8: bool) -> torch.Tensor:
+                           conditioning: dict[str, ClipConditioning], role: Role,
+                           request: ClipRequest) -> torch.Tensor:
+        float8 = self.fast_float8 if request.fast else None
         predictions = {}
         for branch, c in conditioning.items():
-            predictions[branch] = self.engine.forward([latents], timestep, c, float8=float8,
-                                                      float8_attention=attention_float8)[0]
+            predictions[branch] = self.engine.forward(
+                [latents], timestep, c, float8=float8,
+                float8_attention=request.attention_float8)[0]
             self.dit_calls += 1
-        if not guided:
+        if not request.guided:
             return predictions["cond"]
         if role.exchange is not None:  # guidance-parallel: the other half computed the other one
             (branch, prediction), = predictions.items()
@@ -191,7 +179,7 @@ class ClipSampler:
             dist.all_gather(both, prediction, group=role.exchange)
             predictions = dict(zip(BRANCHES, both))
         c, u = predictions["cond"], predictions["uncond"]
-        return u + guidance_scale * (c - u)
+        return u + request.guidance_scale * (c - u)
 
     def _after_step(self, role: Role, on_step: StepCallback | None, step: int, steps: int) -> None:
         """Rank 0 reports the step (which may raise to stop); every rank learns whether to go on."""
