@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import speech_excerpt
-from s2v_worker.job import parse_job
+from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
 from s2v_worker.pipeline import GenerationStopped, plan_clip_count
 
@@ -191,3 +191,30 @@ def test_without_a_pose_video_the_pose_latents_are_upstreams_zeros(pipeline, por
     lat_frames = (16 + 3 + pipeline.motion_frames) // 4 - (pipeline.motion_frames + 3) // 4
     assert upstream.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
     assert torch.equal(upstream, torch.zeros_like(upstream)) and torch.isfinite(upstream).all()
+
+
+def run_scheduler(pipeline, solver: str, steps: int, shift: float) -> torch.Tensor:
+    """The worker's scheduler (the official classes) through every step, on random predictions."""
+    scheduler, timesteps = pipeline._make_scheduler(solver, steps, shift)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 2, 4, 4, generator=generator)
+    for t in timesteps:
+        prediction = torch.randn(latents.shape, generator=generator)
+        latents = scheduler.step(prediction.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False,
+                                 generator=generator)[0].squeeze(0)
+    return latents
+
+
+@pytest.mark.parametrize("steps", [2, 5, 12, 20, 30, 50, 100])
+def test_unipc_runs_at_its_shift_ceiling_and_fails_just_above_it(pipeline, steps):
+    limit = unipc_max_shift(steps)
+    for shift in (MIN_SHIFT, min(limit, MAX_SHIFT)):
+        assert torch.isfinite(run_scheduler(pipeline, "unipc", steps, shift)).all()
+    with pytest.raises(AssertionError):  # the official solver's own failure, which job.py prevents
+        run_scheduler(pipeline, "unipc", steps, limit * 1.01)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 30, 100])
+def test_dpm_runs_across_the_whole_accepted_shift_range(pipeline, steps):
+    for shift in (MIN_SHIFT, 1.0, MAX_SHIFT):
+        assert torch.isfinite(run_scheduler(pipeline, "dpm++", steps, shift)).all()
