@@ -218,3 +218,29 @@ def test_unipc_runs_at_its_shift_ceiling_and_fails_just_above_it(pipeline, steps
 def test_dpm_runs_across_the_whole_accepted_shift_range(pipeline, steps):
     for shift in (MIN_SHIFT, 1.0, MAX_SHIFT):
         assert torch.isfinite(run_scheduler(pipeline, "dpm++", steps, shift)).all()
+
+
+@pytest.mark.parametrize("size", [(192, 256), (1280, 720), (720, 1280), (500, 16), (3000, 2000), (64, 64)])
+def test_video_size_reads_the_header_and_sizes_as_the_official_get_gen_size(pipeline, tmp_path, size):
+    from PIL import Image
+
+    path = tmp_path / "image.png"
+    Image.new("RGB", size).save(path)
+    for resolution in ("480p", "720p"):
+        assert pipeline.video_size(path, resolution) == pipeline.get_gen_size(
+            size=None, max_area=pipeline.checkpoint.max_area[resolution], ref_image_path=str(path),
+            pre_video_path=None)
+
+
+def test_video_size_refuses_what_the_official_sizing_makes_zero_wide(pipeline, tmp_path):
+    from PIL import Image
+
+    from s2v_worker.job import JobInputError
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (1000, 16)).save(path)
+    official = pipeline.get_gen_size(size=None, max_area=pipeline.checkpoint.max_area["480p"],
+                                     ref_image_path=str(path), pre_video_path=None)
+    assert official == (0, 64)  # what the official code would go on to sample with
+    with pytest.raises(JobInputError, match=r"^'image_url' is 1000x16, too wide for 480p"):
+        pipeline.video_size(path, "480p", "image_url")

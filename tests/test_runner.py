@@ -140,3 +140,56 @@ def test_fast_mode_on_a_machine_without_fp8_is_a_clear_error(worker, portrait_pn
     result = worker.run(job(portrait_png, speech_1s_b64, speed="fast"))
     assert result == {"error": "fast mode needs a GPU with FP8 tensor cores; this worker runs on the CPU"}
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_an_unexpected_error_before_any_model_work_asks_for_no_fresh_worker(worker, portrait_png,
+                                                                            speech_1s_b64, monkeypatch):
+    """Nothing on the GPU or in the resident weights was touched yet: a new worker would fix
+    nothing, and the flag would let a caller who found such a bug force cold starts at will."""
+    from s2v_worker import runner
+
+    def broken_intake(*args, **kwargs):
+        raise RuntimeError("a bug in the intake")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "load_audio", broken_intake)
+        result = worker.run(job(portrait_png, speech_1s_b64, job_id="intake-bug"))
+    assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
+                               "for job intake-bug"}
+
+
+def test_an_unexpected_error_once_the_weights_change_asks_for_a_fresh_worker(worker, portrait_png,
+                                                                             speech_1s_b64, monkeypatch):
+    class BrokenLoras:
+        def apply(self, loras):
+            raise RuntimeError("half-merged weights")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "_lora_manager", lambda: BrokenLoras())
+        result = worker.run(job(portrait_png, speech_1s_b64, job_id="merge-bug"))
+    assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
+                               "for job merge-bug", "refresh_worker": True}
+
+
+@pytest.mark.parametrize("size, message", [
+    ((20000, 16), "'image_base64' is 20000x16, too wide for 480p: the model's sizing would make the "
+                  "video 0 pixels high (each side needs at least 16); crop the image closer to a "
+                  "video's shape"),
+    ((16, 20000), "'image_base64' is 16x20000, too tall for 480p: the model's sizing would make the "
+                  "video 0 pixels wide (each side needs at least 16); crop the image closer to a "
+                  "video's shape"),
+])
+def test_an_image_the_model_cannot_size_is_a_client_error(worker, tmp_path, speech_1s_b64, size,
+                                                          message, monkeypatch):
+    from PIL import Image
+
+    from s2v_worker import runner
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (90, 90, 90)).save(path)
+    audio_loads = []
+    with monkeypatch.context() as patch:  # refused before the audio is even looked at
+        patch.setattr(runner, "load_audio", lambda *a, **k: audio_loads.append(a))
+        result = worker.run(job(path, speech_1s_b64))
+    assert result == {"error": message} and audio_loads == []
+    assert not list(Path(worker.settings.work_dir).iterdir())

@@ -30,12 +30,15 @@ from torchvision import transforms
 from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
                          Checkpoint)
 from .dit import DiTEngine
-from .job import GenerationSettings
+from .job import GenerationSettings, JobInputError
 from .official import import_official, install_attention, official_architecture
 
 logger = logging.getLogger(__name__)
 
 NATIVE_FPS = 16  # Wan2.2-S2V samples video at 16 fps (config.sample_fps)
+# The smallest side the model can make: the VAE's stride (8) times the DiT's patch (2). The official
+# sizing gives multiples of 64, or 0 for images far wider than tall (or the reverse).
+LATENT_PATCH_PIXELS = 16
 FIRST_CLIP_DROPPED_FRAMES = 3  # WanS2V.generate drops the first 3 frames of clip 0 when drop_first_motion
 
 _official = import_official()
@@ -248,10 +251,29 @@ class S2VPipeline(WanS2V):
 
     # --- planning: everything that needs no model ------------------------------------------------
 
-    def plan(self, image_path: Path, audio_seconds: float, settings: GenerationSettings) -> ClipPlan:
-        max_area = self.checkpoint.max_area[settings.resolution]
-        height, width = self.get_gen_size(size=None, max_area=max_area,
-                                          ref_image_path=str(image_path), pre_video_path=None)
+    def video_size(self, image_path: Path, resolution: str, field: str = "image") -> tuple[int, int]:
+        """(height, width) of the video made from this image at `resolution`, sized the official
+        way (`get_gen_size`: the image's shape through `get_size_less_than_area`).
+
+        The shape is read from the file's header: `get_gen_size` decodes every pixel only to take
+        it. Raises JobInputError when a side ends below one latent patch, which the official sizing
+        does for images far wider than tall or the reverse (its fallback rounds a side down to 0).
+        """
+        with Image.open(image_path) as image:
+            width, height = image.size
+        max_area = self.checkpoint.max_area[resolution]
+        video_height, video_width = self.get_size_less_than_area(height, width, target_area=max_area)
+        if min(video_height, video_width) < LATENT_PATCH_PIXELS:
+            shape, side = ("wide", "high") if video_height < video_width else ("tall", "wide")
+            raise JobInputError(
+                f"'{field}' is {width}x{height}, too {shape} for {resolution}: the model's sizing "
+                f"would make the video {min(video_height, video_width)} pixels {side} (each side "
+                f"needs at least {LATENT_PATCH_PIXELS}); crop the image closer to a video's shape")
+        return video_height, video_width
+
+    def plan(self, image_path: Path, audio_seconds: float, settings: GenerationSettings,
+             image_field: str = "image") -> ClipPlan:
+        height, width = self.video_size(image_path, settings.resolution, image_field)
         dropped = 0 if settings.init_first_frame or not self.drop_first_motion \
             else FIRST_CLIP_DROPPED_FRAMES
         clips = plan_clip_count(audio_seconds, settings.infer_frames, dropped, settings.max_clips)

@@ -98,6 +98,9 @@ class JobControl:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.cancelled = cancelled or threading.Event()
+        # Set when the job first changes model state (LoRA merge, then the GPU work): from there an
+        # unexpected error may have left the GPU or the resident weights in doubt.
+        self.model_work_started = False
 
     def check(self) -> None:
         if self.cancelled.is_set():
@@ -195,8 +198,14 @@ class Worker:
         except Exception as exc:  # a bug or a broken GPU: log it whole, tell the client little
             logger.exception("job %s failed", job_id)
             self._release_gpu_memory()
-            return {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
-                             f"details for job {job_id}", "refresh_worker": True}
+            error = {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
+                              f"details for job {job_id}"}
+            # Before any model work nothing on the GPU or in the resident weights was touched, so
+            # a fresh worker would fix nothing; asking for one would let any caller who finds such
+            # a bug force cold starts at will.
+            if control.model_work_started:
+                error["refresh_worker"] = True
+            return error
 
     def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl) -> dict:
         settings, pipeline = self.settings, self.pipeline
@@ -218,17 +227,21 @@ class Worker:
         stage("download")
         with _timed(timings, "download_s"):
             image = load_image(request.image, work_dir, settings)
+            # Before the other downloads: an image the model cannot size fails at once.
+            pipeline.video_size(image.path, generation.resolution, request.image.field)
             audio = load_audio(request.audio, work_dir, settings)
             pose_video = (load_pose_video(request.pose_video, work_dir, settings)
                           if request.pose_video else None)
+
+        plan = pipeline.plan(image.path, audio.duration_s, generation, request.image.field)
 
         # Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
+            control.model_work_started = True
             self._lora_manager().apply(loras)
 
-        plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
         logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
                     plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
