@@ -1,7 +1,8 @@
 """Media intake: turn the job's image, audio and pose video (URL or base64) into checked local files.
 
 Every input is proven by decoding it before any model work: the image through Pillow, the audio
-through ffmpeg into a WAV that the model stage reads, the pose video through decord. A bad input
+through ffmpeg, streamed and resampled into the mono 16 kHz WAV that the model stage reads, the pose
+video through decord. A bad input
 raises `MediaError`, whose message names the job field and says what is wrong; it is safe to
 return to the client. Files are written inside the job's own temporary folder only, under fixed
 names: nothing in a path comes from the job.
@@ -18,7 +19,10 @@ import http.client
 import ipaddress
 import json
 import logging
+import os
+import selectors
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,7 +33,10 @@ from typing import Any, BinaryIO, Sequence, Union
 from urllib.parse import urljoin, urlsplit
 
 import imageio_ffmpeg
+import librosa
+import numpy as np
 import soundfile
+import soxr
 from PIL import Image, ImageOps
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -55,6 +62,17 @@ _DOWNLOAD_CHUNK = 1 << 16
 # Pillow formats refused although Pillow knows them: EPS is rendered by running Ghostscript.
 _REFUSED_IMAGE_FORMATS = frozenset({"EPS"})
 
+# The model reads speech as the official AudioEncoder loads it: librosa.load(path, sr=16000), i.e. the
+# float32 samples, averaged over channels, resampled by soxr at "soxr_hq".
+AUDIO_MODEL_RATE = 16_000
+# Below this there is no speech for wav2vec2 to hear (telephone audio is 8 kHz); it also keeps the
+# resampler's upsampling ratio sane.
+MIN_AUDIO_SAMPLE_RATE = 4_000
+_AUDIO_BLOCK_FRAMES = 1 << 16  # source frames downmixed and resampled at a time
+_PIPE_READ_BYTES = 1 << 20
+_WAV_CHUNK_LIMIT = 1 << 16  # ffmpeg's header chunks (fmt, LIST) are far smaller
+_STDERR_KEPT_BYTES = 1 << 14
+
 # Demuxers ffmpeg may use for the audio. Playlist and script formats (hls, concat, ...) are left
 # out: they make ffmpeg open further files or URLs named inside the input.
 AUDIO_DEMUXERS = ("wav", "w64", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf",
@@ -78,9 +96,10 @@ class ImageInput:
 @dataclass(frozen=True)
 class AudioInput:
     original_path: Path  # as received; muxed into the MP4
-    model_path: Path  # the same audio decoded to WAV (float32, source rate) for the model
+    model_path: Path  # mono float32 at 16 kHz: what librosa.load(original, sr=16000) returns
     duration_s: float
-    sample_rate: int
+    sample_rate: int  # the source's
+    channels: int  # the source's
 
 
 # --- address policy ------------------------------------------------------------------------------
@@ -511,37 +530,195 @@ def _run_decoder(field: str, command: list[str], what: str) -> subprocess.Comple
         raise MediaError(f"'{field}' took longer than {DECODE_TIMEOUT_S:g} s to {what}") from None
 
 
+class _DecoderOutputEnded(Exception):
+    """ffmpeg's output ended before a complete WAV header."""
+
+
+class _DecoderPipe:
+    """ffmpeg's stdout, read within the decode's time limit; its stderr drained on the side (only
+    the end is kept), so that ffmpeg can never block on a full stderr pipe."""
+
+    def __init__(self, process: subprocess.Popen, field: str) -> None:
+        self.process, self.field = process, field
+        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
+        self.stderr = bytearray()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(process.stdout, selectors.EVENT_READ)
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+
+    def _drain_stderr(self) -> None:
+        for piece in iter(lambda: self.process.stderr.read1(4096), b""):
+            self.stderr += piece
+            del self.stderr[:-_STDERR_KEPT_BYTES]
+
+    def read(self, size: int = _PIPE_READ_BYTES) -> bytes:
+        """Up to `size` bytes; b"" at the end of the output."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0 or not self._selector.select(remaining):
+            raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to decode")
+        return os.read(self.process.stdout.fileno(), size)
+
+    def read_exact(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            piece = self.read(size - len(data))
+            if not piece:
+                raise _DecoderOutputEnded()
+            data += piece
+        return bytes(data)
+
+    def close(self) -> int:
+        """Stop ffmpeg if it still runs; its exit status. Safe to call again."""
+        if self.process.poll() is None:
+            self.process.kill()
+        returncode = self.process.wait()
+        if not self.process.stdout.closed:
+            self._drain.join(timeout=5)
+            self._selector.close()
+            self.process.stdout.close()
+            self.process.stderr.close()
+        return returncode
+
+
+def _wav_stream_format(pipe: _DecoderPipe) -> tuple[int, int]:
+    """(channels, sample rate) from the WAV header ffmpeg writes, leaving `pipe` at the samples."""
+    riff = pipe.read_exact(12)
+    if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        raise RuntimeError("ffmpeg did not write a WAV stream")
+    fmt = None
+    while True:
+        chunk_id, size = struct.unpack("<4sI", pipe.read_exact(8))
+        if chunk_id == b"data":  # its size is a placeholder on a pipe: the samples run to the end
+            break
+        if size > _WAV_CHUNK_LIMIT:
+            raise RuntimeError(f"ffmpeg wrote a {size}-byte {chunk_id!r} WAV chunk")
+        body = pipe.read_exact(size + (size & 1))
+        if chunk_id == b"fmt ":
+            fmt = body
+    if fmt is None or len(fmt) < 16 or struct.unpack_from("<H", fmt, 14)[0] != 32:
+        raise RuntimeError("ffmpeg's WAV stream is not 32-bit float")
+    _, channels, rate = struct.unpack_from("<HHI", fmt)
+    return channels, rate
+
+
+class _ModelAudioWriter:
+    """Turns float32 blocks of the source (any channels, any rate) into the mono 16 kHz WAV the
+    model reads, with librosa.load's own steps so the samples are the ones it would return:
+    `librosa.to_mono` on each block (a mean over channels, sample by sample), then soxr at
+    "soxr_hq" as a stream (soxr's output does not depend on how its input is cut; checked against
+    librosa.load in tests/test_media.py), then librosa's length fix (ceil of frames * ratio)."""
+
+    def __init__(self, path: Path, field: str, channels: int, rate: int) -> None:
+        self.field, self.channels, self.rate = field, channels, rate
+        self.frames_in = 0
+        self._resampler = (None if rate == AUDIO_MODEL_RATE else
+                           soxr.ResampleStream(rate, AUDIO_MODEL_RATE, 1, dtype="float32",
+                                               quality="soxr_hq"))
+        self._out = soundfile.SoundFile(str(path), "w", samplerate=AUDIO_MODEL_RATE, channels=1,
+                                        subtype="FLOAT")
+
+    def write(self, raw: bytes, last: bool) -> None:
+        block = np.frombuffer(raw, dtype="<f4").reshape(-1, self.channels)
+        if not np.isfinite(block).all():
+            raise MediaError(f"'{self.field}' has samples that are not finite numbers (NaN or "
+                             "infinity)")
+        self.frames_in += len(block)
+        mono = block[:, 0] if self.channels == 1 else librosa.to_mono(block.T)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        self._out.write(mono)
+
+    def finish(self) -> None:
+        if self._resampler is not None:  # librosa.resample's fix_length, to the same count
+            expected = int(np.ceil(self.frames_in * (float(AUDIO_MODEL_RATE) / self.rate)))
+            written = self._out.frames
+            if written > expected:
+                self._out.truncate(expected)
+            elif written < expected:
+                self._out.write(np.zeros(expected - written, dtype=np.float32))
+        self._out.close()
+
+    def close(self) -> None:
+        self._out.close()
+
+
 def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> AudioInput:
+    """The audio as received (for the MP4) and as the model reads it, decoded in bounded memory.
+
+    ffmpeg decodes the file to float32 WAV on a pipe, at the source's own rate and channels, and
+    the samples are downmixed and resampled here block by block (`_ModelAudioWriter`), so nothing
+    larger than one block is ever held and the only file written is the model's own input (64 kB
+    per second of audio). Before that, the stream's channels and rate are checked against
+    MAX_AUDIO_CHANNELS and MAX_AUDIO_SAMPLE_RATE, and decoding stops a second past
+    MAX_AUDIO_SECONDS.
+    """
+    field = source.field
     original = fetch(source, work_dir / "audio.input", settings.max_audio_bytes, settings)
     model_path = work_dir / "audio.wav"
     model_path.unlink(missing_ok=True)
-    # Decode at most a second past the limit: enough to tell that the audio is too long, without
-    # writing hours of samples to disk first.
+    # Decode at most a second past the limit: enough to tell that the audio is too long.
     cap_s = settings.max_audio_seconds + 1.0
-    # float32 at the source's own rate and channels: librosa then resamples and downmixes exactly as
-    # it would the original file in the official code.
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y",
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error",
                "-protocol_whitelist", "file", "-format_whitelist", ",".join(AUDIO_DEMUXERS),
                "-i", str(original), "-t", f"{cap_s:g}",
-               "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav", str(model_path)]
-    result = _run_decoder(source.field, command, "decode")
-    if result.returncode != 0 or not model_path.is_file():
-        logger.info("%s: audio decode failed: %s", source.field, _error_summary(result.stderr))
-        raise _unreadable(source.field, "audio file", original, "audio")
+               "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    pipe = _DecoderPipe(process, field)
+    writer = None
     try:
-        info = soundfile.info(str(model_path))
-    except RuntimeError:
-        raise MediaError(f"'{source.field}' is not a readable audio file") from None
-    duration = info.frames / info.samplerate if info.samplerate else 0.0
+        try:
+            channels, rate = _wav_stream_format(pipe)
+        except _DecoderOutputEnded:
+            returncode = pipe.close()
+            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
+                        _error_summary(bytes(pipe.stderr)))
+            raise _unreadable(field, "audio file", original, "audio") from None
+        _check_audio_format(field, channels, rate, settings)
+        writer = _ModelAudioWriter(model_path, field, channels, rate)
+        block_bytes = _AUDIO_BLOCK_FRAMES * channels * 4
+        pending = bytearray()
+        while piece := pipe.read():
+            pending += piece
+            while len(pending) >= block_bytes:
+                writer.write(bytes(pending[:block_bytes]), last=False)
+                del pending[:block_bytes]
+        writer.write(bytes(pending[:len(pending) - len(pending) % (channels * 4)]), last=True)
+        returncode = pipe.close()
+        if returncode != 0:
+            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
+                        _error_summary(bytes(pipe.stderr)))
+            raise _unreadable(field, "audio file", original, "audio")
+        writer.finish()
+    finally:
+        pipe.close()
+        if writer is not None:
+            writer.close()
+    duration = writer.frames_in / rate
     if duration < settings.min_audio_seconds:
-        raise MediaError(f"'{source.field}' is {duration:.2f} s long; the minimum is "
+        raise MediaError(f"'{field}' is {duration:.2f} s long; the minimum is "
                          f"{settings.min_audio_seconds} s (MIN_AUDIO_SECONDS)")
     if duration > settings.max_audio_seconds:
         length = f"{duration:.1f} s" if duration < cap_s - 0.01 else f"more than {cap_s:g} s"
-        raise MediaError(f"'{source.field}' is {length} long; the maximum is "
+        raise MediaError(f"'{field}' is {length} long; the maximum is "
                          f"{settings.max_audio_seconds} s (MAX_AUDIO_SECONDS)")
+    logger.info("%s: %.2f s of audio, %d channel(s) at %d Hz, decoded for the model", field,
+                duration, channels, rate)
     return AudioInput(original_path=original, model_path=model_path, duration_s=duration,
-                      sample_rate=info.samplerate)
+                      sample_rate=rate, channels=channels)
+
+
+def _check_audio_format(field: str, channels: int, rate: int, settings: Settings) -> None:
+    if channels > settings.max_audio_channels:
+        raise MediaError(f"'{field}' has {channels} channels; the limit is "
+                         f"{settings.max_audio_channels} (MAX_AUDIO_CHANNELS)")
+    if rate > settings.max_audio_sample_rate:
+        raise MediaError(f"'{field}' is sampled at {rate} Hz; the limit is "
+                         f"{settings.max_audio_sample_rate} Hz (MAX_AUDIO_SAMPLE_RATE)")
+    if rate < MIN_AUDIO_SAMPLE_RATE:
+        raise MediaError(f"'{field}' is sampled at {rate} Hz; speech needs at least "
+                         f"{MIN_AUDIO_SAMPLE_RATE} Hz")
 
 
 def _is_video_container(head: bytes) -> bool:

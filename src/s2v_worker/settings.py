@@ -123,6 +123,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest audio accepted; the video is as long as the audio."),
     Setting("MIN_AUDIO_SECONDS", "min_audio_seconds", _parse_positive_float, 0.1,
             "Shortest audio accepted."),
+    Setting("MAX_AUDIO_CHANNELS", "max_audio_channels", _parse_positive_int, 8,
+            "Most channels an audio file may have (8: 7.1 surround). The model hears their mean."),
+    Setting("MAX_AUDIO_SAMPLE_RATE", "max_audio_sample_rate", _parse_positive_int, 192_000,
+            "Highest audio sample rate accepted, in Hz (at least 4000 is needed). Audio is decoded "
+            "as a stream, in bounded memory, whatever its rate; this bounds the decoding work."),
     Setting("DOWNLOAD_TIMEOUT_S", "download_timeout_s", _parse_positive_float, 60.0,
             "Connect and read timeout for each media download."),
     Setting("MAX_REDIRECTS", "max_redirects", int, 5,
