@@ -8,7 +8,7 @@ import torch
 from conftest import speech_excerpt
 from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
-from s2v_worker.pipeline import GenerationStopped, plan_clip_count
+from s2v_worker.pipeline import GenerationStopped, plan_clip_count, pose_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,47 @@ def test_video_size_refuses_what_the_official_sizing_makes_zero_wide(pipeline, t
     assert official == (0, 64)  # what the official code would go on to sample with
     with pytest.raises(JobInputError, match=r"^'image_url' is 1000x16, too wide for 480p"):
         pipeline.video_size(path, "480p", "image_url")
+
+
+def make_pose_video(dest, size: str, rate: int, seconds: float):
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}:rate={rate}", "-t", str(seconds), "-pix_fmt", "yuv420p",
+                    str(dest)], check=True)
+    return dest
+
+
+@pytest.mark.parametrize("size, rate, seconds, clips", [
+    ("96x80", 30, 1.2, 3),   # every 2nd frame: clip 2 part padded with -1, clip 3 all padding
+    ("100x60", 16, 1.0, 1),  # every frame, odd sizes for the resize and crop
+])
+def test_pose_latents_are_the_official_load_pose_cond_in_batches(pipeline, portrait_png, tmp_path,
+                                                                 monkeypatch, size, rate, seconds, clips):
+    from decord import VideoReader
+
+    from s2v_worker import pipeline as pipeline_module
+
+    video = make_pose_video(tmp_path / "pose.mp4", size, rate, seconds)
+    plan = pipeline.plan(portrait_png, 0.5, settings(infer_frames=16))
+    plan = type(plan)(**{**plan.__dict__, "num_clips": clips})
+    official = pipeline.load_pose_cond(pose_video=str(video), num_repeat=clips, infer_frames=16,
+                                       size=(plan.height, plan.width))
+    batches = []
+    real_get_batch = VideoReader.get_batch
+    monkeypatch.setattr(VideoReader, "get_batch",
+                        lambda self, indices: batches.append(len(indices)) or real_get_batch(self, indices))
+    width, height = map(int, size.split("x"))
+    monkeypatch.setattr(pipeline_module, "POSE_BATCH_BYTES", 5 * width * height * 3 * 4)  # 5 frames
+    ours = pipeline.pose_latents(video, plan)
+    assert len(ours) == len(official) == clips
+    for mine, theirs in zip(ours, official):
+        assert torch.equal(mine, theirs)
+    assert batches and max(batches) <= 5  # never more frames at once than the budget allows
+
+
+def test_pose_frame_indices_follow_the_official_sampling():
+    assert pose_frame_indices(100, 30.0, 10) == list(range(0, 20, 2))
+    assert pose_frame_indices(7, 16.0, 10) == list(range(7))
+    assert pose_frame_indices(100, 24.0, 5) == [0, 2, 4, 6, 8]  # round(1.5) == 2
+    assert pose_frame_indices(100, 8.0, 5) == [0, 1, 2, 3, 4]

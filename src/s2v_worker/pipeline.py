@@ -62,6 +62,18 @@ class _VideoVAE(_official.vae.Wan2_1_VAE):
         return super().decode([u.to(self.dtype) for u in zs])
 
 
+# Pose frames are decoded and resized a batch at a time, so that no more than this many bytes of
+# float32 source-resolution pixels are held at once (one frame when a frame alone is larger).
+POSE_BATCH_BYTES = 128 * 1024 * 1024
+
+
+def pose_frame_indices(total_frames: int, fps: float, n_frames: int) -> list[int]:
+    """The frames the official `read_last_n_frames(..., target_fps=16, reverse=True)` samples:
+    every round(fps / 16)-th frame from the first, at most `n_frames` of them."""
+    interval = max(1, round(fps / NATIVE_FPS))
+    return list(range(0, min(n_frames * interval, total_frames), interval))
+
+
 # Fast mode: every linear layer of the 40 blocks in FP8 with per-tensor scales (cuBLAS FP8 GEMM;
 # measured faster than per-row scales at the same error, see bench/results).
 FAST_MODE_FLOAT8 = "all_tensorwise"
@@ -425,6 +437,42 @@ class S2VPipeline(WanS2V):
                            dtype=torch.float32, device=self.vae.device)
 
     @torch.no_grad()
+    def pose_latents(self, pose_video_path: Path, plan: ClipPlan) -> list[torch.Tensor]:
+        """The official `load_pose_cond` for a pose video, in bounded memory: one latent per clip.
+
+        Upstream decodes every sampled frame at the video's own resolution at once and turns them
+        all to float32 (a 300 s 1080p pose video: tens of GB) before resizing. Each frame's
+        normalisation, resize and crop depend on that frame only, so here they are done per
+        batch of at most POSE_BATCH_BYTES of pixels, and each clip's frames are VAE-encoded as
+        upstream encodes its chunk: the same latents (tests/test_pipeline.py compares them).
+        """
+        from decord import VideoReader  # as the official speech2video module reads pose videos
+
+        height, width = plan.height, plan.width
+        frames_per_clip = plan.frames_per_clip
+        reader = VideoReader(str(pose_video_path))
+        indices = pose_frame_indices(len(reader), reader.get_avg_fps(),
+                                     frames_per_clip * plan.num_clips)
+        source_height, source_width = reader[0].shape[:2]
+        batch = max(1, POSE_BATCH_BYTES // (source_height * source_width * 3 * 4))
+        resize, crop = transforms.Resize(min(height, width)), transforms.CenterCrop((height, width))
+        latents = []
+        for r in range(plan.num_clips):
+            clip_indices = indices[r * frames_per_clip:(r + 1) * frames_per_clip]
+            frames = []
+            for start in range(0, len(clip_indices), batch):
+                pixels = torch.from_numpy(reader.get_batch(clip_indices[start:start + batch]).asnumpy())
+                frames.append(crop(resize(pixels.permute(0, 3, 1, 2) / 255.0 * 2 - 1.0)))
+            # Past the video's end upstream pads with -1 (black in [-1, 1]).
+            frames.append(-torch.ones([frames_per_clip - len(clip_indices), 3, height, width]))
+            cond = torch.cat(frames).permute(1, 0, 2, 3).unsqueeze(0)
+            del frames
+            cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
+            latents.append(torch.stack(self.vae.encode(
+                cond.to(dtype=self.param_dtype, device=self.device)))[:, :, 1:].cpu())
+        return latents
+
+    @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
                  on_step: StepCallback | None = None) -> GenerationResult:
@@ -460,9 +508,7 @@ class S2VPipeline(WanS2V):
             motion_latents = self._first_motion_latents(motion_pixels, drop_first_motion)
             # Without a pose video upstream VAE-encodes infer_frames + 1 blank frames and then
             # multiplies the latents by 0: the worker takes the zeros (saves load_pose_cond, 2.08 s in the job benchmark).
-            cond = (self.load_pose_cond(pose_video=str(pose_video_path), num_repeat=plan.num_clips,
-                                        infer_frames=infer_frames, size=size)
-                    if pose_video_path else None)
+            cond = self.pose_latents(pose_video_path, plan) if pose_video_path else None
 
         lat_motion_frames, lat_target_frames = self._latent_frames(infer_frames)
         target_shape = [lat_target_frames, plan.height // 8, plan.width // 8]
