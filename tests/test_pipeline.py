@@ -288,3 +288,20 @@ def test_pose_frame_indices_follow_the_official_sampling():
     assert pose_frame_indices(7, 16.0, 10) == list(range(7))
     assert pose_frame_indices(100, 24.0, 5) == [0, 2, 4, 6, 8]  # round(1.5) == 2
     assert pose_frame_indices(100, 8.0, 5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_reference_pixels_are_upstreams(pipeline, portrait_png, tmp_path, mode):
+    """As upstream's generate prepares the reference, without its numpy round trip."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    path = tmp_path / "reference.png"
+    Image.open(portrait_png).convert(mode).save(path)
+    size = (64, 48)
+    ref_image = np.array(Image.open(path).convert("RGB"))  # upstream, line for line
+    resize, crop = transforms.Resize(min(size)), transforms.CenterCrop(size)
+    upstream = transforms.ToTensor()(crop(resize(Image.fromarray(ref_image))))
+    upstream = (upstream.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(dtype=pipeline.vae.dtype)
+    assert torch.equal(pipeline.reference_pixels(path, size), upstream)

@@ -504,7 +504,10 @@ def load_image(source: MediaSource, work_dir: Path, settings: Settings) -> Image
                 raise MediaError(f"'{source.field}' has {width}x{height} pixels; the limit is "
                                  f"{max_pixels} (MAX_IMAGE_PIXELS)")
             probe.load()  # decodes every pixel: truncated files fail here
-            image = ImageOps.exif_transpose(probe).convert("RGB")
+            # In place, and converted only when not RGB yet: at most two copies of the pixels are
+            # alive at once (Pillow keeps 4 bytes a pixel: 512 MB at the 64 Mpx default limit).
+            ImageOps.exif_transpose(probe, in_place=True)
+            image = probe if probe.mode == "RGB" else probe.convert("RGB")
     except MediaError:
         raise
     except Image.DecompressionBombError:

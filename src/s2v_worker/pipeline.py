@@ -436,6 +436,20 @@ class S2VPipeline(WanS2V):
         return torch.zeros(1, self.vae.model.z_dim, (frames + 3) // 4, height // 8, width // 8,
                            dtype=torch.float32, device=self.vae.device)
 
+    def reference_pixels(self, image_path: Path, size: tuple[int, int]) -> torch.Tensor:
+        """The reference image as upstream's generate prepares it: resized on its short side,
+        center-cropped to `size`, in [-1, 1], shape [1, 3, 1, h, w] on the VAE's device.
+
+        Upstream goes np.array(Image.open(path).convert("RGB")) and back with Image.fromarray:
+        the same pixels in three more full-size copies (about 1 GB for a 64 Mpx image); here the
+        decoded image is resized directly."""
+        with Image.open(image_path) as opened:
+            image = opened if opened.mode == "RGB" else opened.convert("RGB")
+            resized = transforms.CenterCrop(size)(transforms.Resize(min(size))(image))
+        pixels = transforms.ToTensor()(resized)
+        return (pixels.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(dtype=self.vae.dtype,
+                                                               device=self.vae.device)
+
     @torch.no_grad()
     def pose_latents(self, pose_video_path: Path, plan: ClipPlan) -> list[torch.Tensor]:
         """The official `load_pose_cond` for a pose video, in bounded memory: one latent per clip.
@@ -491,12 +505,7 @@ class S2VPipeline(WanS2V):
             context, context_null = self._encode_text(settings.prompt, settings.negative_prompt)
 
         with timed("vae_encoding_s"):
-            ref_image = np.array(Image.open(image_path).convert("RGB"))
-            resize = transforms.Resize(min(size))
-            crop = transforms.CenterCrop(size)
-            ref_pixel_values = transforms.ToTensor()(crop(resize(Image.fromarray(ref_image))))
-            ref_pixel_values = (ref_pixel_values.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(
-                dtype=self.vae.dtype, device=self.vae.device)  # b c 1 h w
+            ref_pixel_values = self.reference_pixels(image_path, size)
             ref_latents = torch.stack(self.vae.encode(ref_pixel_values))
 
             motion_pixels = torch.zeros([1, 3, self.motion_frames, *size], dtype=self.param_dtype,
