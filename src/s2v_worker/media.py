@@ -186,7 +186,10 @@ class _Deadline:
 
     Socket timeouts bound each single read only, so a server that drips a byte now and then
     could hold a job for ever. A timer shuts down the download's sockets when the limit passes,
-    which wakes whatever read, TLS handshake or header parse is blocked on them.
+    which wakes whatever read, TLS handshake or header parse is blocked on them; host name
+    look-ups, which no socket timeout covers, are waited for until the limit only
+    (`_getaddrinfo_by`). tests/test_url_safety.py drips the status line, header lines, a single
+    endless header, endless "100 Continue" answers and the body, and delays the look-up.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -195,7 +198,7 @@ class _Deadline:
         self._lock = threading.Lock()
         self._fired = False
         self._socks: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = threading.Timer(seconds, self.expire)
         self._timer.daemon = True
         self._timer.start()
 
@@ -216,7 +219,8 @@ class _Deadline:
                 raise socket.timeout("download deadline passed")
             self._socks.append(duplicate)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The limit has passed (the timer's call, or a wait that ran to it)."""
         with self._lock:
             self._fired = True
             for sock in self._socks:
@@ -321,14 +325,37 @@ def _parse_http_url(field: str, url: str, hop: int) -> Url:
     return parsed
 
 
-def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork]
-                     ) -> tuple[tuple[Any, ...], ...]:
+def _getaddrinfo_by(deadline: "_Deadline", host: str, port: int) -> list[tuple[Any, ...]]:
+    """socket.getaddrinfo, given up at the deadline: a look-up has no timeout of its own, and a
+    name server that answers slowly (the URL's owner may run it) must not outlast the download's
+    limit. The look-up thread is left to finish on its own."""
+    outcome: dict[str, Any] = {}
+
+    def resolve() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=resolve, name="media-dns", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline.remaining()))
+    if thread.is_alive():
+        deadline.expire()
+        raise socket.timeout("the host name look-up outlasted the download deadline")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["infos"]
+
+
+def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork],
+                     deadline: "_Deadline") -> tuple[tuple[Any, ...], ...]:
     """Resolve the URL's host once and check every answer: one bad address refuses the host."""
     where = "points to" if hop == 0 else "redirected to"
     host = url.host.strip("[]")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo_by(deadline, host, port)
     except (socket.gaierror, UnicodeError, ValueError):
         raise MediaError(f"'{field}' {where} a host name that could not be resolved") from None
     for info in infos:
@@ -353,6 +380,14 @@ def _failure_reason(exc: BaseException) -> str:
         return "timed out waiting for data"
     if isinstance(exc, SSLError):
         return "TLS handshake or certificate check failed"
+    # urllib3 wraps what http.client raised while reading the answer: ProtocolError(text, cause).
+    cause = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
+    if isinstance(cause, http.client.LineTooLong):
+        return "the server sent a response line or header longer than 64 kB"
+    if type(cause) is http.client.HTTPException and "headers" in str(cause):
+        return "the server sent more than 100 response headers"
+    if isinstance(cause, http.client.BadStatusLine) and not isinstance(cause, ConnectionError):
+        return "the server's answer is not HTTP"
     if isinstance(exc, ProtocolError):
         return "the connection broke off"
     return type(exc).__name__
@@ -392,7 +427,7 @@ def download(field: str, url: str, dest: Path, max_bytes: int, settings: Setting
         with open(dest, "wb") as out:
             for hop in range(max_redirects + 1):
                 parsed = _parse_http_url(field, url, hop)
-                checked = _Hop(_resolve_checked(field, parsed, hop, allowed), deadline)
+                checked = _Hop(_resolve_checked(field, parsed, hop, allowed, deadline), deadline)
                 pool_cls, tls = ((_CheckedHTTPSPool, {"cert_reqs": "CERT_REQUIRED",
                                                       "ca_certs": _ca_bundle()})
                                  if parsed.scheme == "https" else (_CheckedHTTPPool, {}))
@@ -409,7 +444,10 @@ def download(field: str, url: str, dest: Path, max_bytes: int, settings: Setting
                             location = response.headers.get("Location")
                             if not location:
                                 raise MediaError(f"'{field}' redirected without a Location")
-                            url = urljoin(parsed.url, location.strip())
+                            try:
+                                url = urljoin(parsed.url, location.strip())
+                            except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
+                                raise MediaError(f"'{field}' redirected to an invalid URL") from None
                             continue
                         if response.status != 200:
                             raise MediaError(f"'{field}' could not be downloaded: HTTP "
