@@ -108,7 +108,8 @@ def test_cli_job_s3config_uploads_to_the_jobs_bucket(tiny_checkpoint, portrait_p
     job = with_image(speech_job(speech_mp3, fps=16), portrait_png)
     job["s3Config"] = {"accessId": S3_ACCESS_KEY, "accessSecret": S3_SECRET_KEY,
                        "bucketName": JOB_BUCKET, "endpointUrl": s3_server}
-    code, payload, log = run_cli(job, worker_env(tiny_checkpoint, RUNPOD_LOG_LEVEL="info"), tmp_path)
+    env = worker_env(tiny_checkpoint, RUNPOD_LOG_LEVEL="info", ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8")
+    code, payload, log = run_cli(job, env, tmp_path)
     assert code == 0, log[-3000:]
     output = payload["output"]
     assert output["storage"] == "s3"
@@ -139,7 +140,8 @@ def api(tiny_checkpoint, s3_server, tmp_path_factory):
     s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
     port = free_port()
     env = worker_env(tiny_checkpoint, BUCKET_ENDPOINT_URL=s3_server, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
-                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET)
+                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET,
+                     ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8")  # the S3 server is on loopback
     log = tmp_path_factory.mktemp("api") / "server.log"
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api",

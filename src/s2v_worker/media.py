@@ -161,6 +161,20 @@ def address_is_allowed(address: str | IPAddress, allowed: Sequence[IPNetwork] = 
     return _is_public(ip)
 
 
+def refused_address(infos: Sequence[tuple[Any, ...]], allowed: Sequence[IPNetwork]) -> str | None:
+    """The first address among `socket.getaddrinfo` answers that the policy refuses; None when
+    every one is allowed. One bad answer refuses the host: which answer a connection would use is
+    not the checker's to choose."""
+    for info in infos:
+        address = str(info[4][0])
+        try:
+            if not address_is_allowed(address, allowed):
+                return address
+        except ValueError:
+            return address
+    return None
+
+
 # --- fetching ------------------------------------------------------------------------------------
 
 def _decode_base64(source: MediaSource, max_bytes: int) -> bytes:
@@ -358,14 +372,10 @@ def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork
         infos = _getaddrinfo_by(deadline, host, port)
     except (socket.gaierror, UnicodeError, ValueError):
         raise MediaError(f"'{field}' {where} a host name that could not be resolved") from None
-    for info in infos:
-        try:
-            allowed_here = address_is_allowed(str(info[4][0]), allowed)
-        except ValueError:
-            allowed_here = False
-        if not allowed_here:
-            logger.warning("%s: refused address %s of %s", field, info[4][0], host)
-            raise MediaError(f"'{field}' {where} a private or local address (not allowed)")
+    refused = refused_address(infos, allowed)
+    if refused is not None:
+        logger.warning("%s: refused address %s of %s", field, refused, host)
+        raise MediaError(f"'{field}' {where} a private or local address (not allowed)")
     if not infos:
         raise MediaError(f"'{field}' {where} a host name that could not be resolved")
     return tuple(dict.fromkeys(tuple(i) for i in infos))

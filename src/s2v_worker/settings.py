@@ -133,8 +133,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_REDIRECTS", "max_redirects", int, 5,
             "Redirects followed per media download; each hop's address is checked again."),
     Setting("ALLOWED_PRIVATE_NETWORKS", "allowed_private_networks", _parse_cidr_list, "",
-            "Comma-separated CIDR ranges that media URLs may resolve to although they are loopback, "
-            "private, link-local or reserved (e.g. 127.0.0.0/8 for local tests). Empty: none."),
+            "Comma-separated CIDR ranges that media URLs, LoRA URLs and the bucket endpoint may "
+            "resolve to although they are loopback, private, link-local or reserved (e.g. "
+            "10.0.0.0/8 for a private MinIO, 127.0.0.0/8 for local tests). Empty: none."),
     Setting("MAX_IMAGE_PIXELS", "max_image_pixels", _parse_positive_int, 64_000_000,
             "Largest image accepted, in pixels, checked before decoding (decompression bombs)."),
     Setting("MAX_POSE_VIDEO_FRAMES", "max_pose_video_frames", _parse_positive_int, 20_000,
