@@ -8,7 +8,8 @@ import torch
 from conftest import speech_excerpt
 from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
-from s2v_worker.pipeline import GenerationStopped, plan_clip_count, pose_frame_indices
+from s2v_worker.pipeline import (DiTSpeed, GenerationStopped, dit_calls_per_step, plan_clip_count,
+                                 pose_frame_indices)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,51 @@ def test_guidance_one_or_less_halves_the_model_calls(pipeline, portrait_png, spe
     guided, clips = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=4.5)
     unguided, _ = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=1.0)
     assert (guided, unguided) == (2 * 2 * clips, 2 * clips)
+    # what the duration estimate counts
+    assert (guided, unguided) == (clips * sum(dit_calls_per_step(2, True, False)),
+                                  clips * sum(dit_calls_per_step(2, False, False)))
+
+
+def test_the_estimate_counts_the_calls_a_step_cached_job_makes(pipeline, portrait_png, speech_2s,
+                                                               monkeypatch):
+    """12 steps with the step cache (fast mode's reuse, run here without FP8): steps 4, 6 and 8
+    reuse the previous prediction."""
+    import dataclasses
+
+    monkeypatch.setattr(pipeline, "dit_speed", DiTSpeed())
+    gen = dataclasses.replace(settings(sample_steps=12, max_clips=1), step_cache=True)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    assert pipeline.estimate_sampling(plan, gen) is None  # nothing measured yet
+    before = pipeline.dit_calls
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1)
+    estimate = pipeline.estimate_sampling(plan, gen)
+    assert estimate.calls == pipeline.dit_calls - before == 2 * (12 - 3)
+    assert estimate.tokens == pipeline.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
+    assert 0 < estimate.seconds_per_call < 60  # this job's own measurement
+    assert estimate.remaining_s(0, 1, 11) == 0 and estimate.remaining_s(0, 1, -1) == estimate.seconds
+
+
+def test_dit_speed_scales_a_measurement_to_other_token_counts():
+    speed = DiTSpeed(keep=3)
+    assert speed.seconds_per_call(29_120) is None
+    speed.record(29_120, 2.89)  # the H100's 480p forward (README)
+    assert speed.seconds_per_call(29_120) == 2.89
+    assert speed.seconds_per_call(54_400) == pytest.approx(7.97, rel=0.01)  # its 720p forward
+    speed.record(54_400, 8.5)  # a measurement at that size wins over the scaling
+    assert speed.seconds_per_call(54_400) == 8.5
+    assert speed.seconds_per_call(50_000) == pytest.approx(8.5 * (50_000 + 50_000**2 / 24_000)
+                                                           / (54_400 + 54_400**2 / 24_000))
+    speed.record(1_000, 0.1)
+    speed.record(2_000, 0.2)  # a fourth size: the oldest (29,120) is forgotten
+    assert speed.seconds_per_call(29_120) != 2.89
+
+
+def test_warm_up_measures_a_call_for_the_first_jobs_estimate(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline, "dit_speed", DiTSpeed())
+    pipeline.warm_up(("480p",), frames_per_clip=16)
+    height, width = pipeline.get_size_less_than_area(720, 1280,
+                                                     target_area=pipeline.checkpoint.max_area["480p"])
+    assert pipeline.dit_speed.seconds_per_call(pipeline.dit_tokens(height, width, 16)) > 0
 
 
 def test_dpm_solver_runs(pipeline, portrait_png, speech_2s):

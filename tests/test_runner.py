@@ -3,6 +3,7 @@ limit, GPU failures (injected), progress updates, and temporary files, with the 
 ready for the next job after each."""
 import asyncio
 import base64
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
 from conftest import speech_excerpt
+from s2v_worker.pipeline import DiTSpeed
 from s2v_worker.runner import ProgressReporter, Worker
 from s2v_worker.settings import Settings
 
@@ -99,7 +101,10 @@ def test_runpod_per_job_stop_ends_sampling_within_one_step(worker, portrait_png,
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
 
 
-def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64):
+def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64, monkeypatch):
+    # No measured DiT speed: the worker cannot refuse the job up front (see the estimate tests
+    # below), so the limit must stop it during sampling.
+    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
     worker.settings = worker.settings.replace(job_timeout_s=0.5)
     deadline = time.monotonic() + 0.5
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=100))
@@ -193,3 +198,45 @@ def test_an_image_the_model_cannot_size_is_a_client_error(worker, tmp_path, spee
         result = worker.run(job(path, speech_1s_b64))
     assert result == {"error": message} and audio_loads == []
     assert not list(Path(worker.settings.work_dir).iterdir())
+
+
+def job_tokens(worker, image_png) -> int:
+    """The DiT tokens of `job(...)`'s clips (480p, 16 frames a clip) for this image."""
+    height, width = worker.pipeline.video_size(image_png, "480p")
+    return worker.pipeline.dit_tokens(height, width, 16)
+
+
+def test_progress_carries_the_estimated_sampling_time_left(worker, portrait_png, speech_1s_b64,
+                                                           monkeypatch):
+    speed = DiTSpeed()
+    speed.record(job_tokens(worker, portrait_png), 0.25)  # as if measured: 0.25 s a call
+    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3, max_clips=1))
+    clips = result["num_clips"]
+    calls = clips * 3 * 2  # guided: two calls a step
+    assert result["timings"]["estimated_sampling_s"] == round(calls * 0.25, 1)
+    assert result["timings"]["estimated_s"] >= result["timings"]["estimated_sampling_s"]
+    updates = [u for _, u in worker.updates]
+    generate = next(u for u in updates if u["stage"] == "generate")
+    assert generate["eta_s"] == round(calls * 0.25, 1)
+    etas = [u["eta_s"] for u in updates if u["stage"] == "sampling"]
+    assert etas == [round((calls - 2 * done) * 0.25, 1) for done in range(1, clips * 3 + 1)]
+
+
+def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(worker, portrait_png,
+                                                                              speech_1s_b64, monkeypatch):
+    speed = DiTSpeed()
+    speed.record(job_tokens(worker, portrait_png), 400.0)  # a very slow GPU, as measured
+    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
+    calls_before = worker.pipeline.dit_calls
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3))
+    clips = 2  # 1 s of speech in 16-frame clips
+    assert set(result) == {"error"}  # a client error: no refresh_worker
+    match = re.fullmatch(r"the job would take about (\d+) s \((\d+) DiT calls at 400.00 s each, as "
+                         r"measured on this worker\), more than its time limit of 3600 s "
+                         r"\(JOB_TIMEOUT_S\); use fewer sample_steps, a shorter audio or max_clips, "
+                         r"or 480p", result["error"])
+    assert match, result["error"]
+    assert int(match.group(2)) == clips * 3 * 2 and int(match.group(1)) >= clips * 3 * 2 * 400
+    assert worker.pipeline.dit_calls == calls_before
+    assert not any(u["stage"] in ("generate", "sampling") for _, u in worker.updates)

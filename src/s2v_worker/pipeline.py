@@ -89,6 +89,72 @@ def reused_steps(num_steps: int, first: int = 3, last: int = 3) -> frozenset[int
     return frozenset(range(first + 1, num_steps - last, 2))
 
 
+def dit_calls_per_step(steps: int, guided: bool, step_cache: bool) -> list[int]:
+    """DiT calls each denoising step makes, as `denoise` runs them: two with guidance (conditional
+    and unconditional), one without, none on a step that reuses the previous prediction."""
+    reuse = reused_steps(steps) if step_cache else frozenset()
+    return [0 if i in reuse else (2 if guided else 1) for i in range(steps)]
+
+
+# A DiT call's cost against its token count n: the GEMMs grow with n, attention with n squared.
+# Fitted to the H100 forwards in README (2.89 s at 480p, 29,120 tokens; 7.97 s at 720p, 54,400),
+# a*n + b*n^2 has a/b = 24,000 tokens: the count at which attention costs as much as the rest.
+ATTENTION_BALANCE_TOKENS = 24_000
+
+
+def _call_cost(tokens: int) -> float:
+    return tokens + tokens * tokens / ATTENTION_BALANCE_TOKENS
+
+
+class DiTSpeed:
+    """Measured seconds per DiT call, by token count: what the worker's duration estimates rest on.
+
+    Fed by the warm-up (a timed call after the compiling one) and by every clip a job samples
+    (its sampling time, which the per-clip stopwatch already brackets with GPU syncs, over its DiT
+    calls: no sync is added to the step loop). A token count never measured is scaled from the
+    nearest measured one by `_call_cost`. The input is only (tokens, seconds per call), so a
+    multi-GPU sampler can feed it the same way.
+    """
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._seconds: dict[int, float] = {}  # tokens -> seconds per call, most recent last
+
+    def record(self, tokens: int, seconds_per_call: float) -> None:
+        self._seconds.pop(tokens, None)
+        self._seconds[tokens] = seconds_per_call
+        while len(self._seconds) > self.keep:
+            del self._seconds[next(iter(self._seconds))]
+
+    def seconds_per_call(self, tokens: int) -> float | None:
+        """The measurement at `tokens`, else the nearest one (by ratio) scaled; None: none yet."""
+        if tokens in self._seconds:
+            return self._seconds[tokens]
+        if not self._seconds:
+            return None
+        nearest = min(self._seconds, key=lambda measured: abs(math.log(measured / tokens)))
+        return self._seconds[nearest] * _call_cost(tokens) / _call_cost(nearest)
+
+
+@dataclass(frozen=True)
+class SamplingEstimate:
+    """How long a job's sampling should take on this worker, from `DiTSpeed`."""
+
+    tokens: int  # per DiT call
+    calls: int  # all clips together
+    seconds_per_call: float
+    calls_by_step: tuple[int, ...]  # one clip's
+
+    @property
+    def seconds(self) -> float:
+        return self.calls * self.seconds_per_call
+
+    def remaining_s(self, clip: int, clips: int, step: int) -> float:
+        """Seconds of sampling left once `step` of `clip` (both from 0) is done."""
+        calls_left = (clips - clip - 1) * sum(self.calls_by_step) + sum(self.calls_by_step[step + 1:])
+        return calls_left * self.seconds_per_call
+
+
 class GenerationStopped(Exception):
     """Raised from a progress callback to stop sampling between two steps."""
 
@@ -247,6 +313,7 @@ class S2VPipeline(WanS2V):
         # torch.compile needs a GPU back-end (Triton); on the CPU the engine runs eagerly.
         self.dit = DiTEngine(self.noise_model, compile=compile_dit and device.type == "cuda")
         self.dit_calls = 0  # DiT forwards run, all jobs together (tests and logs read it)
+        self.dit_speed = DiTSpeed()
         self.fast_mode_float8 = FAST_MODE_FLOAT8
         return self
 
@@ -298,6 +365,23 @@ class S2VPipeline(WanS2V):
         motion = (self.motion_frames + 3) // 4
         return motion, (frames_per_clip + 3 + self.motion_frames) // 4 - motion
 
+    def dit_tokens(self, height: int, width: int, frames_per_clip: int) -> int:
+        """Tokens of the noisy latents in one DiT call: WanS2V.generate's `max_seq_len`."""
+        _, lat_frames = self._latent_frames(frames_per_clip)
+        return lat_frames * (height // 8) * (width // 8) // 4
+
+    def estimate_sampling(self, plan: ClipPlan, settings: GenerationSettings) -> SamplingEstimate | None:
+        """The job's sampling time from this worker's measured seconds per DiT call; None before
+        any measurement (no warm-up on this device, and no job yet)."""
+        tokens = self.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
+        seconds_per_call = self.dit_speed.seconds_per_call(tokens)
+        if seconds_per_call is None:
+            return None
+        by_step = dit_calls_per_step(settings.sample_steps, settings.guidance_scale > 1,
+                                     settings.step_cache)
+        return SamplingEstimate(tokens=tokens, calls=plan.num_clips * sum(by_step),
+                                seconds_per_call=seconds_per_call, calls_by_step=tuple(by_step))
+
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
         """One DiT call per resolution on blank inputs at its 16:9 size, so that compilation
         (and cuDNN/cuBLAS kernel selection) happens before the first job. Seconds per resolution."""
@@ -324,14 +408,25 @@ class S2VPipeline(WanS2V):
                         cond_states=latent(1, 16, lat_frames, *size),
                         audio_input=latent(1, audio_layers, m.config.audio_dim, frames_per_clip),
                         motion_frames=[self.motion_frames, lat_motion], drop_motion_frames=False)
-                    self.dit.forward([latent(16, lat_frames, *size)],
-                                     torch.tensor([999.0], device=self.device), conditioning)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                timings[resolution] = time.perf_counter() - start
-                logger.info("warm-up at %s (%dx%d): %.1f s", resolution, width, height,
-                            timings[resolution])
+                    noise = [latent(16, lat_frames, *size)]
+                    timestep = torch.tensor([999.0], device=self.device)
+                    self.dit.forward(noise, timestep, conditioning)
+                    self._sync()
+                    timings[resolution] = time.perf_counter() - start
+                    # The first call compiled; a second one measures a call as jobs run it, for
+                    # the first job's duration estimate (about 3 s at 480p on an H100).
+                    start = time.perf_counter()
+                    self.dit.forward(noise, timestep, conditioning)
+                    self._sync()
+                    call_s = time.perf_counter() - start
+                self.dit_speed.record(self.dit_tokens(height, width, frames_per_clip), call_s)
+                logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
+                            width, height, timings[resolution], call_s)
         return timings
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -544,12 +639,16 @@ class S2VPipeline(WanS2V):
                 arg_c = {"context": context[0:1], "audio_input": audio_input, **common}
                 arg_null = {"context": context_null[0:1], "audio_input": 0.0 * audio_input, **common}
 
+                sampled_before, calls_before = timings["sampling_s"], self.dit_calls
                 with timed("sampling_s"):
                     latents = self.denoise(
                         latents, timesteps, scheduler, generator, arg_c,
                         arg_null if guided else None, settings.guidance_scale,
                         on_step=None if on_step is None else partial(on_step, r, plan.num_clips),
                         fast=settings.speed == "fast", step_cache=settings.step_cache)
+                if self.dit_calls > calls_before:  # the stopwatch synced at both ends of the clip
+                    self.dit_speed.record(max_seq_len, (timings["sampling_s"] - sampled_before)
+                                          / (self.dit_calls - calls_before))
 
                 with timed("decoding_s"):
                     stacked = torch.stack(latents)

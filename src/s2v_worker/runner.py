@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -28,6 +28,9 @@ from .media import MediaError, load_audio, load_image, load_pose_video
 from .settings import Settings, export_to_libraries
 from .storage import StorageError, deliver_video
 from .video import VideoEncodingError, encode_mp4
+
+if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads it in start()
+    from .pipeline import SamplingEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +65,15 @@ def configure_compile_cache(settings: Settings) -> Path | None:
 
 
 class ProgressReporter:
-    """Sends stage changes at once and sampling steps at most every `interval_s` seconds."""
+    """Sends stage changes at once and sampling steps at most every `interval_s` seconds.
+
+    Once the job's sampling is estimated (`estimate`), the "generate" stage and every sampling
+    update carry `eta_s`: the estimated seconds of sampling left."""
 
     def __init__(self, job: dict, send: ProgressSender | None, interval_s: float) -> None:
         self.job, self.send, self.interval_s = job, send, interval_s
         self.last_sent = float("-inf")
+        self.estimate: SamplingEstimate | None = None
 
     def _emit(self, update: dict) -> None:
         self.last_sent = time.monotonic()
@@ -75,13 +82,19 @@ class ProgressReporter:
             self.send(self.job, update)
 
     def stage(self, name: str) -> None:
-        self._emit({"stage": name})
+        update: dict[str, Any] = {"stage": name}
+        if name == "generate" and self.estimate is not None:
+            update["eta_s"] = round(self.estimate.seconds, 1)
+        self._emit(update)
 
     def step(self, clip: int, clips: int, step: int, steps: int) -> None:
         last = clip + 1 == clips and step + 1 == steps
         if last or time.monotonic() - self.last_sent >= self.interval_s:
-            self._emit({"stage": "sampling", "clip": clip + 1, "clips": clips,
-                        "step": step + 1, "steps": steps})
+            update: dict[str, Any] = {"stage": "sampling", "clip": clip + 1, "clips": clips,
+                                      "step": step + 1, "steps": steps}
+            if self.estimate is not None:
+                update["eta_s"] = round(self.estimate.remaining_s(clip, clips, step), 1)
+            self._emit(update)
 
 
 class JobStopped(Exception):
@@ -234,6 +247,10 @@ class Worker:
                           if request.pose_video else None)
 
         plan = pipeline.plan(image.path, audio.duration_s, generation, request.image.field)
+        estimate = pipeline.estimate_sampling(plan, generation)
+        if estimate is not None:
+            self._check_estimate(estimate, control, timings)
+            progress.estimate = estimate
 
         # Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
         # the base weights whatever the previous job merged.
@@ -277,6 +294,24 @@ class Worker:
                                    for lora in loras]},
             "timings": timings,
         }
+
+    def _check_estimate(self, estimate: SamplingEstimate, control: JobControl,
+                        timings: dict[str, float]) -> None:
+        """Refuse, before any model work, a job that would run past JOB_TIMEOUT_S: the client learns
+        it now rather than after the time limit has cut the job short."""
+        elapsed = control.timeout_s - (control.deadline - time.monotonic())
+        total = elapsed + estimate.seconds
+        timings["estimated_sampling_s"] = round(estimate.seconds, 1)
+        timings["estimated_s"] = round(total, 1)
+        logger.info("estimate: %d DiT calls of %d tokens at %.3f s: %.1f s of sampling, %.1f s "
+                    "in all", estimate.calls, estimate.tokens, estimate.seconds_per_call,
+                    estimate.seconds, total)
+        if total > control.timeout_s:
+            raise JobInputError(
+                f"the job would take about {total:.0f} s ({estimate.calls} DiT calls at "
+                f"{estimate.seconds_per_call:.2f} s each, as measured on this worker), more than "
+                f"its time limit of {control.timeout_s:g} s (JOB_TIMEOUT_S); use fewer "
+                "sample_steps, a shorter audio or max_clips, or 480p")
 
     def _lora_manager(self) -> LoraManager:
         if self._loras is None:
