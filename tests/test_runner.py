@@ -3,6 +3,7 @@ limit, GPU failures (injected), progress updates, and temporary files, with the 
 ready for the next job after each."""
 import asyncio
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -240,3 +241,27 @@ def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(wo
     assert int(match.group(2)) == clips * 3 * 2 and int(match.group(1)) >= clips * 3 * 2 * 400
     assert worker.pipeline.dit_calls == calls_before
     assert not any(u["stage"] in ("generate", "sampling") for _, u in worker.updates)
+
+
+def as_runpod_sends(run_result: dict) -> bytes:
+    """The job's answer as the SDK serializes it: rp_http's json.dumps(ensure_ascii=False), which
+    aiohttp encodes as UTF-8, and the local API's JSONResponse (Starlette), which must agree."""
+    from starlette.responses import JSONResponse
+
+    sent = json.dumps(run_result, ensure_ascii=False).encode("utf-8")
+    assert JSONResponse(run_result).body == json.dumps(
+        run_result, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return sent
+
+
+def test_results_serialize_as_runpod_sends_them(worker, portrait_png, speech_1s_b64):
+    text = "Ünïcödé 你好 \U0001f600 \u202eright-to-left\u202c e\u0301"  # valid, outside ASCII and the BMP
+    good = job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1, prompt=text)
+    result = asyncio.run(run_job(worker.handle, good))
+    assert json.loads(as_runpod_sends(result))["output"]["settings"]["prompt"] == text
+    for bad_input, fragment in (({"prompt": "\ud800"}, "'input.prompt' is not valid text"),
+                                ({"\udc00": 1}, "a key in 'input' is not valid text")):
+        bad = job(portrait_png, speech_1s_b64, **bad_input)
+        result = asyncio.run(run_job(worker.handle, bad))
+        sent = json.loads(as_runpod_sends(result))
+        assert fragment in sent["error"] and "stopPod" not in sent
