@@ -265,3 +265,14 @@ def test_results_serialize_as_runpod_sends_them(worker, portrait_png, speech_1s_
         result = asyncio.run(run_job(worker.handle, bad))
         sent = json.loads(as_runpod_sends(result))
         assert fragment in sent["error"] and "stopPod" not in sent
+
+
+def test_a_job_with_a_pose_video_completes(worker, portrait_png, speech_1s_b64, tmp_path):
+    import subprocess
+
+    pose = tmp_path / "pose.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=96x80:rate=30",
+                    "-t", "1", "-pix_fmt", "yuv420p", str(pose)], check=True)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1,
+                            pose_video_base64=base64.b64encode(pose.read_bytes()).decode()))
+    assert "video_base64" in result and "error" not in result, result

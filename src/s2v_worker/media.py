@@ -581,16 +581,17 @@ def _run_decoder(field: str, command: list[str], what: str) -> subprocess.Comple
         raise MediaError(f"'{field}' took longer than {DECODE_TIMEOUT_S:g} s to {what}") from None
 
 
-class _DecoderOutputEnded(Exception):
-    """ffmpeg's output ended before a complete WAV header."""
+class DecoderOutputEnded(Exception):
+    """A decoder's output ended before what the reader needed."""
 
 
-class _DecoderPipe:
-    """ffmpeg's stdout, read within the decode's time limit; its stderr drained on the side (only
-    the end is kept), so that ffmpeg can never block on a full stderr pipe."""
+class DecoderPipe:
+    """A decoding child's stdout, read within DECODE_TIMEOUT_S (from the start, or from the last
+    `restart_clock`); its stderr drained on the side (only the end is kept), so that the child can
+    never block on a full stderr pipe. Used for ffmpeg's audio and for the pose frames."""
 
-    def __init__(self, process: subprocess.Popen, field: str) -> None:
-        self.process, self.field = process, field
+    def __init__(self, process: subprocess.Popen, field: str, what: str = "decode") -> None:
+        self.process, self.field, self.what = process, field, what
         self.deadline = time.monotonic() + DECODE_TIMEOUT_S
         self.stderr = bytearray()
         self._selector = selectors.DefaultSelector()
@@ -603,21 +604,35 @@ class _DecoderPipe:
             self.stderr += piece
             del self.stderr[:-_STDERR_KEPT_BYTES]
 
+    def restart_clock(self) -> None:
+        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
+
     def read(self, size: int = _PIPE_READ_BYTES) -> bytes:
         """Up to `size` bytes; b"" at the end of the output."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0 or not self._selector.select(remaining):
-            raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to decode")
+            raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to "
+                             f"{self.what}")
         return os.read(self.process.stdout.fileno(), size)
 
     def read_exact(self, size: int) -> bytes:
         data = bytearray()
         while len(data) < size:
-            piece = self.read(size - len(data))
+            piece = self.read(min(size - len(data), _PIPE_READ_BYTES))
             if not piece:
-                raise _DecoderOutputEnded()
+                raise DecoderOutputEnded()
             data += piece
         return bytes(data)
+
+    def read_into(self, buffer: memoryview) -> None:
+        """Fill `buffer` (bytes) from the output, without an intermediate copy of it all."""
+        filled = 0
+        while filled < len(buffer):
+            piece = self.read(min(len(buffer) - filled, _PIPE_READ_BYTES))
+            if not piece:
+                raise DecoderOutputEnded()
+            buffer[filled:filled + len(piece)] = piece
+            filled += len(piece)
 
     def close(self) -> int:
         """Stop ffmpeg if it still runs; its exit status. Safe to call again."""
@@ -632,7 +647,7 @@ class _DecoderPipe:
         return returncode
 
 
-def _wav_stream_format(pipe: _DecoderPipe) -> tuple[int, int]:
+def _wav_stream_format(pipe: DecoderPipe) -> tuple[int, int]:
     """(channels, sample rate) from the WAV header ffmpeg writes, leaving `pipe` at the samples."""
     riff = pipe.read_exact(12)
     if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
@@ -716,12 +731,12 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
                "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    pipe = _DecoderPipe(process, field)
+    pipe = DecoderPipe(process, field)
     writer = None
     try:
         try:
             channels, rate = _wav_stream_format(pipe)
-        except _DecoderOutputEnded:
+        except DecoderOutputEnded:
             returncode = pipe.close()
             logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
                         _error_summary(bytes(pipe.stderr)))

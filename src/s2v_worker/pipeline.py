@@ -1,7 +1,8 @@
 """The S2V pipeline: load the official Wan2.2 components once, then turn a job into video frames.
 
-`S2VPipeline` subclasses the official `wan.WanS2V` so that its sizing, audio bucketing and pose
-conditioning are the official methods themselves. Two parts are the worker's own:
+`S2VPipeline` subclasses the official `wan.WanS2V` so that its sizing and audio bucketing are the
+official methods themselves; the pose conditioning is upstream's `load_pose_cond` math, done clip by
+clip in bounded memory (`pose_latents`). Two parts are the worker's own:
 
 * loading (`S2VPipeline.load`): the same official classes, placed on the worker's device (GPU, or
   the CPU for the tiny test checkpoint), with the T5 and VAE widths read from the checkpoint so that
@@ -14,8 +15,12 @@ conditioning are the official methods themselves. Two parts are the worker's own
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,12 +71,42 @@ class _VideoVAE(_official.vae.Wan2_1_VAE):
 # float32 source-resolution pixels are held at once (one frame when a frame alone is larger).
 POSE_BATCH_BYTES = 128 * 1024 * 1024
 
-
-def pose_frame_indices(total_frames: int, fps: float, n_frames: int) -> list[int]:
-    """The frames the official `read_last_n_frames(..., target_fps=16, reverse=True)` samples:
-    every round(fps / 16)-th frame from the first, at most `n_frames` of them."""
-    interval = max(1, round(fps / NATIVE_FPS))
-    return list(range(0, min(n_frames * interval, total_frames), interval))
+# Runs in a child process (`pose_latents`). decord reads the frames upstream's
+# read_last_n_frames(..., target_fps=16, reverse=True) samples (every round(fps / 16)-th frame from
+# the first), and each batch is normalised, resized and cropped as upstream's load_pose_cond does,
+# then written to stdout as float32: per clip, its frame count (8 bytes) and its frames. In a child,
+# a file that crashes or hangs decord cannot take the worker with it.
+# Two choices keep the child's memory flat (measured on 720p video, 176 batches): decord decodes on
+# one thread, and the uint8 -> [-1, 1] step is a lookup in a table that upstream's own expression
+# computed for the 256 values, instead of torch arithmetic on every frame. With decord's default
+# threads, or with torch's elementwise ops on the decoded frames, its memory grew with every batch
+# (to 2 GB); with both choices it stays at its start (about 0.75 GB with torch loaded). The values
+# are the same: each pixel's result depends on its value only, and a decoder's output does not
+# depend on its threads (tests/test_pipeline.py compares the latents with upstream's).
+_POSE_FRAMES = """
+import json, struct, sys
+import torch
+from decord import VideoReader
+from torchvision import transforms
+a = json.loads(sys.argv[1])
+reader = VideoReader(a["path"], num_threads=1)
+interval = max(1, round(reader.get_avg_fps() / a["fps"]))
+indices = list(range(0, min(a["frames"] * a["clips"] * interval, len(reader)), interval))
+source_height, source_width = reader[0].shape[:2]
+batch = max(1, a["batch_bytes"] // (source_height * source_width * 3 * 4))
+to_unit = (torch.arange(256, dtype=torch.uint8) / 255.0 * 2 - 1.0).numpy()  # upstream's expression
+resize = transforms.Resize(min(a["height"], a["width"]))
+crop = transforms.CenterCrop((a["height"], a["width"]))
+out = sys.stdout.buffer
+for r in range(a["clips"]):
+    clip = indices[r * a["frames"]:(r + 1) * a["frames"]]
+    out.write(struct.pack("<Q", len(clip)))
+    for start in range(0, len(clip), batch):
+        pixels = to_unit[reader.get_batch(clip[start:start + batch]).asnumpy()]
+        frames = crop(resize(torch.from_numpy(pixels).permute(0, 3, 1, 2)))
+        out.write(frames.contiguous().numpy().tobytes())
+    out.flush()
+"""
 
 
 # Fast mode: every linear layer of the 40 blocks in FP8 with per-tensor scales (cuBLAS FP8 GEMM;
@@ -546,45 +581,60 @@ class S2VPipeline(WanS2V):
                                                                device=self.vae.device)
 
     @torch.no_grad()
-    def pose_latents(self, pose_video_path: Path, plan: ClipPlan) -> list[torch.Tensor]:
+    def pose_latents(self, pose_video_path: Path, plan: ClipPlan,
+                     field: str = "pose_video") -> list[torch.Tensor]:
         """The official `load_pose_cond` for a pose video, in bounded memory: one latent per clip.
 
         Upstream decodes every sampled frame at the video's own resolution at once and turns them
         all to float32 (a 300 s 1080p pose video: tens of GB) before resizing. Each frame's
-        normalisation, resize and crop depend on that frame only, so here they are done per
-        batch of at most POSE_BATCH_BYTES of pixels, and each clip's frames are VAE-encoded as
-        upstream encodes its chunk: the same latents (tests/test_pipeline.py compares them).
+        normalisation, resize and crop depend on that frame only, so a child process
+        (`_POSE_FRAMES`) does them per batch of at most POSE_BATCH_BYTES of pixels, and this
+        process VAE-encodes each clip as upstream encodes its chunk, holding one clip's resized
+        frames: the same latents (tests/test_pipeline.py compares them). A video decord cannot
+        decode to the end is a MediaError naming `field`.
         """
-        from decord import VideoReader  # as the official speech2video module reads pose videos
+        from .media import DecoderOutputEnded, DecoderPipe, MediaError
 
-        height, width = plan.height, plan.width
-        frames_per_clip = plan.frames_per_clip
-        reader = VideoReader(str(pose_video_path))
-        indices = pose_frame_indices(len(reader), reader.get_avg_fps(),
-                                     frames_per_clip * plan.num_clips)
-        source_height, source_width = reader[0].shape[:2]
-        batch = max(1, POSE_BATCH_BYTES // (source_height * source_width * 3 * 4))
-        resize, crop = transforms.Resize(min(height, width)), transforms.CenterCrop((height, width))
+        height, width, frames_per_clip = plan.height, plan.width, plan.frames_per_clip
+        arguments = json.dumps({"path": str(pose_video_path), "fps": NATIVE_FPS,
+                                "frames": frames_per_clip, "clips": plan.num_clips,
+                                "height": height, "width": width, "batch_bytes": POSE_BATCH_BYTES})
+        process = subprocess.Popen([sys.executable, "-I", "-c", _POSE_FRAMES, arguments],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        pipe = DecoderPipe(process, field, "decode the pose frames of one clip")
         latents = []
-        for r in range(plan.num_clips):
-            clip_indices = indices[r * frames_per_clip:(r + 1) * frames_per_clip]
-            frames = []
-            for start in range(0, len(clip_indices), batch):
-                pixels = torch.from_numpy(reader.get_batch(clip_indices[start:start + batch]).asnumpy())
-                frames.append(crop(resize(pixels.permute(0, 3, 1, 2) / 255.0 * 2 - 1.0)))
-            # Past the video's end upstream pads with -1 (black in [-1, 1]).
-            frames.append(-torch.ones([frames_per_clip - len(clip_indices), 3, height, width]))
-            cond = torch.cat(frames).permute(1, 0, 2, 3).unsqueeze(0)
-            del frames
-            cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
-            latents.append(torch.stack(self.vae.encode(
-                cond.to(dtype=self.param_dtype, device=self.device)))[:, :, 1:].cpu())
+        try:
+            for _ in range(plan.num_clips):
+                pipe.restart_clock()
+                try:
+                    count = struct.unpack("<Q", pipe.read_exact(8))[0]
+                    if count > frames_per_clip:
+                        raise DecoderOutputEnded()
+                    frames = torch.empty(count, 3, height, width, dtype=torch.float32)
+                    if count:  # a clip past the video's end has none
+                        pipe.read_into(memoryview(frames.numpy()).cast("B"))
+                except DecoderOutputEnded:
+                    returncode = pipe.close()
+                    logger.info("%s: pose frames failed (exit status %s): %s", field, returncode,
+                                bytes(pipe.stderr[-300:]).decode("utf-8", "replace"))
+                    raise MediaError(f"'{field}' could not be decoded to the end") from None
+                # Past the video's end upstream pads with -1 (black in [-1, 1]).
+                padding = -torch.ones([frames_per_clip - count, 3, height, width])
+                cond = torch.cat([frames, padding]).permute(1, 0, 2, 3).unsqueeze(0)
+                del frames, padding
+                cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
+                latents.append(torch.stack(self.vae.encode(
+                    cond.to(dtype=self.param_dtype, device=self.device)))[:, :, 1:].cpu())
+        finally:
+            pipe.close()
         return latents
 
     @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
-                 on_step: StepCallback | None = None) -> GenerationResult:
+                 on_step: StepCallback | None = None,
+                 pose_video_field: str = "pose_video") -> GenerationResult:
         """The official WanS2V.generate, on any device, for `plan.num_clips` clips."""
         timings = {"text_encoding_s": 0.0, "audio_encoding_s": 0.0, "vae_encoding_s": 0.0,
                    "sampling_s": 0.0, "decoding_s": 0.0}
@@ -612,7 +662,8 @@ class S2VPipeline(WanS2V):
             motion_latents = self._first_motion_latents(motion_pixels, drop_first_motion)
             # Without a pose video upstream VAE-encodes infer_frames + 1 blank frames and then
             # multiplies the latents by 0: the worker takes the zeros (saves load_pose_cond, 2.08 s in the job benchmark).
-            cond = self.pose_latents(pose_video_path, plan) if pose_video_path else None
+            cond = (self.pose_latents(pose_video_path, plan, pose_video_field)
+                    if pose_video_path else None)
 
         lat_motion_frames, lat_target_frames = self._latent_frames(infer_frames)
         target_shape = [lat_target_frames, plan.height // 8, plan.width // 8]
