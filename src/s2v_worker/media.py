@@ -2,10 +2,9 @@
 
 Every input is proven by decoding it before any model work: the image through Pillow, the audio
 through ffmpeg, streamed and resampled into the mono 16 kHz WAV that the model stage reads, the pose
-video through decord. A bad input
-raises `MediaError`, whose message names the job field and says what is wrong; it is safe to
-return to the client. Files are written inside the job's own temporary folder only, under fixed
-names: nothing in a path comes from the job.
+video through decord. A bad input raises `MediaError`, whose message names the job field and says
+what is wrong; it is safe to return to the client. Files are written inside the job's own
+temporary folder only, under fixed names: nothing in a path comes from the job.
 
 URLs are fetched so that no job can make the worker reach inside its own network (SSRF): see
 `download` for how every address is checked, and pinned, before it is connected to.
@@ -635,7 +634,7 @@ class DecoderPipe:
             filled += len(piece)
 
     def close(self) -> int:
-        """Stop ffmpeg if it still runs; its exit status. Safe to call again."""
+        """Stop the child if it still runs; its exit status. Safe to call again."""
         if self.process.poll() is None:
             self.process.kill()
         returncode = self.process.wait()
@@ -776,6 +775,8 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
 
 
 def _check_audio_format(field: str, channels: int, rate: int, settings: Settings) -> None:
+    if channels < 1:
+        raise MediaError(f"'{field}' is not a readable audio file (no channels)")
     if channels > settings.max_audio_channels:
         raise MediaError(f"'{field}' has {channels} channels; the limit is "
                          f"{settings.max_audio_channels} (MAX_AUDIO_CHANNELS)")

@@ -267,7 +267,8 @@ class Worker:
         stage("generate")
         result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
                                    pose_video_path=pose_video, on_step=on_step,
-                                   pose_video_field=request.pose_video.field if pose_video else "")
+                                   pose_video_field=(request.pose_video.field if request.pose_video
+                                                     else "pose_video"))
         timings.update({k: round(v, 3) for k, v in result.timings.items()})
 
         stage("encode")
