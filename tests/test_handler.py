@@ -3,11 +3,13 @@ local HTTP API (`--rp_serve_api`, POST /runsync), on the tiny checkpoint, with a
 (moto) on loopback, real ffmpeg, and the MP4 checked with ffprobe."""
 import ast
 import base64
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,7 +111,8 @@ def test_cli_job_s3config_uploads_to_the_jobs_bucket(tiny_checkpoint, portrait_p
     job = with_image(speech_job(speech_mp3, fps=16), portrait_png)
     job["s3Config"] = {"accessId": S3_ACCESS_KEY, "accessSecret": S3_SECRET_KEY,
                        "bucketName": JOB_BUCKET, "endpointUrl": s3_server}
-    code, payload, log = run_cli(job, worker_env(tiny_checkpoint, RUNPOD_LOG_LEVEL="info"), tmp_path)
+    env = worker_env(tiny_checkpoint, RUNPOD_LOG_LEVEL="info", ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8")
+    code, payload, log = run_cli(job, env, tmp_path)
     assert code == 0, log[-3000:]
     output = payload["output"]
     assert output["storage"] == "s3"
@@ -139,7 +142,9 @@ def api_server(checkpoint: Path, s3_endpoint: str, log: Path, **extra_env: str):
     """handler.py --rp_serve_api with a bucket configured; yields (base URL, log path, pid)."""
     port = free_port()
     env = worker_env(checkpoint, BUCKET_ENDPOINT_URL=s3_endpoint, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
-                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET, **extra_env)
+                     BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET,
+                     ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8",  # the S3 server is on loopback
+                     **extra_env)
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api",
                                    "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
@@ -279,3 +284,86 @@ def test_a_job_on_two_ranks_matches_one_gpu_frame_for_frame(api, tiny_checkpoint
     output = reply["output"]
     assert len(frames[1]) == output["num_frames"] * output["width"] * output["height"] * 3 > 0
     assert frames[2] == frames[1]
+
+
+# --- text with no UTF-8 form, and the client side with the runpod SDK ----------------------------------
+
+def test_text_with_no_utf8_form_gets_a_clear_error_not_an_http_500(api, portrait_png):
+    """A lone surrogate ("\\ud800" in the JSON) used to run the job and then break the answer's
+    UTF-8 encoding (HTTP 500, video lost). It is refused up front, and the answer is sent."""
+    base, _, _ = api
+    job = with_image(speech_job(sample_steps=1, max_clips=1), portrait_png)
+    for field, value, fragment in (("prompt", "a \ud800 b", "'input.prompt' is not valid text"),
+                                   ("x\udfff", 1, "a key in 'input' is not valid text")):
+        reply = requests.post(f"{base}/runsync", json={"input": {**job["input"], field: value}}, timeout=600)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["status"] == "FAILED" and fragment in reply.json()["error"]
+
+
+def readme_run_job():
+    """The README's `run_job`, taken from the README itself so that the documented code is the tested code."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "def run_job(" in b).split("```")[0]
+    namespace: dict = {}
+    exec(block.split("runpod.api_key")[0], namespace)  # the imports and definitions only
+    return namespace["run_job"]
+
+
+class SdkLayout(http.server.BaseHTTPRequestHandler):
+    """RunPod's URL layout in front of the SDK's local API, which cannot serve it as is: the SDK
+    calls /{endpoint}/run, /{endpoint}/runsync and GET /{endpoint}/status/{id}, the local API has
+    /run, /runsync and POST /status/{id}. Only paths and that method are translated."""
+
+    api_base = ""
+    seen: list[tuple[str, str]] = []
+
+    def _forward(self, method: str) -> None:
+        SdkLayout.seen.append((method, self.path))
+        endpoint, _, rest = self.path.lstrip("/").partition("/")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+        answer = requests.post(f"{self.api_base}/{rest}", data=body, timeout=600,
+                               headers={"Content-Type": "application/json"})
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def do_POST(self) -> None:
+        self._forward("POST")
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def sdk_endpoint(api, monkeypatch):
+    """runpod.Endpoint, unchanged, pointed (endpoint_url_base) at the local API through SdkLayout."""
+    import runpod
+
+    SdkLayout.api_base, SdkLayout.seen = api[0], []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SdkLayout)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"http://127.0.0.1:{proxy.server_address[1]}")
+    monkeypatch.setattr(runpod, "api_key", "local-test-key")
+    yield runpod.Endpoint("local-endpoint")
+    proxy.shutdown()
+    proxy.server_close()
+
+
+def test_the_readme_sdk_pattern_surfaces_the_workers_error(sdk_endpoint, portrait_png):
+    bad = {**with_image(speech_job(), portrait_png)["input"], "resolution": "4k"}
+    # What the README showed before: run_sync gives None for a failed job, so result["video_url"]
+    # was a TypeError and the worker's message was lost.
+    assert sdk_endpoint.run_sync(bad, timeout=600) is None
+    run_job = readme_run_job()
+    with pytest.raises(RuntimeError, match=r"^job test-[0-9a-f-]+ FAILED: 'resolution' must be one of "):
+        run_job(sdk_endpoint, bad, timeout_s=600, poll_s=0.5)
+    assert ("GET", "/local-endpoint/status/") in {(m, p.rsplit("/", 1)[0] + "/") for m, p in SdkLayout.seen}
+    good = {**with_image(speech_job(sample_steps=1, max_clips=1), portrait_png)["input"]}
+    output = run_job(sdk_endpoint, good, timeout_s=600, poll_s=0.5)
+    assert output["storage"] == "s3" and output["video_url"].startswith("http")

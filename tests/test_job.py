@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, GENERATION_FIELDS, JobInputError, parse_job)
+from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, GENERATION_FIELDS, JobInputError, parse_job,
+                            unipc_max_shift)
 from conftest import ROOT
 
 GOOD_INPUT = {"image_url": "https://example.com/face.png", "audio_base64": "UklGRg=="}
@@ -51,7 +52,14 @@ def test_every_generation_field_is_accepted_at_a_valid_value():
     ({"sample_steps": "30"}, "'sample_steps' must be an integer"),
     ({"guidance_scale": -1}, "'guidance_scale' must be at least 0.0"),
     ({"guidance_scale": "high"}, "'guidance_scale' must be a number"),
-    ({"shift": 0}, "'shift' must be greater than 0.0"),
+    ({"shift": 0}, "'shift' must be at least 0.001 and at most 100.0, got 0"),
+    ({"shift": 0.0005, "solver": "dpm++"}, "'shift' must be at least 0.001"),
+    ({"shift": 100.5}, "'shift' must be at least 0.001 and at most 100.0, got 100.5"),
+    ({"guidance_scale": float("nan")}, "'guidance_scale' must be a finite number, got nan"),
+    ({"shift": float("inf")}, "'shift' must be a finite number, got inf"),
+    ({"guidance_scale": float("-inf")}, "'guidance_scale' must be a finite number, got -inf"),
+    ({"loras": [{"path": "l.safetensors", "strength": float("nan")}]},
+     "'loras[0].strength' must be a finite number, got nan"),
     ({"solver": "euler"}, "'solver' must be one of"),
     ({"seed": -1}, "'seed' must be between 0 and"),
     ({"seed": 2**70}, "'seed' must be between 0 and"),
@@ -141,3 +149,54 @@ def test_test_input_json_is_a_valid_job():
     payload = json.loads((ROOT / "test_input.json").read_text())
     request = parse_job(payload)
     assert request.image.base64.startswith("data:image/") and request.audio.base64.startswith("data:audio/")
+
+
+# --- shift, per solver ------------------------------------------------------------------------------
+
+def test_unipc_shift_ceiling_falls_with_the_step_count():
+    # Values from bisecting the official scheduler (tests/test_pipeline.py runs it at these limits).
+    assert [unipc_max_shift(steps) for steps in (1, 2, 10, 12, 30, 40, 100)] == [
+        float("inf"), 1000.99, 112.11, 91.9, 35.48, 26.64, 11.1]
+
+
+def test_shift_is_checked_against_the_solver_and_the_step_count():
+    assert parse_job(job(shift=35.48)).generation.shift == 35.48  # unipc, 30 steps: the limit itself
+    message = error_of(job(shift=36))
+    assert message == ("'shift' must be at most 35.48 with the unipc solver at 30 steps (above it the "
+                       "solver's first two timesteps coincide and it fails), got 36.0; lower the shift, "
+                       "use fewer steps, or \"solver\": \"dpm++\"")
+    assert "at most 11.1 with the unipc solver at 100 steps" in error_of(job(shift=12, sample_steps=100))
+    assert parse_job(job(shift=100, sample_steps=10)).generation.shift == 100.0  # below the ceiling
+    assert parse_job(job(shift=100, solver="dpm++", sample_steps=100)).generation.shift == 100.0
+    assert parse_job(job(shift=0.001, sample_steps=100)).generation.shift == 0.001
+
+
+# --- text the result could not carry ----------------------------------------------------------------
+
+LONE = "\ud800"  # what JSON's "\ud800" decodes to: no UTF-8 form
+
+
+@pytest.mark.parametrize("payload, message", [
+    (job(prompt=f"a {LONE} b"), "'input.prompt' is not valid text"),
+    (job(negative_prompt=LONE), "'input.negative_prompt' is not valid text"),
+    (job(**{f"x{LONE}": 1}), "a key in 'input' is not valid text"),
+    (job(loras=[{"url": f"https://a.example/{LONE}.safetensors"}]), "'input.loras[0].url' is not valid text"),
+    (job(loras=[{f"k{LONE}": 1}]), "a key in 'input.loras[0]' is not valid text"),
+    ({**job(), "id": f"job-{LONE}"}, "'id' is not valid text"),
+    ({**job(), "s3Config": {"accessId": "AK", "accessSecret": "SK", "bucketName": LONE,
+                            "endpointUrl": "https://s3.example.com"}}, "'s3Config.bucketName' is not valid text"),
+    (job(prompt="\udfff"), "'input.prompt' is not valid text"),  # a low surrogate alone too
+])
+def test_lone_surrogates_are_refused_up_front_with_a_message_that_encodes(payload, message):
+    error = error_of(payload)
+    assert error.startswith(message) and "UTF-16 surrogate" in error
+    json.dumps({"error": error}, ensure_ascii=False).encode("utf-8")  # as RunPod sends it
+
+
+def test_text_outside_the_basic_plane_and_deep_nesting_are_fine():
+    emoji = "\U0001f600 \u4f60\u597d"  # a surrogate pair in UTF-16, one character here: valid
+    assert parse_job(job(prompt=emoji)).generation.prompt == emoji
+    deep = []
+    for _ in range(10_000):  # walked without recursion
+        deep = [deep]
+    assert "unknown input fields: extra" in error_of(job(extra=deep))

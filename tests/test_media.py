@@ -1,13 +1,16 @@
 """Media intake: base64 and URL inputs, decoded for real (Pillow, ffmpeg, decord), with clear errors."""
 import base64
 import http.server
+import json
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import SPEECH_7S3
+from conftest import ROOT, SPEECH_7S3
 from s2v_worker.job import MediaSource
 from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
 from s2v_worker.settings import Settings
@@ -151,6 +154,127 @@ def test_audio_playlist_formats_are_refused(tmp_path):
     script = b"ffconcat version 1.0\nfile other.flac\n"
     with pytest.raises(MediaError, match="'audio_base64' is not a readable audio file"):
         load_audio(b64("audio_base64", script), tmp_path, SETTINGS)
+
+
+def official_model_samples(source: Path, folder: Path):
+    """What the model read before the streamed decoder: ffmpeg to a float32 WAV at the source's own
+    rate and channels, then the official AudioEncoder's librosa.load(path, sr=16000)."""
+    import imageio_ffmpeg
+    import librosa
+
+    wav = folder / "float32_source_rate.wav"  # with the worker's ffmpeg (decoders differ by version)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(source), "-map", "0:a:0",
+                    "-c:a", "pcm_f32le", str(wav)], check=True)
+    return librosa.load(str(wav), sr=16000)[0]
+
+
+@pytest.mark.parametrize("suffix, codec_args", [
+    (".flac", ()),  # the fixture as is: 16 kHz mono
+    (".mp3", ("-ar", "44100", "-ac", "2", "-c:a", "libmp3lame")),
+    (".m4a", ("-ar", "48000", "-ac", "2", "-c:a", "aac")),
+    (".wav", ("-ar", "22050", "-c:a", "pcm_s16le")),
+    (".flac", ("-ar", "192000", "-ac", "8", "-af", "aeval=val(0)*(1+ch/8):c=same")),  # 8 unequal channels
+])
+def test_model_audio_is_exactly_what_librosa_load_returns(tmp_path, suffix, codec_args):
+    """Downmix and resampling happen here block by block (bounded memory), with librosa's own
+    to_mono and soxr at soxr_hq as a stream: the samples are bit-identical to librosa.load's."""
+    import librosa
+
+    source = SPEECH_7S3 if not codec_args else convert_audio(
+        SPEECH_7S3, tmp_path / f"speech{suffix}", "-t", "3", *codec_args)
+    audio = load_audio(b64("audio_base64", source.read_bytes()), tmp_path, SETTINGS)
+    model, rate = librosa.load(str(audio.model_path), sr=16000)  # what the official encoder reads
+    assert rate == 16000 and model.dtype == np.float32
+    assert np.array_equal(model, official_model_samples(source, tmp_path))
+
+
+def test_non_finite_samples_are_refused(tmp_path):
+    import soundfile
+
+    for bad in (np.nan, np.inf, -np.inf):
+        samples = np.zeros((16000, 2), dtype=np.float32)
+        samples[12345, 1] = bad
+        path = tmp_path / "float.wav"
+        soundfile.write(str(path), samples, 16000, subtype="FLOAT")
+        with pytest.raises(MediaError, match=r"^'audio_base64' has samples that are not finite "
+                                             r"numbers \(NaN or infinity\)$"):
+            load_audio(b64("audio_base64", path.read_bytes()), tmp_path, SETTINGS)
+
+
+def test_audio_channel_and_rate_limits(tmp_path):
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "aevalsrc=sin(600*t)|0|0|0|0|0|0|0|0:s=8000:d=0.5", str(tmp_path / "nine.wav")], check=True)
+    with pytest.raises(MediaError, match=r"^'audio_base64' has 9 channels; the limit is 8 \(MAX_AUDIO_CHANNELS\)$"):
+        load_audio(b64("audio_base64", (tmp_path / "nine.wav").read_bytes()), tmp_path, SETTINGS)
+    speech_48k = convert_audio(SPEECH_7S3, tmp_path / "s48.wav", "-t", "1", "-ar", "48000")
+    with pytest.raises(MediaError, match=r"^'audio_base64' is sampled at 48000 Hz; the limit is 44100 Hz "
+                                         r"\(MAX_AUDIO_SAMPLE_RATE\)$"):
+        load_audio(b64("audio_base64", speech_48k.read_bytes()), tmp_path,
+                   SETTINGS.replace(max_audio_sample_rate=44100))
+    speech_2k = convert_audio(SPEECH_7S3, tmp_path / "s2k.wav", "-t", "1", "-ar", "2000")
+    with pytest.raises(MediaError, match=r"^'audio_base64' is sampled at 2000 Hz; speech needs at least 4000 Hz$"):
+        load_audio(b64("audio_base64", speech_2k.read_bytes()), tmp_path, SETTINGS)
+
+
+# Runs in a fresh interpreter: the peak resident memory of the decode alone (VmHWM, reset after a
+# warm-up decode that does the imports), and the largest the job folder grows while it runs.
+_BOUNDED_DECODE = """
+import base64, json, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from s2v_worker.job import MediaSource
+from s2v_worker.media import load_audio
+from s2v_worker.settings import Settings
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+settings = Settings.from_env({})
+warm, big, work = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+load_audio(MediaSource("audio_base64", base64=base64.b64encode(warm.read_bytes()).decode()), work, settings)
+source = MediaSource("audio_base64", base64=base64.b64encode(big.read_bytes()).decode())
+for f in work.iterdir():
+    f.unlink()
+largest, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        largest[0] = max(largest[0], sum(f.stat().st_size for f in work.iterdir() if f.exists()))
+        time.sleep(0.01)
+watcher = threading.Thread(target=watch)
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+watcher.start()
+started = time.monotonic()
+audio = load_audio(source, work, settings)
+elapsed = time.monotonic() - started
+done.set(); watcher.join()
+print(json.dumps({"peak_growth": status("VmHWM") - before, "largest_folder": largest[0],
+                  "files": {f.name: f.stat().st_size for f in work.iterdir()},
+                  "duration": audio.duration_s, "channels": audio.channels, "rate": audio.sample_rate,
+                  "seconds": elapsed}))
+"""
+
+
+def test_8_channel_192khz_silence_decodes_in_bounded_memory_and_disk(tmp_path):
+    """The issue's case: 128 kB of FLAC that decoded to a 1.8 GB temp WAV and about 2 GB more
+    worker memory. Now: at most 200 MB more memory, and no file beyond the model's own input."""
+    flac = tmp_path / "silence.flac"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=192000:cl=7.1",
+                    "-t", "299", "-c:a", "flac", str(flac)], check=True)
+    warm = convert_audio(SPEECH_7S3, tmp_path / "warm.wav", "-t", "0.5", "-ar", "48000", "-ac", "2")
+    work = tmp_path / "work"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-c", _BOUNDED_DECODE, str(ROOT / "src"), str(warm), str(flac),
+                          str(work)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print("bounded decode:", result)  # the measured numbers, for the record
+    assert (result["channels"], result["rate"], result["duration"]) == (8, 192000, pytest.approx(299.0))
+    model_input = 299 * 16000 * 4  # mono float32 at 16 kHz
+    assert result["files"]["audio.wav"] == pytest.approx(model_input, abs=100)  # plus the WAV header
+    assert set(result["files"]) == {"audio.input", "audio.wav"}
+    assert result["largest_folder"] <= flac.stat().st_size + result["files"]["audio.wav"]
+    assert result["peak_growth"] < 200 * 1024 * 1024
 
 
 def test_audio_decode_time_is_limited(tmp_path, monkeypatch):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import speech_excerpt
-from s2v_worker.job import parse_job
+from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
-from s2v_worker.pipeline import GenerationStopped, plan_clip_count
+from s2v_worker.pipeline import DiTSpeed, GenerationStopped, dit_calls_per_step, plan_clip_count
+from s2v_worker.sampling import make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,51 @@ def test_guidance_one_or_less_halves_the_model_calls(pipeline, portrait_png, spe
     guided, clips = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=4.5)
     unguided, _ = count_model_calls(pipeline, portrait_png, speech_2s, guidance_scale=1.0)
     assert (guided, unguided) == (2 * 2 * clips, 2 * clips)
+    # what the duration estimate counts
+    assert (guided, unguided) == (clips * sum(dit_calls_per_step(2, True, False)),
+                                  clips * sum(dit_calls_per_step(2, False, False)))
+
+
+def test_the_estimate_counts_the_calls_a_step_cached_job_makes(pipeline, portrait_png, speech_2s,
+                                                               monkeypatch):
+    """12 steps with the step cache (fast mode's reuse, run here without FP8): steps 4, 6 and 8
+    reuse the previous prediction."""
+    import dataclasses
+
+    monkeypatch.setattr(pipeline, "dit_speed", DiTSpeed())
+    gen = dataclasses.replace(settings(sample_steps=12, max_clips=1), step_cache=True)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    assert pipeline.estimate_sampling(plan, gen) is None  # nothing measured yet
+    before = pipeline.dit_calls
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1)
+    estimate = pipeline.estimate_sampling(plan, gen)
+    assert estimate.calls == pipeline.dit_calls - before == 2 * (12 - 3)
+    assert estimate.tokens == pipeline.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
+    assert 0 < estimate.seconds_per_call < 60  # this job's own measurement
+    assert estimate.remaining_s(0, 1, 11) == 0 and estimate.remaining_s(0, 1, -1) == estimate.seconds
+
+
+def test_dit_speed_scales_a_measurement_to_other_token_counts():
+    speed = DiTSpeed(keep=3)
+    assert speed.seconds_per_call(29_120) is None
+    speed.record(29_120, 2.89)  # the H100's 480p forward (README)
+    assert speed.seconds_per_call(29_120) == 2.89
+    assert speed.seconds_per_call(54_400) == pytest.approx(7.97, rel=0.01)  # its 720p forward
+    speed.record(54_400, 8.5)  # a measurement at that size wins over the scaling
+    assert speed.seconds_per_call(54_400) == 8.5
+    assert speed.seconds_per_call(50_000) == pytest.approx(8.5 * (50_000 + 50_000**2 / 24_000)
+                                                           / (54_400 + 54_400**2 / 24_000))
+    speed.record(1_000, 0.1)
+    speed.record(2_000, 0.2)  # a fourth size: the oldest (29,120) is forgotten
+    assert speed.seconds_per_call(29_120) != 2.89
+
+
+def test_warm_up_measures_a_call_for_the_first_jobs_estimate(pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline, "dit_speed", DiTSpeed())
+    pipeline.warm_up(("480p",), frames_per_clip=16)
+    height, width = pipeline.get_size_less_than_area(720, 1280,
+                                                     target_area=pipeline.checkpoint.max_area["480p"])
+    assert pipeline.dit_speed.seconds_per_call(pipeline.dit_tokens(height, width, 16)) > 0
 
 
 def test_dpm_solver_runs(pipeline, portrait_png, speech_2s):
@@ -213,3 +259,140 @@ def test_streamed_frames_are_the_video(pipeline, portrait_png, speech_2s):
                                  on_frames=lambda frames: pieces.append(frames.cpu()))
     assert streamed.video is None and len(pieces) > plan.num_clips
     assert torch.equal(torch.cat(pieces, dim=1), whole)
+
+
+def run_scheduler(pipeline, solver: str, steps: int, shift: float) -> torch.Tensor:
+    """The worker's scheduler (the official classes) through every step, on random predictions."""
+    scheduler, timesteps = make_scheduler(solver, steps, shift, pipeline.device)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 2, 4, 4, generator=generator)
+    for t in timesteps:
+        prediction = torch.randn(latents.shape, generator=generator)
+        latents = scheduler.step(prediction.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False,
+                                 generator=generator)[0].squeeze(0)
+    return latents
+
+
+@pytest.mark.parametrize("steps", [2, 5, 12, 20, 30, 50, 100])
+def test_unipc_runs_at_its_shift_ceiling_and_fails_just_above_it(pipeline, steps):
+    limit = unipc_max_shift(steps)
+    for shift in (MIN_SHIFT, min(limit, MAX_SHIFT)):
+        assert torch.isfinite(run_scheduler(pipeline, "unipc", steps, shift)).all()
+    with pytest.raises(AssertionError):  # the official solver's own failure, which job.py prevents
+        run_scheduler(pipeline, "unipc", steps, limit * 1.01)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 30, 100])
+def test_dpm_runs_across_the_whole_accepted_shift_range(pipeline, steps):
+    for shift in (MIN_SHIFT, 1.0, MAX_SHIFT):
+        assert torch.isfinite(run_scheduler(pipeline, "dpm++", steps, shift)).all()
+
+
+@pytest.mark.parametrize("size", [(192, 256), (1280, 720), (720, 1280), (500, 16), (3000, 2000), (64, 64)])
+def test_video_size_reads_the_header_and_sizes_as_the_official_get_gen_size(pipeline, tmp_path, size):
+    from PIL import Image
+
+    path = tmp_path / "image.png"
+    Image.new("RGB", size).save(path)
+    for resolution in ("480p", "720p"):
+        assert pipeline.video_size(path, resolution) == pipeline.get_gen_size(
+            size=None, max_area=pipeline.checkpoint.max_area[resolution], ref_image_path=str(path),
+            pre_video_path=None)
+
+
+def test_video_size_refuses_what_the_official_sizing_makes_zero_wide(pipeline, tmp_path):
+    from PIL import Image
+
+    from s2v_worker.job import JobInputError
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (1000, 16)).save(path)
+    official = pipeline.get_gen_size(size=None, max_area=pipeline.checkpoint.max_area["480p"],
+                                     ref_image_path=str(path), pre_video_path=None)
+    assert official == (0, 64)  # what the official code would go on to sample with
+    with pytest.raises(JobInputError, match=r"^'image_url' is 1000x16, too wide for 480p"):
+        pipeline.video_size(path, "480p", "image_url")
+
+
+def make_pose_video(dest, size: str, rate: int, seconds: float):
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"testsrc2=size={size}:rate={rate}", "-t", str(seconds), "-pix_fmt", "yuv420p",
+                    str(dest)], check=True)
+    return dest
+
+
+@pytest.mark.parametrize("size, rate, seconds, clips, batch_frames", [
+    ("96x80", 30, 1.2, 3, 5),  # every 2nd frame: clip 2 part padded with -1, clip 3 all padding
+    ("100x60", 16, 1.0, 1, 1),  # every frame, odd sizes for the resize and crop, a frame a batch
+    ("80x64", 24, 1.0, 1, 100),  # every 2nd frame (round(1.5) == 2), the whole clip in one batch
+])
+def test_pose_latents_are_the_official_load_pose_cond_in_batches(pipeline, portrait_png, tmp_path,
+                                                                 monkeypatch, size, rate, seconds,
+                                                                 clips, batch_frames):
+    from s2v_worker import pipeline as pipeline_module
+
+    video = make_pose_video(tmp_path / "pose.mp4", size, rate, seconds)
+    plan = pipeline.plan(portrait_png, 0.5, settings(infer_frames=16))
+    plan = type(plan)(**{**plan.__dict__, "num_clips": clips})
+    official = pipeline.load_pose_cond(pose_video=str(video), num_repeat=clips, infer_frames=16,
+                                       size=(plan.height, plan.width))
+    width, height = map(int, size.split("x"))
+    monkeypatch.setattr(pipeline_module, "POSE_BATCH_BYTES", batch_frames * width * height * 3 * 4)
+    ours = pipeline.pose_latents(video, plan)
+    assert len(ours) == len(official) == clips
+    for mine, theirs in zip(ours, official):
+        assert torch.equal(mine, theirs)
+
+
+def test_pose_frames_are_decoded_outside_the_worker(pipeline, portrait_png, tmp_path):
+    """A 720p pose video: upstream holds its sampled frames at full size in float32 in the
+    worker; here they are decoded and resized in a child, and the worker holds the resized ones."""
+    video = make_pose_video(tmp_path / "pose720.mp4", "1280x720", 30, 2.0)  # 30 frames sampled
+    plan = pipeline.plan(portrait_png, 0.5, settings(infer_frames=32))
+    plan = type(plan)(**{**plan.__dict__, "num_clips": 1})
+
+    def status_mb(key: str) -> float:
+        return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status")
+                    if line.startswith(key))
+
+    before = status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS
+    pipeline.pose_latents(video, plan)
+    growth = status_mb("VmHWM") - before
+    # In this process, 30 frames of 1280x720 float32 alone are 316 MB (decord's buffers come on top).
+    assert growth < 150, f"the worker grew by {growth:.0f} MB"
+
+
+def test_a_pose_video_the_child_cannot_decode_is_a_client_error(pipeline, portrait_png, tmp_path):
+    """The intake's probe refuses such files first; should decord fail in the child anyway, the
+    job gets a MediaError naming the field (no refresh_worker: the worker's GPU is not involved)."""
+    from s2v_worker.media import MediaError
+
+    video = make_pose_video(tmp_path / "pose.mp4", "96x80", 16, 2.0)
+    data = video.read_bytes()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(data[: len(data) * 2 // 3])  # decord refuses a partial file when it opens it
+    plan = pipeline.plan(portrait_png, 0.5, settings(infer_frames=16))
+    plan = type(plan)(**{**plan.__dict__, "num_clips": 2})
+    with pytest.raises(MediaError, match=r"^'pose_video_url' could not be decoded to the end$"):
+        pipeline.pose_latents(broken, plan, "pose_video_url")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_reference_pixels_are_upstreams(pipeline, portrait_png, tmp_path, mode):
+    """As upstream's generate prepares the reference, without its numpy round trip."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    path = tmp_path / "reference.png"
+    Image.open(portrait_png).convert(mode).save(path)
+    size = (64, 48)
+    ref_image = np.array(Image.open(path).convert("RGB"))  # upstream, line for line
+    resize, crop = transforms.Resize(min(size)), transforms.CenterCrop(size)
+    upstream = transforms.ToTensor()(crop(resize(Image.fromarray(ref_image))))
+    upstream = (upstream.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(dtype=pipeline.vae.dtype)
+    assert torch.equal(pipeline.reference_pixels(path, size), upstream)

@@ -3,6 +3,8 @@ limit, GPU failures (injected), progress updates, and temporary files, with the 
 ready for the next job after each."""
 import asyncio
 import base64
+import json
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
 from conftest import speech_excerpt
+from s2v_worker.pipeline import DiTSpeed
 from s2v_worker.runner import ProgressReporter, Worker
 from s2v_worker.settings import Settings
 
@@ -99,7 +102,10 @@ def test_runpod_per_job_stop_ends_sampling_within_one_step(worker, portrait_png,
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
 
 
-def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64):
+def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64, monkeypatch):
+    # No measured DiT speed: the worker cannot refuse the job up front (see the estimate tests
+    # below), so the limit must stop it during sampling.
+    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
     worker.settings = worker.settings.replace(job_timeout_s=0.5)
     deadline = time.monotonic() + 0.5
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=100))
@@ -143,3 +149,133 @@ def test_fast_modes_on_a_machine_without_fp8_are_a_clear_error(worker, portrait_
     assert result == {"error": f'"speed": "{speed}" needs a GPU with FP8 tensor cores; this '
                                "worker runs on the CPU"}
     assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_an_unexpected_error_before_any_model_work_asks_for_no_fresh_worker(worker, portrait_png,
+                                                                            speech_1s_b64, monkeypatch):
+    """Nothing on the GPU or in the resident weights was touched yet: a new worker would fix
+    nothing, and the flag would let a caller who found such a bug force cold starts at will."""
+    from s2v_worker import runner
+
+    def broken_intake(*args, **kwargs):
+        raise RuntimeError("a bug in the intake")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "load_audio", broken_intake)
+        result = worker.run(job(portrait_png, speech_1s_b64, job_id="intake-bug"))
+    assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
+                               "for job intake-bug"}
+
+
+def test_an_unexpected_error_once_the_weights_change_asks_for_a_fresh_worker(worker, portrait_png,
+                                                                             speech_1s_b64, monkeypatch):
+    class BrokenLoras:
+        def apply(self, loras):
+            raise RuntimeError("half-merged weights")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "_lora_manager", lambda: BrokenLoras())
+        result = worker.run(job(portrait_png, speech_1s_b64, job_id="merge-bug"))
+    assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
+                               "for job merge-bug", "refresh_worker": True}
+
+
+@pytest.mark.parametrize("size, message", [
+    ((20000, 16), "'image_base64' is 20000x16, too wide for 480p: the model's sizing would make the "
+                  "video 0 pixels high (each side needs at least 16); crop the image closer to a "
+                  "video's shape"),
+    ((16, 20000), "'image_base64' is 16x20000, too tall for 480p: the model's sizing would make the "
+                  "video 0 pixels wide (each side needs at least 16); crop the image closer to a "
+                  "video's shape"),
+])
+def test_an_image_the_model_cannot_size_is_a_client_error(worker, tmp_path, speech_1s_b64, size,
+                                                          message, monkeypatch):
+    from PIL import Image
+
+    from s2v_worker import runner
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (90, 90, 90)).save(path)
+    audio_loads = []
+    with monkeypatch.context() as patch:  # refused before the audio is even looked at
+        patch.setattr(runner, "load_audio", lambda *a, **k: audio_loads.append(a))
+        result = worker.run(job(path, speech_1s_b64))
+    assert result == {"error": message} and audio_loads == []
+    assert not list(Path(worker.settings.work_dir).iterdir())
+
+
+def job_tokens(worker, image_png) -> int:
+    """The DiT tokens of `job(...)`'s clips (480p, 16 frames a clip) for this image."""
+    height, width = worker.pipeline.video_size(image_png, "480p")
+    return worker.pipeline.dit_tokens(height, width, 16)
+
+
+def test_progress_carries_the_estimated_sampling_time_left(worker, portrait_png, speech_1s_b64,
+                                                           monkeypatch):
+    speed = DiTSpeed()
+    speed.record(job_tokens(worker, portrait_png), 0.25)  # as if measured: 0.25 s a call
+    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3, max_clips=1))
+    clips = result["num_clips"]
+    calls = clips * 3 * 2  # guided: two calls a step
+    assert result["timings"]["estimated_sampling_s"] == round(calls * 0.25, 1)
+    assert result["timings"]["estimated_s"] >= result["timings"]["estimated_sampling_s"]
+    updates = [u for _, u in worker.updates]
+    generate = next(u for u in updates if u["stage"] == "generate")
+    assert generate["eta_s"] == round(calls * 0.25, 1)
+    etas = [u["eta_s"] for u in updates if u["stage"] == "sampling"]
+    assert etas == [round((calls - 2 * done) * 0.25, 1) for done in range(1, clips * 3 + 1)]
+
+
+def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(worker, portrait_png,
+                                                                              speech_1s_b64, monkeypatch):
+    speed = DiTSpeed()
+    speed.record(job_tokens(worker, portrait_png), 400.0)  # a very slow GPU, as measured
+    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
+    calls_before = worker.pipeline.dit_calls
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3))
+    clips = 2  # 1 s of speech in 16-frame clips
+    assert set(result) == {"error"}  # a client error: no refresh_worker
+    match = re.fullmatch(r"the job would take about (\d+) s \((\d+) DiT calls at 400.00 s each, as "
+                         r"measured on this worker\), more than its time limit of 3600 s "
+                         r"\(JOB_TIMEOUT_S\); use fewer sample_steps, a shorter audio or max_clips, "
+                         r"or 480p", result["error"])
+    assert match, result["error"]
+    assert int(match.group(2)) == clips * 3 * 2 and int(match.group(1)) >= clips * 3 * 2 * 400
+    assert worker.pipeline.dit_calls == calls_before
+    assert not any(u["stage"] in ("generate", "sampling") for _, u in worker.updates)
+
+
+def as_runpod_sends(run_result: dict) -> bytes:
+    """The job's answer as the SDK serializes it: rp_http's json.dumps(ensure_ascii=False), which
+    aiohttp encodes as UTF-8, and the local API's JSONResponse (Starlette), which must agree."""
+    from starlette.responses import JSONResponse
+
+    sent = json.dumps(run_result, ensure_ascii=False).encode("utf-8")
+    assert JSONResponse(run_result).body == json.dumps(
+        run_result, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return sent
+
+
+def test_results_serialize_as_runpod_sends_them(worker, portrait_png, speech_1s_b64):
+    text = "Ünïcödé 你好 \U0001f600 \u202eright-to-left\u202c e\u0301"  # valid, outside ASCII and the BMP
+    good = job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1, prompt=text)
+    result = asyncio.run(run_job(worker.handle, good))
+    assert json.loads(as_runpod_sends(result))["output"]["settings"]["prompt"] == text
+    for bad_input, fragment in (({"prompt": "\ud800"}, "'input.prompt' is not valid text"),
+                                ({"\udc00": 1}, "a key in 'input' is not valid text")):
+        bad = job(portrait_png, speech_1s_b64, **bad_input)
+        result = asyncio.run(run_job(worker.handle, bad))
+        sent = json.loads(as_runpod_sends(result))
+        assert fragment in sent["error"] and "stopPod" not in sent
+
+
+def test_a_job_with_a_pose_video_completes(worker, portrait_png, speech_1s_b64, tmp_path):
+    import subprocess
+
+    pose = tmp_path / "pose.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=96x80:rate=30",
+                    "-t", "1", "-pix_fmt", "yuv420p", str(pose)], check=True)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1,
+                            pose_video_base64=base64.b64encode(pose.read_bytes()).decode()))
+    assert "video_base64" in result and "error" not in result, result

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,10 +41,12 @@ def admin(s3_endpoint: str):
 
 @pytest.fixture
 def base_settings(tmp_path: Path) -> Settings:
-    """No bucket, no network volume, quick to fail: each test adds what it needs."""
+    """No bucket, no network volume, quick to fail: each test adds what it needs. The S3 server is
+    on loopback, which the address policy admits only when told to (as a private MinIO would be)."""
     return Settings.from_env({}).replace(network_volume_dir=str(tmp_path / "no-volume"),
                                          undelivered_dir=str(tmp_path / "undelivered"),
-                                         bucket_timeout_s=2.0, bucket_max_attempts=1)
+                                         bucket_timeout_s=2.0, bucket_max_attempts=1,
+                                         allowed_private_networks="127.0.0.0/8")
 
 
 @pytest.fixture
@@ -285,3 +288,117 @@ def test_region_of_an_s3config_endpoint(endpoint: str, region: str | None) -> No
 def test_bucket_target_repr_hides_keys(bucket_settings: Settings) -> None:
     target = storage.bucket_target(bucket_settings, None)
     assert target is not None and SECRET_KEY not in repr(target) and ACCESS_KEY not in repr(target)
+
+
+# --- the address policy ------------------------------------------------------------------------
+
+class Listener:
+    """A loopback TCP port that records every connection made to it (and answers none)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        if not self.running:
+            return
+        time.sleep(0.2)  # a connection in flight is counted before the count is read
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.close()
+
+
+POLICY_WARNING = ("upload to bucket {bucket} at {endpoint} refused: the endpoint is a private or "
+                  "local address; the video is returned inline instead")
+
+
+@pytest.mark.parametrize("through_override", [False, True])
+def test_a_loopback_endpoint_is_refused_before_any_connection_and_the_video_comes_inline(
+        base_settings: Settings, video: Path, listener: Listener, through_override: bool) -> None:
+    settings = base_settings.replace(allowed_private_networks="")  # the default policy
+    if through_override:
+        override, bucket = job_override(listener.url), JOB_BUCKET
+    else:
+        override, bucket = None, SETTINGS_BUCKET
+        settings = settings.replace(bucket_endpoint_url=listener.url, bucket_name=SETTINGS_BUCKET,
+                                    bucket_access_key_id=ACCESS_KEY, bucket_secret_access_key=SECRET_KEY)
+    out = deliver_video(video, settings, override)
+    listener.close()
+    assert listener.accepted == 0  # not even a TCP handshake
+    assert out["storage"] == "inline" and base64.b64decode(out["video_base64"]) == video.read_bytes()
+    assert out["warnings"] == [POLICY_WARNING.format(bucket=bucket, endpoint=listener.url)]
+
+
+def test_a_refused_endpoint_with_a_large_video_goes_to_the_volume(base_settings: Settings, video: Path,
+                                                                  listener: Listener, tmp_path: Path):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    settings = base_settings.replace(allowed_private_networks="", max_inline_video_bytes=1000,
+                                     network_volume_dir=str(volume))
+    out = deliver_video(video, settings, job_override(listener.url))
+    listener.close()
+    assert listener.accepted == 0
+    assert out["storage"] == "network_volume" and Path(out["video_path"]).read_bytes() == video.read_bytes()
+    assert "refused: the endpoint is a private or local address" in out["warnings"][0]
+
+
+def test_a_name_that_turns_private_after_the_check_is_refused_at_the_connection(
+        base_settings: Settings, video: Path, listener: Listener, monkeypatch) -> None:
+    """DNS rebinding: public when checked, loopback when botocore connects. Each connection resolves
+    the name itself and connects only to the addresses it checked."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    port = int(listener.url.rsplit(":", 1)[1])
+    lookups = []
+
+    def rebinding_dns(host, port_, *args, **kwargs):
+        if host != "bucket.rebind.test":
+            return real_getaddrinfo(host, port_, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port_))]
+
+    def loopback_only(sock, address):  # nothing in this test may leave the machine
+        assert address[0] == "127.0.0.1", f"connection attempted to {address}"
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    settings = base_settings.replace(allowed_private_networks="", bucket_max_attempts=2)
+    out = deliver_video(video, settings, job_override(f"http://bucket.rebind.test:{port}"))
+    listener.close()
+    assert listener.accepted == 0 and len(lookups) >= 2
+    assert out["storage"] == "inline"
+    assert out["warnings"] == [f"upload to bucket {JOB_BUCKET} at http://bucket.rebind.test:{port} failed "
+                               "(EndpointAddressRefused); the video is returned inline instead"]
+
+
+def test_the_allow_list_admits_a_private_endpoint(base_settings: Settings, video: Path, s3_endpoint: str,
+                                                  admin) -> None:
+    """What a private MinIO needs: ALLOWED_PRIVATE_NETWORKS covering its address (here loopback)."""
+    assert base_settings.allowed_private_networks == "127.0.0.0/8"
+    out = deliver_video(video, base_settings, job_override(s3_endpoint))
+    assert out["storage"] == "s3" and "warnings" not in out
+    assert admin.get_object(Bucket=JOB_BUCKET, Key=out["object_key"])["Body"].read() == video.read_bytes()

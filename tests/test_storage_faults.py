@@ -177,7 +177,8 @@ def settings(tmp_path: Path) -> Settings:
         bucket_name=BUCKET, bucket_access_key_id=ACCESS_KEY, bucket_secret_access_key=SECRET_KEY,
         bucket_timeout_s=TIMEOUT_S, bucket_max_attempts=ATTEMPTS, max_inline_video_bytes=CAP,
         network_volume_dir=str(tmp_path / "no-volume"),
-        undelivered_dir=str(tmp_path / "undelivered"))
+        undelivered_dir=str(tmp_path / "undelivered"),
+        allowed_private_networks="127.0.0.0/8")  # every fake endpoint here is on loopback
 
 
 def write_video(tmp_path: Path, content: bytes) -> Path:

@@ -70,6 +70,7 @@ class FakeDNS:
         self.real = real
         self.table: dict[str, list[list[str]]] = {}
         self.lookups: list[str] = []
+        self.delay_s: dict[str, float] = {}  # a slow name server, per name
 
     def set(self, name: str, *answers: list[str]) -> None:
         self.table[name] = list(answers)
@@ -78,6 +79,7 @@ class FakeDNS:
         if not str(host).endswith(".test") and host != "localhost":
             return self.real(host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
         self.lookups.append(host)
+        time.sleep(self.delay_s.get(host, 0.0))
         answers = self.table.get(host)
         if not answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -170,16 +172,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._send(b"x" * size, content_length=query.get("length") == "1")
 
+    def route_raw(self, path, query):
+        """A hand-written answer: a malformed Location, too many headers, an endless header line."""
+        kind = query["kind"]
+        head = {"badlocation": b"HTTP/1.1 302 Found\r\nLocation: http://[::1\r\n",
+                "manyheaders": b"HTTP/1.1 200 OK\r\n" + b"X-Pad: 1\r\n" * 150,
+                "longheader": b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 70_000 + b"\r\n",
+                "notHTTP": b"SSH-2.0-OpenSSH_9.6\r\n"}[kind]
+        self.wfile.write(head + b"Content-Length: 0\r\n\r\n")
+        self.close_connection = True
+
     def route_empty(self, path, query):
         self._send(b"")
 
     def route_drip(self, path, query):
         """A byte every `every` s: each read is quick, the whole download never ends in time."""
         every = float(query.get("every", "0.05"))
-        if query.get("where") == "headers":
-            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(10_000):
-                self.wfile.write(b"X")
+        where = query.get("where")
+        if where in ("headers", "status", "lines", "continue"):
+            dripped = {"headers": b"HTTP/1.1 200 OK\r\n" + b"X" * 10_000,  # one endless header
+                       "status": b"HTTP/1.1 200 " + b"O" * 10_000,
+                       "lines": b"HTTP/1.1 200 OK\r\n" + b"X-Pad: 1\r\n" * 90 + b"X" * 10_000,
+                       "continue": b"HTTP/1.1 100 Continue\r\n\r\n" * 1000}[where]
+            for byte in dripped:
+                self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(every)
             return
@@ -430,14 +446,48 @@ def test_redirect_without_location(server, fetch_url):
 QUICK = LOCAL.replace(download_timeout_s=0.3)  # overall deadline: 3 x 0.3 = 0.9 s
 
 
-@pytest.mark.parametrize("query", ["length=1", "length=0", "where=headers"])
+@pytest.mark.parametrize("query", ["length=1", "length=0", "where=headers", "where=status",
+                                   "where=lines", "where=continue"])
 def test_a_slow_drip_is_ended_by_the_overall_deadline(query, server, fetch_url):
-    """Each byte comes well inside the read timeout, so only the overall deadline can end these."""
+    """Each byte comes well inside the read timeout, so only the overall deadline can end these:
+    the body, one endless header, the status line, header lines, endless 100 Continue answers."""
     start = time.monotonic()
     with pytest.raises(MediaError, match=r"^'image_url' took longer than 0.9 s to download "
                                          r"\(3 x DOWNLOAD_TIMEOUT_S\)$"):
         fetch_url(f"http://127.0.0.1:{server}/drip?every=0.05&{query}", QUICK)
     assert time.monotonic() - start < 2.5
+
+
+def test_a_slow_name_server_is_ended_by_the_overall_deadline(server, dns, fetch_url, connections):
+    dns.set("slow-dns.test", ["127.0.0.1"])
+    dns.delay_s["slow-dns.test"] = 3.0  # well past the 0.9 s deadline
+    start = time.monotonic()
+    with pytest.raises(MediaError, match=r"^'image_url' took longer than 0.9 s to download "
+                                         r"\(3 x DOWNLOAD_TIMEOUT_S\)$"):
+        fetch_url(f"http://slow-dns.test:{server}/file", QUICK)
+    assert time.monotonic() - start < 1.5 and connections == []
+
+
+def test_a_slow_name_server_on_a_redirect_counts_against_the_same_deadline(server, dns, fetch_url):
+    dns.set("slow-dns.test", ["127.0.0.1"])
+    dns.delay_s["slow-dns.test"] = 3.0
+    start = time.monotonic()
+    with pytest.raises(MediaError, match=r"took longer than 0.9 s to download"):
+        fetch_url(f"http://127.0.0.1:{server}/redirect?to=http://slow-dns.test:{server}/file", QUICK)
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("badlocation", "'image_url' redirected to an invalid URL"),
+    ("manyheaders", "'image_url' could not be downloaded: the server sent more than 100 response headers"),
+    ("longheader", "'image_url' could not be downloaded: the server sent a response line or header "
+                   "longer than 64 kB"),
+    ("notHTTP", "'image_url' could not be downloaded: the server's answer is not HTTP"),
+])
+def test_malformed_answers_get_messages_that_say_what_was_wrong(kind, message, server, fetch_url):
+    with pytest.raises(MediaError) as caught:
+        fetch_url(f"http://127.0.0.1:{server}/raw?kind={kind}")
+    assert str(caught.value) == message
 
 
 def test_a_silent_server_hits_the_read_timeout(fetch_url):

@@ -7,6 +7,7 @@ the field and the rule; the runner returns that message to the client as `{"erro
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable, Mapping
@@ -30,6 +31,22 @@ MAX_PROMPT_CHARS = 5000
 MAX_LORAS = 4
 LORA_STRENGTH_LIMIT = 4.0
 LORA_FIELDS = frozenset({"url", "path", "strength"})
+
+# The noise-schedule shift each solver accepts, as measured on the official schedulers
+# (wan/utils/fm_solvers_unipc.py, wan/utils/fm_solvers.py) for 1 to 100 steps. Below 1.0e-6 the
+# unipc solver fails and below 3.5e-13 dpm++ returns NaN; 0.001 is a round floor far above both.
+# Above, dpm++ stays finite past 1.9e5 at 100 steps (the schema's 100 bounds it), while unipc has
+# a ceiling that falls with the step count (`unipc_max_shift`).
+MIN_SHIFT = 0.001
+MAX_SHIFT = 100.0
+# FlowUniPCMultistepScheduler's largest sigma, 1 - 1/num_train_timesteps as its float32 tensor holds it.
+UNIPC_SIGMA_MAX = 0.9990000128746033
+UNIPC_TRAIN_TIMESTEPS = 1000
+
+# A lone UTF-16 surrogate (JSON's "\ud800") is a Python str character with no UTF-8 encoding:
+# a result that echoed it could not be sent back (RunPod and the SDK's local API encode results as
+# UTF-8 JSON), so the job would run and its video be lost.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JobInputError(ValueError):
@@ -161,6 +178,8 @@ def _int_range(low: int, high: int, *, multiple_of: int = 1) -> Callable[[str, A
 
 def _number_range(low: float, high: float, *, low_open: bool = False) -> Callable[[str, Any], float]:
     def check(field: str, value: Any) -> float:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise JobInputError(f"'{field}' must be a finite number, got {_shown(value)}")
         if not _is_number(value):
             raise JobInputError(f"'{field}' must be a number, got {type(value).__name__}")
         if value > high or value < low or (low_open and value == low):
@@ -210,7 +229,7 @@ GENERATION_FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "resolution": (_choice(RESOLUTIONS), "720p"),
     "sample_steps": (_int_range(1, 100), 30),
     "guidance_scale": (_number_range(0.0, 20.0), 4.5),
-    "shift": (_number_range(0.0, 100.0, low_open=True), 3.0),
+    "shift": (_number_range(MIN_SHIFT, MAX_SHIFT), 3.0),
     "solver": (_choice(SOLVERS), "unipc"),
     "seed": (_optional(_int_range(0, MAX_SEED)), None),
     "infer_frames": (_int_range(8, 200, multiple_of=4), 80),
@@ -292,6 +311,64 @@ def _loras(raw: Any) -> tuple[LoraSource, ...]:
     return tuple(_lora(f"loras[{i}]", item) for i, item in enumerate(raw))
 
 
+def unipc_max_shift(steps: int) -> float:
+    """The largest shift the official unipc solver runs with at `steps` steps (rounded down to
+    0.01); infinite for one step.
+
+    FlowUniPCMultistepScheduler.set_timesteps spaces the sigmas evenly from UNIPC_SIGMA_MAX down to
+    0, shifts each to shift*s / (1 + (shift - 1)*s) and truncates s*1000 to integer timesteps. When
+    the first two timesteps coincide (both 999), `index_for_timestep` starts the solver at its
+    second index, and its last step fails (`assert self.this_order > 0`). For shift >= 1 the first
+    is 999, and the second reaches 999 once its shifted sigma reaches 0.999, i.e. from
+    shift = 999 * (1 - s1) / s1, with s1 the second unshifted sigma. tests/test_pipeline.py runs the
+    official scheduler at and just above this limit.
+    """
+    if steps < 2:
+        return math.inf
+    s1 = UNIPC_SIGMA_MAX * (1 - 1 / steps)
+    limit = (UNIPC_TRAIN_TIMESTEPS - 1) * (1 - s1) / s1
+    return math.floor(limit * 100) / 100
+
+
+def _check_shift_for_solver(generation: dict[str, Any]) -> None:
+    if generation["solver"] != "unipc":
+        return
+    steps, limit = generation["sample_steps"], unipc_max_shift(generation["sample_steps"])
+    if generation["shift"] > limit:
+        raise JobInputError(
+            f"'shift' must be at most {limit:g} with the unipc solver at {steps} steps (above it "
+            f"the solver's first two timesteps coincide and it fails), got {_shown(generation['shift'])}; "
+            "lower the shift, use fewer steps, or \"solver\": \"dpm++\"")
+
+
+def _path_text(path: str) -> str:
+    return path if len(path) <= 60 else path[:57] + "..."
+
+
+def _refuse_unencodable_text(job: Mapping[str, Any]) -> None:
+    """Every string the worker reads or may echo back (keys included) must have a UTF-8 encoding.
+
+    Walked iteratively, so deep nesting cannot exhaust the stack. `str.isascii` is O(1) in
+    CPython, so base64 media (ASCII) cost nothing to check.
+    """
+    pending: list[tuple[Any, str]] = [(job.get(key), key) for key in ("id", "input", "s3Config")]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                raise JobInputError(f"'{_path_text(path)}' is not valid text: it holds a lone "
+                                    "UTF-16 surrogate (\\ud800-\\udfff), which has no UTF-8 form")
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    raise JobInputError(f"a key in '{_path_text(path)}' is not valid text: it holds "
+                                        "a lone UTF-16 surrogate (\\ud800-\\udfff), which has "
+                                        "no UTF-8 form")
+                pending.append((item, f"{path}.{key}" if isinstance(key, str) else path))
+        elif isinstance(value, (list, tuple)):
+            pending.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
 def _storage_override(raw: Any) -> StorageOverride | None:
     if raw is None:
         return None
@@ -314,6 +391,7 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
     """Validate RunPod's job dict (`{"id", "input", "s3Config"?}`) into a `JobRequest`."""
     if not isinstance(job, Mapping):
         raise JobInputError("the job must be a JSON object")
+    _refuse_unencodable_text(job)
     payload = job.get("input")
     if not isinstance(payload, Mapping):
         raise JobInputError("the job's 'input' must be a JSON object")
@@ -339,6 +417,7 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
                             "\"fastest\" with it")
     if generation["step_cache"] is None:
         generation["step_cache"] = fast
+    _check_shift_for_solver(generation)
 
     job_id = job.get("id")
     return JobRequest(

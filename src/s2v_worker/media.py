@@ -1,10 +1,10 @@
 """Media intake: turn the job's image, audio and pose video (URL or base64) into checked local files.
 
 Every input is proven by decoding it before any model work: the image through Pillow, the audio
-through ffmpeg into a WAV that the model stage reads, the pose video through decord. A bad input
-raises `MediaError`, whose message names the job field and says what is wrong; it is safe to
-return to the client. Files are written inside the job's own temporary folder only, under fixed
-names: nothing in a path comes from the job.
+through ffmpeg, streamed and resampled into the mono 16 kHz WAV that the model stage reads, the pose
+video through decord. A bad input raises `MediaError`, whose message names the job field and says
+what is wrong; it is safe to return to the client. Files are written inside the job's own
+temporary folder only, under fixed names: nothing in a path comes from the job.
 
 URLs are fetched so that no job can make the worker reach inside its own network (SSRF): see
 `download` for how every address is checked, and pinned, before it is connected to.
@@ -18,7 +18,10 @@ import http.client
 import ipaddress
 import json
 import logging
+import os
+import selectors
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,7 +32,10 @@ from typing import Any, BinaryIO, Sequence, Union
 from urllib.parse import urljoin, urlsplit
 
 import imageio_ffmpeg
+import librosa
+import numpy as np
 import soundfile
+import soxr
 from PIL import Image, ImageOps
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -55,6 +61,17 @@ _DOWNLOAD_CHUNK = 1 << 16
 # Pillow formats refused although Pillow knows them: EPS is rendered by running Ghostscript.
 _REFUSED_IMAGE_FORMATS = frozenset({"EPS"})
 
+# The model reads speech as the official AudioEncoder loads it: librosa.load(path, sr=16000), i.e. the
+# float32 samples, averaged over channels, resampled by soxr at "soxr_hq".
+AUDIO_MODEL_RATE = 16_000
+# Below this there is no speech for wav2vec2 to hear (telephone audio is 8 kHz); it also keeps the
+# resampler's upsampling ratio sane.
+MIN_AUDIO_SAMPLE_RATE = 4_000
+_AUDIO_BLOCK_FRAMES = 1 << 16  # source frames downmixed and resampled at a time
+_PIPE_READ_BYTES = 1 << 20
+_WAV_CHUNK_LIMIT = 1 << 16  # ffmpeg's header chunks (fmt, LIST) are far smaller
+_STDERR_KEPT_BYTES = 1 << 14
+
 # Demuxers ffmpeg may use for the audio. Playlist and script formats (hls, concat, ...) are left
 # out: they make ffmpeg open further files or URLs named inside the input.
 AUDIO_DEMUXERS = ("wav", "w64", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf",
@@ -78,9 +95,10 @@ class ImageInput:
 @dataclass(frozen=True)
 class AudioInput:
     original_path: Path  # as received; muxed into the MP4
-    model_path: Path  # the same audio decoded to WAV (float32, source rate) for the model
+    model_path: Path  # mono float32 at 16 kHz: what librosa.load(original, sr=16000) returns
     duration_s: float
-    sample_rate: int
+    sample_rate: int  # the source's
+    channels: int  # the source's
 
 
 # --- address policy ------------------------------------------------------------------------------
@@ -142,6 +160,20 @@ def address_is_allowed(address: str | IPAddress, allowed: Sequence[IPNetwork] = 
     return _is_public(ip)
 
 
+def refused_address(infos: Sequence[tuple[Any, ...]], allowed: Sequence[IPNetwork]) -> str | None:
+    """The first address among `socket.getaddrinfo` answers that the policy refuses; None when
+    every one is allowed. One bad answer refuses the host: which answer a connection would use is
+    not the checker's to choose."""
+    for info in infos:
+        address = str(info[4][0])
+        try:
+            if not address_is_allowed(address, allowed):
+                return address
+        except ValueError:
+            return address
+    return None
+
+
 # --- fetching ------------------------------------------------------------------------------------
 
 def _decode_base64(source: MediaSource, max_bytes: int) -> bytes:
@@ -167,7 +199,10 @@ class _Deadline:
 
     Socket timeouts bound each single read only, so a server that drips a byte now and then
     could hold a job for ever. A timer shuts down the download's sockets when the limit passes,
-    which wakes whatever read, TLS handshake or header parse is blocked on them.
+    which wakes whatever read, TLS handshake or header parse is blocked on them; host name
+    look-ups, which no socket timeout covers, are waited for until the limit only
+    (`_getaddrinfo_by`). tests/test_url_safety.py drips the status line, header lines, a single
+    endless header, endless "100 Continue" answers and the body, and delays the look-up.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -176,7 +211,7 @@ class _Deadline:
         self._lock = threading.Lock()
         self._fired = False
         self._socks: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = threading.Timer(seconds, self.expire)
         self._timer.daemon = True
         self._timer.start()
 
@@ -197,7 +232,8 @@ class _Deadline:
                 raise socket.timeout("download deadline passed")
             self._socks.append(duplicate)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The limit has passed (the timer's call, or a wait that ran to it)."""
         with self._lock:
             self._fired = True
             for sock in self._socks:
@@ -302,24 +338,43 @@ def _parse_http_url(field: str, url: str, hop: int) -> Url:
     return parsed
 
 
-def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork]
-                     ) -> tuple[tuple[Any, ...], ...]:
+def _getaddrinfo_by(deadline: "_Deadline", host: str, port: int) -> list[tuple[Any, ...]]:
+    """socket.getaddrinfo, given up at the deadline: a look-up has no timeout of its own, and a
+    name server that answers slowly (the URL's owner may run it) must not outlast the download's
+    limit. The look-up thread is left to finish on its own."""
+    outcome: dict[str, Any] = {}
+
+    def resolve() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=resolve, name="media-dns", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline.remaining()))
+    if thread.is_alive():
+        deadline.expire()
+        raise socket.timeout("the host name look-up outlasted the download deadline")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["infos"]
+
+
+def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork],
+                     deadline: "_Deadline") -> tuple[tuple[Any, ...], ...]:
     """Resolve the URL's host once and check every answer: one bad address refuses the host."""
     where = "points to" if hop == 0 else "redirected to"
     host = url.host.strip("[]")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo_by(deadline, host, port)
     except (socket.gaierror, UnicodeError, ValueError):
         raise MediaError(f"'{field}' {where} a host name that could not be resolved") from None
-    for info in infos:
-        try:
-            allowed_here = address_is_allowed(str(info[4][0]), allowed)
-        except ValueError:
-            allowed_here = False
-        if not allowed_here:
-            logger.warning("%s: refused address %s of %s", field, info[4][0], host)
-            raise MediaError(f"'{field}' {where} a private or local address (not allowed)")
+    refused = refused_address(infos, allowed)
+    if refused is not None:
+        logger.warning("%s: refused address %s of %s", field, refused, host)
+        raise MediaError(f"'{field}' {where} a private or local address (not allowed)")
     if not infos:
         raise MediaError(f"'{field}' {where} a host name that could not be resolved")
     return tuple(dict.fromkeys(tuple(i) for i in infos))
@@ -334,6 +389,14 @@ def _failure_reason(exc: BaseException) -> str:
         return "timed out waiting for data"
     if isinstance(exc, SSLError):
         return "TLS handshake or certificate check failed"
+    # urllib3 wraps what http.client raised while reading the answer: ProtocolError(text, cause).
+    cause = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
+    if isinstance(cause, http.client.LineTooLong):
+        return "the server sent a response line or header longer than 64 kB"
+    if type(cause) is http.client.HTTPException and "headers" in str(cause):
+        return "the server sent more than 100 response headers"
+    if isinstance(cause, http.client.BadStatusLine) and not isinstance(cause, ConnectionError):
+        return "the server's answer is not HTTP"
     if isinstance(exc, ProtocolError):
         return "the connection broke off"
     return type(exc).__name__
@@ -373,7 +436,7 @@ def download(field: str, url: str, dest: Path, max_bytes: int, settings: Setting
         with open(dest, "wb") as out:
             for hop in range(max_redirects + 1):
                 parsed = _parse_http_url(field, url, hop)
-                checked = _Hop(_resolve_checked(field, parsed, hop, allowed), deadline)
+                checked = _Hop(_resolve_checked(field, parsed, hop, allowed, deadline), deadline)
                 pool_cls, tls = ((_CheckedHTTPSPool, {"cert_reqs": "CERT_REQUIRED",
                                                       "ca_certs": _ca_bundle()})
                                  if parsed.scheme == "https" else (_CheckedHTTPPool, {}))
@@ -390,7 +453,10 @@ def download(field: str, url: str, dest: Path, max_bytes: int, settings: Setting
                             location = response.headers.get("Location")
                             if not location:
                                 raise MediaError(f"'{field}' redirected without a Location")
-                            url = urljoin(parsed.url, location.strip())
+                            try:
+                                url = urljoin(parsed.url, location.strip())
+                            except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
+                                raise MediaError(f"'{field}' redirected to an invalid URL") from None
                             continue
                         if response.status != 200:
                             raise MediaError(f"'{field}' could not be downloaded: HTTP "
@@ -485,7 +551,10 @@ def load_image(source: MediaSource, work_dir: Path, settings: Settings) -> Image
                 raise MediaError(f"'{source.field}' has {width}x{height} pixels; the limit is "
                                  f"{max_pixels} (MAX_IMAGE_PIXELS)")
             probe.load()  # decodes every pixel: truncated files fail here
-            image = ImageOps.exif_transpose(probe).convert("RGB")
+            # In place, and converted only when not RGB yet: at most two copies of the pixels are
+            # alive at once (Pillow keeps 4 bytes a pixel: 512 MB at the 64 Mpx default limit).
+            ImageOps.exif_transpose(probe, in_place=True)
+            image = probe if probe.mode == "RGB" else probe.convert("RGB")
     except MediaError:
         raise
     except Image.DecompressionBombError:
@@ -511,37 +580,212 @@ def _run_decoder(field: str, command: list[str], what: str) -> subprocess.Comple
         raise MediaError(f"'{field}' took longer than {DECODE_TIMEOUT_S:g} s to {what}") from None
 
 
+class DecoderOutputEnded(Exception):
+    """A decoder's output ended before what the reader needed."""
+
+
+class DecoderPipe:
+    """A decoding child's stdout, read within DECODE_TIMEOUT_S (from the start, or from the last
+    `restart_clock`); its stderr drained on the side (only the end is kept), so that the child can
+    never block on a full stderr pipe. Used for ffmpeg's audio and for the pose frames."""
+
+    def __init__(self, process: subprocess.Popen, field: str, what: str = "decode") -> None:
+        self.process, self.field, self.what = process, field, what
+        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
+        self.stderr = bytearray()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(process.stdout, selectors.EVENT_READ)
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+
+    def _drain_stderr(self) -> None:
+        for piece in iter(lambda: self.process.stderr.read1(4096), b""):
+            self.stderr += piece
+            del self.stderr[:-_STDERR_KEPT_BYTES]
+
+    def restart_clock(self) -> None:
+        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
+
+    def read(self, size: int = _PIPE_READ_BYTES) -> bytes:
+        """Up to `size` bytes; b"" at the end of the output."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0 or not self._selector.select(remaining):
+            raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to "
+                             f"{self.what}")
+        return os.read(self.process.stdout.fileno(), size)
+
+    def read_exact(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            piece = self.read(min(size - len(data), _PIPE_READ_BYTES))
+            if not piece:
+                raise DecoderOutputEnded()
+            data += piece
+        return bytes(data)
+
+    def read_into(self, buffer: memoryview) -> None:
+        """Fill `buffer` (bytes) from the output, without an intermediate copy of it all."""
+        filled = 0
+        while filled < len(buffer):
+            piece = self.read(min(len(buffer) - filled, _PIPE_READ_BYTES))
+            if not piece:
+                raise DecoderOutputEnded()
+            buffer[filled:filled + len(piece)] = piece
+            filled += len(piece)
+
+    def close(self) -> int:
+        """Stop the child if it still runs; its exit status. Safe to call again."""
+        if self.process.poll() is None:
+            self.process.kill()
+        returncode = self.process.wait()
+        if not self.process.stdout.closed:
+            self._drain.join(timeout=5)
+            self._selector.close()
+            self.process.stdout.close()
+            self.process.stderr.close()
+        return returncode
+
+
+def _wav_stream_format(pipe: DecoderPipe) -> tuple[int, int]:
+    """(channels, sample rate) from the WAV header ffmpeg writes, leaving `pipe` at the samples."""
+    riff = pipe.read_exact(12)
+    if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        raise RuntimeError("ffmpeg did not write a WAV stream")
+    fmt = None
+    while True:
+        chunk_id, size = struct.unpack("<4sI", pipe.read_exact(8))
+        if chunk_id == b"data":  # its size is a placeholder on a pipe: the samples run to the end
+            break
+        if size > _WAV_CHUNK_LIMIT:
+            raise RuntimeError(f"ffmpeg wrote a {size}-byte {chunk_id!r} WAV chunk")
+        body = pipe.read_exact(size + (size & 1))
+        if chunk_id == b"fmt ":
+            fmt = body
+    if fmt is None or len(fmt) < 16 or struct.unpack_from("<H", fmt, 14)[0] != 32:
+        raise RuntimeError("ffmpeg's WAV stream is not 32-bit float")
+    _, channels, rate = struct.unpack_from("<HHI", fmt)
+    return channels, rate
+
+
+class _ModelAudioWriter:
+    """Turns float32 blocks of the source (any channels, any rate) into the mono 16 kHz WAV the
+    model reads, with librosa.load's own steps so the samples are the ones it would return:
+    `librosa.to_mono` on each block (a mean over channels, sample by sample), then soxr at
+    "soxr_hq" as a stream (soxr's output does not depend on how its input is cut; checked against
+    librosa.load in tests/test_media.py), then librosa's length fix (ceil of frames * ratio)."""
+
+    def __init__(self, path: Path, field: str, channels: int, rate: int) -> None:
+        self.field, self.channels, self.rate = field, channels, rate
+        self.frames_in = 0
+        self._resampler = (None if rate == AUDIO_MODEL_RATE else
+                           soxr.ResampleStream(rate, AUDIO_MODEL_RATE, 1, dtype="float32",
+                                               quality="soxr_hq"))
+        self._out = soundfile.SoundFile(str(path), "w", samplerate=AUDIO_MODEL_RATE, channels=1,
+                                        subtype="FLOAT")
+
+    def write(self, raw: bytes, last: bool) -> None:
+        block = np.frombuffer(raw, dtype="<f4").reshape(-1, self.channels)
+        if not np.isfinite(block).all():
+            raise MediaError(f"'{self.field}' has samples that are not finite numbers (NaN or "
+                             "infinity)")
+        self.frames_in += len(block)
+        mono = block[:, 0] if self.channels == 1 else librosa.to_mono(block.T)
+        if self._resampler is not None:
+            mono = self._resampler.resample_chunk(mono, last=last)
+        self._out.write(mono)
+
+    def finish(self) -> None:
+        if self._resampler is not None:  # librosa.resample's fix_length, to the same count
+            expected = int(np.ceil(self.frames_in * (float(AUDIO_MODEL_RATE) / self.rate)))
+            written = self._out.frames
+            if written > expected:
+                self._out.truncate(expected)
+            elif written < expected:
+                self._out.write(np.zeros(expected - written, dtype=np.float32))
+        self._out.close()
+
+    def close(self) -> None:
+        self._out.close()
+
+
 def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> AudioInput:
+    """The audio as received (for the MP4) and as the model reads it, decoded in bounded memory.
+
+    ffmpeg decodes the file to float32 WAV on a pipe, at the source's own rate and channels, and
+    the samples are downmixed and resampled here block by block (`_ModelAudioWriter`), so nothing
+    larger than one block is ever held and the only file written is the model's own input (64 kB
+    per second of audio). Before that, the stream's channels and rate are checked against
+    MAX_AUDIO_CHANNELS and MAX_AUDIO_SAMPLE_RATE, and decoding stops a second past
+    MAX_AUDIO_SECONDS.
+    """
+    field = source.field
     original = fetch(source, work_dir / "audio.input", settings.max_audio_bytes, settings)
     model_path = work_dir / "audio.wav"
     model_path.unlink(missing_ok=True)
-    # Decode at most a second past the limit: enough to tell that the audio is too long, without
-    # writing hours of samples to disk first.
+    # Decode at most a second past the limit: enough to tell that the audio is too long.
     cap_s = settings.max_audio_seconds + 1.0
-    # float32 at the source's own rate and channels: librosa then resamples and downmixes exactly as
-    # it would the original file in the official code.
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y",
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error",
                "-protocol_whitelist", "file", "-format_whitelist", ",".join(AUDIO_DEMUXERS),
                "-i", str(original), "-t", f"{cap_s:g}",
-               "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav", str(model_path)]
-    result = _run_decoder(source.field, command, "decode")
-    if result.returncode != 0 or not model_path.is_file():
-        logger.info("%s: audio decode failed: %s", source.field, _error_summary(result.stderr))
-        raise _unreadable(source.field, "audio file", original, "audio")
+               "-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav", "pipe:1"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    pipe = DecoderPipe(process, field)
+    writer = None
     try:
-        info = soundfile.info(str(model_path))
-    except RuntimeError:
-        raise MediaError(f"'{source.field}' is not a readable audio file") from None
-    duration = info.frames / info.samplerate if info.samplerate else 0.0
+        try:
+            channels, rate = _wav_stream_format(pipe)
+        except DecoderOutputEnded:
+            returncode = pipe.close()
+            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
+                        _error_summary(bytes(pipe.stderr)))
+            raise _unreadable(field, "audio file", original, "audio") from None
+        _check_audio_format(field, channels, rate, settings)
+        writer = _ModelAudioWriter(model_path, field, channels, rate)
+        block_bytes = _AUDIO_BLOCK_FRAMES * channels * 4
+        pending = bytearray()
+        while piece := pipe.read():
+            pending += piece
+            while len(pending) >= block_bytes:
+                writer.write(bytes(pending[:block_bytes]), last=False)
+                del pending[:block_bytes]
+        writer.write(bytes(pending[:len(pending) - len(pending) % (channels * 4)]), last=True)
+        returncode = pipe.close()
+        if returncode != 0:
+            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
+                        _error_summary(bytes(pipe.stderr)))
+            raise _unreadable(field, "audio file", original, "audio")
+        writer.finish()
+    finally:
+        pipe.close()
+        if writer is not None:
+            writer.close()
+    duration = writer.frames_in / rate
     if duration < settings.min_audio_seconds:
-        raise MediaError(f"'{source.field}' is {duration:.2f} s long; the minimum is "
+        raise MediaError(f"'{field}' is {duration:.2f} s long; the minimum is "
                          f"{settings.min_audio_seconds} s (MIN_AUDIO_SECONDS)")
     if duration > settings.max_audio_seconds:
         length = f"{duration:.1f} s" if duration < cap_s - 0.01 else f"more than {cap_s:g} s"
-        raise MediaError(f"'{source.field}' is {length} long; the maximum is "
+        raise MediaError(f"'{field}' is {length} long; the maximum is "
                          f"{settings.max_audio_seconds} s (MAX_AUDIO_SECONDS)")
+    logger.info("%s: %.2f s of audio, %d channel(s) at %d Hz, decoded for the model", field,
+                duration, channels, rate)
     return AudioInput(original_path=original, model_path=model_path, duration_s=duration,
-                      sample_rate=info.samplerate)
+                      sample_rate=rate, channels=channels)
+
+
+def _check_audio_format(field: str, channels: int, rate: int, settings: Settings) -> None:
+    if channels < 1:
+        raise MediaError(f"'{field}' is not a readable audio file (no channels)")
+    if channels > settings.max_audio_channels:
+        raise MediaError(f"'{field}' has {channels} channels; the limit is "
+                         f"{settings.max_audio_channels} (MAX_AUDIO_CHANNELS)")
+    if rate > settings.max_audio_sample_rate:
+        raise MediaError(f"'{field}' is sampled at {rate} Hz; the limit is "
+                         f"{settings.max_audio_sample_rate} Hz (MAX_AUDIO_SAMPLE_RATE)")
+    if rate < MIN_AUDIO_SAMPLE_RATE:
+        raise MediaError(f"'{field}' is sampled at {rate} Hz; speech needs at least "
+                         f"{MIN_AUDIO_SAMPLE_RATE} Hz")
 
 
 def _is_video_container(head: bytes) -> bool:

@@ -1,7 +1,8 @@
 """The S2V pipeline: load the official Wan2.2 components once, then turn a job into video frames.
 
-`S2VPipeline` subclasses the official `wan.WanS2V` so that its sizing, audio bucketing and pose
-conditioning are the official methods themselves. Two parts are the worker's own:
+`S2VPipeline` subclasses the official `wan.WanS2V` so that its sizing and audio bucketing are the
+official methods themselves; the pose conditioning is upstream's `load_pose_cond` math, done clip by
+clip in bounded memory (`pose_latents`). Two parts are the worker's own:
 
 * loading (`S2VPipeline.load`): the same official classes, placed on the worker's device (GPU, or
   the CPU for the tiny test checkpoint), with the T5 and VAE widths read from the checkpoint so that
@@ -14,8 +15,12 @@ conditioning are the official methods themselves. Two parts are the worker's own
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,14 +37,17 @@ from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VE
                          Checkpoint)
 from . import attention as dit_attention
 from .dit import DiTEngine
-from .job import GenerationSettings
+from .job import GenerationSettings, JobInputError
 from .official import import_official, install_attention, official_architecture
 from .parallel import Layout
-from .sampling import ClipRequest, ClipSampler, Role, autocast_for
+from .sampling import ClipRequest, ClipSampler, Role, autocast_for, reused_steps
 
 logger = logging.getLogger(__name__)
 
 NATIVE_FPS = 16  # Wan2.2-S2V samples video at 16 fps (config.sample_fps)
+# The smallest side the model can make: the VAE's stride (8) times the DiT's patch (2). The official
+# sizing gives multiples of 64, or 0 for images far wider than tall (or the reverse).
+LATENT_PATCH_PIXELS = 16
 FIRST_CLIP_DROPPED_FRAMES = 3  # WanS2V.generate drops the first 3 frames of clip 0 when drop_first_motion
 
 _official = import_official()
@@ -83,9 +91,117 @@ class _VideoVAE(_official.vae.Wan2_1_VAE):
             model.clear_cache()
 
 
+# Pose frames are decoded and resized a batch at a time, so that no more than this many bytes of
+# float32 source-resolution pixels are held at once (one frame when a frame alone is larger).
+POSE_BATCH_BYTES = 128 * 1024 * 1024
+
+# Runs in a child process (`pose_latents`). decord reads the frames upstream's
+# read_last_n_frames(..., target_fps=16, reverse=True) samples (every round(fps / 16)-th frame from
+# the first), and each batch is normalised, resized and cropped as upstream's load_pose_cond does,
+# then written to stdout as float32: per clip, its frame count (8 bytes) and its frames. In a child,
+# a file that crashes or hangs decord cannot take the worker with it.
+# Two choices keep the child's memory flat (measured on 720p video, 176 batches): decord decodes on
+# one thread, and the uint8 -> [-1, 1] step is a lookup in a table that upstream's own expression
+# computed for the 256 values, instead of torch arithmetic on every frame. With decord's default
+# threads, or with torch's elementwise ops on the decoded frames, its memory grew with every batch
+# (to 2 GB); with both choices it stays at its start (about 0.75 GB with torch loaded). The values
+# are the same: each pixel's result depends on its value only, and a decoder's output does not
+# depend on its threads (tests/test_pipeline.py compares the latents with upstream's).
+_POSE_FRAMES = """
+import json, struct, sys
+import torch
+from decord import VideoReader
+from torchvision import transforms
+a = json.loads(sys.argv[1])
+reader = VideoReader(a["path"], num_threads=1)
+interval = max(1, round(reader.get_avg_fps() / a["fps"]))
+indices = list(range(0, min(a["frames"] * a["clips"] * interval, len(reader)), interval))
+source_height, source_width = reader[0].shape[:2]
+batch = max(1, a["batch_bytes"] // (source_height * source_width * 3 * 4))
+to_unit = (torch.arange(256, dtype=torch.uint8) / 255.0 * 2 - 1.0).numpy()  # upstream's expression
+resize = transforms.Resize(min(a["height"], a["width"]))
+crop = transforms.CenterCrop((a["height"], a["width"]))
+out = sys.stdout.buffer
+for r in range(a["clips"]):
+    clip = indices[r * a["frames"]:(r + 1) * a["frames"]]
+    out.write(struct.pack("<Q", len(clip)))
+    for start in range(0, len(clip), batch):
+        pixels = to_unit[reader.get_batch(clip[start:start + batch]).asnumpy()]
+        frames = crop(resize(torch.from_numpy(pixels).permute(0, 3, 1, 2)))
+        out.write(frames.contiguous().numpy().tobytes())
+    out.flush()
+"""
+
+
 # Fast mode: every linear layer of the 40 blocks in FP8 with per-tensor scales (cuBLAS FP8 GEMM;
 # measured faster than per-row scales at the same error, see bench/results).
 FAST_MODE_FLOAT8 = "all_tensorwise"
+
+
+def dit_calls_per_step(steps: int, guided: bool, step_cache: bool) -> list[int]:
+    """DiT calls each denoising step makes, as `denoise` runs them: two with guidance (conditional
+    and unconditional), one without, none on a step that reuses the previous prediction."""
+    reuse = reused_steps(steps) if step_cache else frozenset()
+    return [0 if i in reuse else (2 if guided else 1) for i in range(steps)]
+
+
+# A DiT call's cost against its token count n: the GEMMs grow with n, attention with n squared.
+# Fitted to the H100 forwards in README (2.89 s at 480p, 29,120 tokens; 7.97 s at 720p, 54,400),
+# a*n + b*n^2 has a/b = 24,000 tokens: the count at which attention costs as much as the rest.
+ATTENTION_BALANCE_TOKENS = 24_000
+
+
+def _call_cost(tokens: int) -> float:
+    return tokens + tokens * tokens / ATTENTION_BALANCE_TOKENS
+
+
+class DiTSpeed:
+    """Measured seconds per DiT call, by token count: what the worker's duration estimates rest on.
+
+    Fed by the warm-up (a timed call after the compiling one) and by every clip a job samples
+    (its sampling time, which the per-clip stopwatch already brackets with GPU syncs, over its DiT
+    calls: no sync is added to the step loop). A token count never measured is scaled from the
+    nearest measured one by `_call_cost`. The input is only (tokens, seconds per call), so a
+    multi-GPU sampler can feed it the same way.
+    """
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._seconds: dict[int, float] = {}  # tokens -> seconds per call, most recent last
+
+    def record(self, tokens: int, seconds_per_call: float) -> None:
+        self._seconds.pop(tokens, None)
+        self._seconds[tokens] = seconds_per_call
+        while len(self._seconds) > self.keep:
+            del self._seconds[next(iter(self._seconds))]
+
+    def seconds_per_call(self, tokens: int) -> float | None:
+        """The measurement at `tokens`, else the nearest one (by ratio) scaled; None: none yet."""
+        if tokens in self._seconds:
+            return self._seconds[tokens]
+        if not self._seconds:
+            return None
+        nearest = min(self._seconds, key=lambda measured: abs(math.log(measured / tokens)))
+        return self._seconds[nearest] * _call_cost(tokens) / _call_cost(nearest)
+
+
+@dataclass(frozen=True)
+class SamplingEstimate:
+    """How long a job's sampling should take on this worker, from `DiTSpeed`."""
+
+    tokens: int  # per DiT call
+    calls: int  # all clips together
+    seconds_per_call: float
+    calls_by_step: tuple[int, ...]  # one clip's
+
+    @property
+    def seconds(self) -> float:
+        return self.calls * self.seconds_per_call
+
+    def remaining_s(self, clip: int, clips: int, step: int) -> float:
+        """Seconds of sampling left once `step` of `clip` (both from 0) is done."""
+        calls_left = (clips - clip - 1) * sum(self.calls_by_step) + sum(self.calls_by_step[step + 1:])
+        return calls_left * self.seconds_per_call
 
 
 class GenerationStopped(Exception):
@@ -261,6 +377,7 @@ class S2VPipeline(WanS2V):
         self.dit = DiTEngine(self.noise_model, compile=compile_dit and device.type == "cuda")
         self.sampler = ClipSampler(self.dit, device, FAST_MODE_FLOAT8)
         self.group = None  # the other ranks, when the worker has several GPUs (parallel.py)
+        self.dit_speed = DiTSpeed()
         return self
 
     @property
@@ -286,10 +403,29 @@ class S2VPipeline(WanS2V):
 
     # --- planning: everything that needs no model ------------------------------------------------
 
-    def plan(self, image_path: Path, audio_seconds: float, settings: GenerationSettings) -> ClipPlan:
-        max_area = self.checkpoint.max_area[settings.resolution]
-        height, width = self.get_gen_size(size=None, max_area=max_area,
-                                          ref_image_path=str(image_path), pre_video_path=None)
+    def video_size(self, image_path: Path, resolution: str, field: str = "image") -> tuple[int, int]:
+        """(height, width) of the video made from this image at `resolution`, sized the official
+        way (`get_gen_size`: the image's shape through `get_size_less_than_area`).
+
+        The shape is read from the file's header: `get_gen_size` decodes every pixel only to take
+        it. Raises JobInputError when a side ends below one latent patch, which the official sizing
+        does for images far wider than tall or the reverse (its fallback rounds a side down to 0).
+        """
+        with Image.open(image_path) as image:
+            width, height = image.size
+        max_area = self.checkpoint.max_area[resolution]
+        video_height, video_width = self.get_size_less_than_area(height, width, target_area=max_area)
+        if min(video_height, video_width) < LATENT_PATCH_PIXELS:
+            shape, side = ("wide", "high") if video_height < video_width else ("tall", "wide")
+            raise JobInputError(
+                f"'{field}' is {width}x{height}, too {shape} for {resolution}: the model's sizing "
+                f"would make the video {min(video_height, video_width)} pixels {side} (each side "
+                f"needs at least {LATENT_PATCH_PIXELS}); crop the image closer to a video's shape")
+        return video_height, video_width
+
+    def plan(self, image_path: Path, audio_seconds: float, settings: GenerationSettings,
+             image_field: str = "image") -> ClipPlan:
+        height, width = self.video_size(image_path, settings.resolution, image_field)
         dropped = 0 if settings.init_first_frame or not self.drop_first_motion \
             else FIRST_CLIP_DROPPED_FRAMES
         clips = plan_clip_count(audio_seconds, settings.infer_frames, dropped, settings.max_clips)
@@ -301,6 +437,23 @@ class S2VPipeline(WanS2V):
         """(motion latent frames, new latent frames per clip), as WanS2V.generate counts them."""
         motion = (self.motion_frames + 3) // 4
         return motion, (frames_per_clip + 3 + self.motion_frames) // 4 - motion
+
+    def dit_tokens(self, height: int, width: int, frames_per_clip: int) -> int:
+        """Tokens of the noisy latents in one DiT call: WanS2V.generate's `max_seq_len`."""
+        _, lat_frames = self._latent_frames(frames_per_clip)
+        return lat_frames * (height // 8) * (width // 8) // 4
+
+    def estimate_sampling(self, plan: ClipPlan, settings: GenerationSettings) -> SamplingEstimate | None:
+        """The job's sampling time from this worker's measured seconds per DiT call; None before
+        any measurement (no warm-up on this device, and no job yet)."""
+        tokens = self.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
+        seconds_per_call = self.dit_speed.seconds_per_call(tokens)
+        if seconds_per_call is None:
+            return None
+        by_step = dit_calls_per_step(settings.sample_steps, settings.guidance_scale > 1,
+                                     settings.step_cache)
+        return SamplingEstimate(tokens=tokens, calls=plan.num_clips * sum(by_step),
+                                seconds_per_call=seconds_per_call, calls_by_step=tuple(by_step))
 
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
         """One sampling step per resolution on blank inputs at its 16:9 size, so that compilation
@@ -337,19 +490,30 @@ class S2VPipeline(WanS2V):
                     audio_input=latent(1, audio_layers, m.config.audio_dim, frames_per_clip),
                     motion_frames=[self.motion_frames, lat_motion], drop_motion_frames=False)
                 generator = torch.Generator(device=self.device)
-                for guided in self._layouts_to_warm():
-                    request = ClipRequest(
-                        latents=latent(16, lat_frames, *size), generator_state=generator.get_state(),
-                        solver="unipc", steps=1, shift=3.0, guidance_scale=4.5 if guided else 1.0,
-                        cond=branch, uncond=branch if guided else None)
-                    with self._on_device(m):
+                requests = [ClipRequest(
+                    latents=latent(16, lat_frames, *size), generator_state=generator.get_state(),
+                    solver="unipc", steps=1, shift=3.0, guidance_scale=4.5 if guided else 1.0,
+                    cond=branch, uncond=branch if guided else None)
+                    for guided in self._layouts_to_warm()]
+                with self._on_device(m):
+                    for request in requests:
                         self.sample_clip(request)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                timings[resolution] = time.perf_counter() - start
-                logger.info("warm-up at %s (%dx%d): %.1f s", resolution, width, height,
-                            timings[resolution])
+                    self._sync()
+                    timings[resolution] = time.perf_counter() - start
+                    # Compiled now: the first layout once more measures a step as jobs run it,
+                    # for the first job's duration estimate.
+                    start = time.perf_counter()
+                    self.sample_clip(requests[0])
+                    self._sync()
+                    call_s = (time.perf_counter() - start) / (2 if requests[0].guided else 1)
+                self.dit_speed.record(self.dit_tokens(height, width, frames_per_clip), call_s)
+                logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
+                            width, height, timings[resolution], call_s)
         return timings
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def layout(self, guided: bool) -> Layout:
         """How the worker's GPUs share a clip (the job result reports it)."""
@@ -418,11 +582,76 @@ class S2VPipeline(WanS2V):
         return torch.zeros(1, self.vae.model.z_dim, (frames + 3) // 4, height // 8, width // 8,
                            dtype=torch.float32, device=self.vae.device)
 
+    def reference_pixels(self, image_path: Path, size: tuple[int, int]) -> torch.Tensor:
+        """The reference image as upstream's generate prepares it: resized on its short side,
+        center-cropped to `size`, in [-1, 1], shape [1, 3, 1, h, w] on the VAE's device.
+
+        Upstream goes np.array(Image.open(path).convert("RGB")) and back with Image.fromarray:
+        the same pixels in three more full-size copies (about 1 GB for a 64 Mpx image); here the
+        decoded image is resized directly."""
+        with Image.open(image_path) as opened:
+            image = opened if opened.mode == "RGB" else opened.convert("RGB")
+            resized = transforms.CenterCrop(size)(transforms.Resize(min(size))(image))
+        pixels = transforms.ToTensor()(resized)
+        return (pixels.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(dtype=self.vae.dtype,
+                                                               device=self.vae.device)
+
+    @torch.no_grad()
+    def pose_latents(self, pose_video_path: Path, plan: ClipPlan,
+                     field: str = "pose_video") -> list[torch.Tensor]:
+        """The official `load_pose_cond` for a pose video, in bounded memory: one latent per clip.
+
+        Upstream decodes every sampled frame at the video's own resolution at once and turns them
+        all to float32 (a 300 s 1080p pose video: tens of GB) before resizing. Each frame's
+        normalisation, resize and crop depend on that frame only, so a child process
+        (`_POSE_FRAMES`) does them per batch of at most POSE_BATCH_BYTES of pixels, and this
+        process VAE-encodes each clip as upstream encodes its chunk, holding one clip's resized
+        frames: the same latents (tests/test_pipeline.py compares them). A video decord cannot
+        decode to the end is a MediaError naming `field`.
+        """
+        from .media import DecoderOutputEnded, DecoderPipe, MediaError
+
+        height, width, frames_per_clip = plan.height, plan.width, plan.frames_per_clip
+        arguments = json.dumps({"path": str(pose_video_path), "fps": NATIVE_FPS,
+                                "frames": frames_per_clip, "clips": plan.num_clips,
+                                "height": height, "width": width, "batch_bytes": POSE_BATCH_BYTES})
+        process = subprocess.Popen([sys.executable, "-I", "-c", _POSE_FRAMES, arguments],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        pipe = DecoderPipe(process, field, "decode the pose frames of one clip")
+        latents = []
+        try:
+            for _ in range(plan.num_clips):
+                pipe.restart_clock()
+                try:
+                    count = struct.unpack("<Q", pipe.read_exact(8))[0]
+                    if count > frames_per_clip:
+                        raise DecoderOutputEnded()
+                    frames = torch.empty(count, 3, height, width, dtype=torch.float32)
+                    if count:  # a clip past the video's end has none
+                        pipe.read_into(memoryview(frames.numpy()).cast("B"))
+                except DecoderOutputEnded:
+                    returncode = pipe.close()
+                    logger.info("%s: pose frames failed (exit status %s): %s", field, returncode,
+                                bytes(pipe.stderr[-300:]).decode("utf-8", "replace"))
+                    raise MediaError(f"'{field}' could not be decoded to the end") from None
+                # Past the video's end upstream pads with -1 (black in [-1, 1]).
+                padding = -torch.ones([frames_per_clip - count, 3, height, width])
+                cond = torch.cat([frames, padding]).permute(1, 0, 2, 3).unsqueeze(0)
+                del frames, padding
+                cond = torch.cat([cond[:, :, 0:1].repeat(1, 1, 1, 1, 1), cond], dim=2)
+                latents.append(torch.stack(self.vae.encode(
+                    cond.to(dtype=self.param_dtype, device=self.device)))[:, :, 1:].cpu())
+        finally:
+            pipe.close()
+        return latents
+
     @torch.no_grad()
     def generate(self, image_path: Path, audio_path: Path, plan: ClipPlan,
                  settings: GenerationSettings, seed: int, pose_video_path: Path | None = None,
                  on_step: StepCallback | None = None,
-                 on_frames: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+                 on_frames: Callable[[torch.Tensor], None] | None = None,
+                 pose_video_field: str = "pose_video") -> GenerationResult:
         """The official WanS2V.generate, on any device, for `plan.num_clips` clips. on_frames:
         gets each clip's frames [3, n, H, W] as soon as they are decoded (the MP4 encoder), and
         then they are not kept."""
@@ -440,12 +669,7 @@ class S2VPipeline(WanS2V):
             context, context_null = self._encode_text(settings.prompt, settings.negative_prompt)
 
         with timed("vae_encoding_s"):
-            ref_image = np.array(Image.open(image_path).convert("RGB"))
-            resize = transforms.Resize(min(size))
-            crop = transforms.CenterCrop(size)
-            ref_pixel_values = transforms.ToTensor()(crop(resize(Image.fromarray(ref_image))))
-            ref_pixel_values = (ref_pixel_values.unsqueeze(1).unsqueeze(0) * 2 - 1.0).to(
-                dtype=self.vae.dtype, device=self.vae.device)  # b c 1 h w
+            ref_pixel_values = self.reference_pixels(image_path, size)
             ref_latents = torch.stack(self.vae.encode(ref_pixel_values))
 
             motion_pixels = torch.zeros([1, 3, self.motion_frames, *size], dtype=self.param_dtype,
@@ -457,8 +681,7 @@ class S2VPipeline(WanS2V):
             motion_latents = self._first_motion_latents(motion_pixels, drop_first_motion)
             # Without a pose video upstream VAE-encodes infer_frames + 1 blank frames and then
             # multiplies the latents by 0: the worker takes the zeros (saves load_pose_cond, 2.08 s in the job benchmark).
-            cond = (self.load_pose_cond(pose_video=str(pose_video_path), num_repeat=plan.num_clips,
-                                        infer_frames=infer_frames, size=size)
+            cond = (self.pose_latents(pose_video_path, plan, pose_video_field)
                     if pose_video_path else None)
 
         lat_motion_frames, lat_target_frames = self._latent_frames(infer_frames)
@@ -491,9 +714,16 @@ class S2VPipeline(WanS2V):
                     step_cache=settings.step_cache,
                     attention_float8=settings.speed == "fastest")
 
+                sampled_before = timings["sampling_s"]
                 with timed("sampling_s"):
                     latents = self.sample_clip(
                         request, None if on_step is None else partial(on_step, r, plan.num_clips))
+                # The stopwatch synced at both ends of the clip. Calls as one process makes them
+                # (the estimate counts them so), whatever the ranks shared.
+                calls = sum(dit_calls_per_step(settings.sample_steps, guided, settings.step_cache))
+                if calls:
+                    self.dit_speed.record(max_seq_len,
+                                          (timings["sampling_s"] - sampled_before) / calls)
 
                 with timed("decoding_s"):
                     first_dropped = drop_first_motion and r == 0

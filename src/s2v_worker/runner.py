@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -29,6 +29,9 @@ from .parallel import RankFailure
 from .settings import Settings, SettingsError, export_to_libraries
 from .storage import StorageError, deliver_video
 from .video import Mp4Stream, VideoEncodingError
+
+if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads it in start()
+    from .pipeline import SamplingEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,15 @@ def configure_compile_cache(settings: Settings) -> Path | None:
 
 
 class ProgressReporter:
-    """Sends stage changes at once and sampling steps at most every `interval_s` seconds."""
+    """Sends stage changes at once and sampling steps at most every `interval_s` seconds.
+
+    Once the job's sampling is estimated (`estimate`), the "generate" stage and every sampling
+    update carry `eta_s`: the estimated seconds of sampling left."""
 
     def __init__(self, job: dict, send: ProgressSender | None, interval_s: float) -> None:
         self.job, self.send, self.interval_s = job, send, interval_s
         self.last_sent = float("-inf")
+        self.estimate: SamplingEstimate | None = None
 
     def _emit(self, update: dict) -> None:
         self.last_sent = time.monotonic()
@@ -76,13 +83,19 @@ class ProgressReporter:
             self.send(self.job, update)
 
     def stage(self, name: str) -> None:
-        self._emit({"stage": name})
+        update: dict[str, Any] = {"stage": name}
+        if name == "generate" and self.estimate is not None:
+            update["eta_s"] = round(self.estimate.seconds, 1)
+        self._emit(update)
 
     def step(self, clip: int, clips: int, step: int, steps: int) -> None:
         last = clip + 1 == clips and step + 1 == steps
         if last or time.monotonic() - self.last_sent >= self.interval_s:
-            self._emit({"stage": "sampling", "clip": clip + 1, "clips": clips,
-                        "step": step + 1, "steps": steps})
+            update: dict[str, Any] = {"stage": "sampling", "clip": clip + 1, "clips": clips,
+                                      "step": step + 1, "steps": steps}
+            if self.estimate is not None:
+                update["eta_s"] = round(self.estimate.remaining_s(clip, clips, step), 1)
+            self._emit(update)
 
 
 class JobStopped(Exception):
@@ -99,6 +112,9 @@ class JobControl:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.cancelled = cancelled or threading.Event()
+        # Set when the job first changes model state (LoRA merge, then the GPU work): from there an
+        # unexpected error may have left the GPU or the resident weights in doubt.
+        self.model_work_started = False
 
     def check(self) -> None:
         if self.cancelled.is_set():
@@ -226,8 +242,14 @@ class Worker:
         except Exception as exc:  # a bug or a broken GPU: log it whole, tell the client little
             logger.exception("job %s failed", job_id)
             self._release_gpu_memory()
-            return {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
-                             f"details for job {job_id}", "refresh_worker": True}
+            error = {"error": f"internal error ({type(exc).__name__}); the worker's logs have the "
+                              f"details for job {job_id}"}
+            # Before any model work nothing on the GPU or in the resident weights was touched, so
+            # a fresh worker would fix nothing; asking for one would let any caller who finds such
+            # a bug force cold starts at will.
+            if control.model_work_started:
+                error["refresh_worker"] = True
+            return error
 
     def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl) -> dict:
         settings, pipeline = self.settings, self.pipeline
@@ -249,21 +271,29 @@ class Worker:
         stage("download")
         with _timed(timings, "download_s"):
             image = load_image(request.image, work_dir, settings)
+            # Before the other downloads: an image the model cannot size fails at once.
+            pipeline.video_size(image.path, generation.resolution, request.image.field)
             audio = load_audio(request.audio, work_dir, settings)
             pose_video = (load_pose_video(request.pose_video, work_dir, settings)
                           if request.pose_video else None)
+
+        plan = pipeline.plan(image.path, audio.duration_s, generation, request.image.field)
+        estimate = pipeline.estimate_sampling(plan, generation)
+        if estimate is not None:
+            self._check_estimate(estimate, control, timings)
+            progress.estimate = estimate
 
         # Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
+            control.model_work_started = True
             lora_manager = self._lora_manager()
             if lora_manager.apply(loras) and self.pipeline.group is not None:
                 self.pipeline.group.set_loras(loras)  # every rank merges the same set
         # Keys for layers this model lacks (an I2V LoRA's image branch) were skipped: say so.
         warnings = list(lora_manager.warnings)
 
-        plan = pipeline.plan(image.path, audio.duration_s, generation)
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
         logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
                     plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
@@ -277,7 +307,9 @@ class Worker:
                        work_dir / "video.mp4", settings) as stream:
             result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
                                        pose_video_path=pose_video, on_step=on_step,
-                                       on_frames=stream.add)
+                                       on_frames=stream.add,
+                                       pose_video_field=(request.pose_video.field
+                                                         if request.pose_video else "pose_video"))
             timings.update({k: round(v, 3) for k, v in result.timings.items()})
             stage("encode")
             with _timed(timings, "encoding_s"):  # after the last frame
@@ -304,6 +336,24 @@ class Worker:
                                    for lora in loras]},
             "timings": timings,
         }
+
+    def _check_estimate(self, estimate: SamplingEstimate, control: JobControl,
+                        timings: dict[str, float]) -> None:
+        """Refuse, before any model work, a job that would run past JOB_TIMEOUT_S: the client learns
+        it now rather than after the time limit has cut the job short."""
+        elapsed = control.timeout_s - (control.deadline - time.monotonic())
+        total = elapsed + estimate.seconds
+        timings["estimated_sampling_s"] = round(estimate.seconds, 1)
+        timings["estimated_s"] = round(total, 1)
+        logger.info("estimate: %d DiT calls of %d tokens at %.3f s: %.1f s of sampling, %.1f s "
+                    "in all", estimate.calls, estimate.tokens, estimate.seconds_per_call,
+                    estimate.seconds, total)
+        if total > control.timeout_s:
+            raise JobInputError(
+                f"the job would take about {total:.0f} s ({estimate.calls} DiT calls at "
+                f"{estimate.seconds_per_call:.2f} s each, as measured on this worker), more than "
+                f"its time limit of {control.timeout_s:g} s (JOB_TIMEOUT_S); use fewer "
+                "sample_steps, a shorter audio or max_clips, or 480p")
 
     def _lora_manager(self) -> LoraManager:
         if self._loras is None:

@@ -146,13 +146,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest audio accepted; the video is as long as the audio."),
     Setting("MIN_AUDIO_SECONDS", "min_audio_seconds", _parse_positive_float, 0.1,
             "Shortest audio accepted."),
+    Setting("MAX_AUDIO_CHANNELS", "max_audio_channels", _parse_positive_int, 8,
+            "Most channels an audio file may have (8: 7.1 surround). The model hears their mean."),
+    Setting("MAX_AUDIO_SAMPLE_RATE", "max_audio_sample_rate", _parse_positive_int, 192_000,
+            "Highest audio sample rate accepted, in Hz (at least 4000 is needed). Audio is decoded "
+            "as a stream, in bounded memory, whatever its rate; this bounds the decoding work."),
     Setting("DOWNLOAD_TIMEOUT_S", "download_timeout_s", _parse_positive_float, 60.0,
             "Connect and read timeout for each media download."),
     Setting("MAX_REDIRECTS", "max_redirects", int, 5,
             "Redirects followed per media download; each hop's address is checked again."),
     Setting("ALLOWED_PRIVATE_NETWORKS", "allowed_private_networks", _parse_cidr_list, "",
-            "Comma-separated CIDR ranges that media URLs may resolve to although they are loopback, "
-            "private, link-local or reserved (e.g. 127.0.0.0/8 for local tests). Empty: none."),
+            "Comma-separated CIDR ranges that media URLs, LoRA URLs and the bucket endpoint may "
+            "resolve to although they are loopback, private, link-local or reserved (e.g. "
+            "10.0.0.0/8 for a private MinIO, 127.0.0.0/8 for local tests). Empty: none."),
     Setting("MAX_IMAGE_PIXELS", "max_image_pixels", _parse_positive_int, 64_000_000,
             "Largest image accepted, in pixels, checked before decoding (decompression bombs)."),
     Setting("MAX_POSE_VIDEO_FRAMES", "max_pose_video_frames", _parse_positive_int, 20_000,
@@ -207,8 +213,10 @@ SETTINGS: tuple[Setting, ...] = (
             "<NETWORK_VOLUME_DIR>/wan-s2v-undelivered when the volume is mounted, else "
             "<system temp>/wan-s2v-undelivered); the job's error names the file."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", _parse_positive_float, 3600.0,
-            "Longest a job may run; past it, sampling stops at the next step and the job ends "
-            "with an error."),
+            "Longest a job may run. A job whose estimated duration (from this worker's measured "
+            "seconds per DiT call) is longer is refused before any model work; past the limit, "
+            "sampling stops at the next step and the job ends with an error. Keep it below "
+            "RunPod's execution timeout (README, 'Long jobs')."),
     Setting("PROGRESS_INTERVAL_S", "progress_interval_s", float, 2.0,
             "Least time between two progress updates sent during sampling."),
     Setting("RUNPOD_WEBHOOK_POST_OUTPUT", "runpod_webhook_post_output", _parse_optional_str, None,

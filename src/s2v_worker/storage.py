@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -30,11 +32,16 @@ from urllib.parse import urlsplit, urlunsplit
 import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
+from botocore.awsrequest import (AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection,
+                                 AWSHTTPSConnectionPool)
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import NewConnectionError
+from urllib3.util import connection as urllib3_connection
 
 from .job import StorageOverride
+from .media import IPNetwork, parse_allowed_networks, refused_address
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,6 +96,13 @@ _REGION_IN_HOST = (re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]
 
 class StorageError(RuntimeError):
     """The video could not be delivered. The message is safe to return to the client."""
+
+
+class EndpointAddressRefused(NewConnectionError):
+    """The bucket's host resolved to an address the address policy refuses: nothing was sent."""
+
+
+ENDPOINT_REFUSED_CODE = "EndpointAddressRefused"
 
 
 class BucketUploadError(StorageError):
@@ -149,9 +163,88 @@ def bucket_target(settings: Settings, override: StorageOverride | None) -> Bucke
 
 # --- bucket ------------------------------------------------------------------------------------
 
+# --- the address policy --------------------------------------------------------------------------
+#
+# The bucket endpoint comes from the job (s3Config) or the settings, so it obeys the policy media URLs
+# obey (media.py): every address its host resolves to must be public, or inside
+# ALLOWED_PRIVATE_NETWORKS (which admits a private MinIO). It is checked twice: once before the
+# upload, for a clear message, and at every connection botocore opens, on the very addresses that
+# connection then uses, so a DNS answer that changes in between (rebinding) cannot slip through.
+
+class _PolicyConnection:
+    """Mixed into botocore's connections: resolve the host once, refuse it when an answer is
+    outside the policy, and connect to those checked addresses (urllib3 would look the name up
+    again). `host` is unchanged, so the Host header, TLS SNI and the certificate check are too."""
+
+    allowed_networks: tuple[IPNetwork, ...] = ()
+
+    def _new_conn(self) -> socket.socket:
+        host = self._dns_host  # the URL's host name, as urllib3 resolves it
+        try:
+            infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise NewConnectionError(self, f"could not resolve the bucket host: {exc}") from exc
+        refused = refused_address(infos, self.allowed_networks)
+        if refused is not None:
+            logger.warning("bucket host %s resolved to %s, which the address policy refuses", host,
+                           refused)
+            raise EndpointAddressRefused(self, "the bucket host resolves to a private or local "
+                                               "address (not allowed; see ALLOWED_PRIVATE_NETWORKS)")
+        last_error: OSError | None = None
+        for address in dict.fromkeys(str(info[4][0]) for info in infos):
+            try:
+                return urllib3_connection.create_connection(
+                    (address, self.port), self.timeout, source_address=self.source_address,
+                    socket_options=self.socket_options)
+            except OSError as exc:
+                last_error = exc
+        raise NewConnectionError(self, f"could not connect: {last_error}")
+
+
+@functools.lru_cache(maxsize=8)
+def _policy_pool_classes(allowed: tuple[IPNetwork, ...]) -> dict[str, type]:
+    connections = {scheme: type(f"Policy{base.__name__}", (_PolicyConnection, base),
+                                {"allowed_networks": allowed})
+                   for scheme, base in (("http", AWSHTTPConnection), ("https", AWSHTTPSConnection))}
+    return {scheme: type(f"Policy{pool.__name__}", (pool,), {"ConnectionCls": connections[scheme]})
+            for scheme, pool in (("http", AWSHTTPConnectionPool), ("https", AWSHTTPSConnectionPool))}
+
+
+def check_endpoint_address(target: "BucketTarget", settings: Settings) -> None:
+    """Refuse the upload up front when the endpoint's host resolves outside the address policy.
+
+    A host that does not resolve is left to the upload, which reports it as before. AWS's own
+    endpoints (no endpoint URL) are checked at connection time only.
+    """
+    if not target.endpoint_url:
+        return
+    parts = urlsplit(target.endpoint_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(parts.hostname or "", port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return
+    refused = refused_address(infos, parse_allowed_networks(settings.allowed_private_networks))
+    if refused is None:
+        return
+    endpoint = _endpoint_for_messages(target.endpoint_url)
+    logger.warning("bucket endpoint %s (%s) resolved to %s, which the address policy refuses",
+                   endpoint, target.source, refused)
+    raise BucketUploadError(
+        f"the bucket endpoint {endpoint} (from {target.source}) resolves to a private or local "
+        "address, which the address policy refuses (ALLOWED_PRIVATE_NETWORKS can admit a private "
+        "network); nothing was sent to it",
+        code=ENDPOINT_REFUSED_CODE,
+        reason=f"upload to bucket {target.bucket_name} at {endpoint} refused: the endpoint is a "
+               "private or local address")
+
+
 def make_s3_client(target: BucketTarget, settings: Settings) -> BaseClient:
-    """The one place a boto3 client is made: explicit keys, so ~/.aws and AWS_* keys never count."""
+    """The one place a boto3 client is made: explicit keys, so ~/.aws and AWS_* keys never count;
+    every connection under the address policy (`_PolicyConnection`), and no environment proxy,
+    through which that check would mean nothing."""
     config = Config(
+        proxies={},
         signature_version="s3v4",
         region_name=target.region,
         connect_timeout=settings.bucket_timeout_s,
@@ -168,7 +261,13 @@ def make_s3_client(target: BucketTarget, settings: Settings) -> BaseClient:
     session = boto3.session.Session(aws_access_key_id=target.access_key_id,
                                     aws_secret_access_key=target.secret_access_key,
                                     region_name=target.region)
-    return session.client("s3", endpoint_url=target.endpoint_url, config=config)
+    client = session.client("s3", endpoint_url=target.endpoint_url, config=config)
+    # botocore offers no public hook for its connection class: its URLLib3Session makes a pool per
+    # host, lazily, from its PoolManager's pool classes, which are replaced here before any request
+    # (tests/test_storage.py proves that no connection reaches a refused address).
+    allowed = parse_allowed_networks(settings.allowed_private_networks)
+    client._endpoint.http_session._manager.pool_classes_by_scheme = _policy_pool_classes(allowed)
+    return client
 
 
 def _addressing_style(settings: Settings, endpoint_url: str | None) -> str:
@@ -210,6 +309,7 @@ def _presign_expiry_s(settings: Settings) -> int:
 
 
 def upload_to_bucket(path: Path, target: BucketTarget, settings: Settings) -> dict[str, Any]:
+    check_endpoint_address(target, settings)
     key = _object_key(settings.bucket_key_prefix)
     size = path.stat().st_size
     started = time.monotonic()
@@ -256,6 +356,8 @@ def _s3_error(exc: BaseException) -> tuple[str, str]:
     """(error code, message) of the S3 error behind `exc`, which boto3 may have wrapped."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, EndpointAddressRefused):  # the host's answer changed after the check
+            return ENDPOINT_REFUSED_CODE, "the bucket host resolves to a private or local address"
         if isinstance(seen, ClientError):
             error = seen.response.get("Error", {})
             return str(error.get("Code") or "unknown error"), str(error.get("Message") or "")
