@@ -8,7 +8,8 @@ import torch
 from conftest import speech_excerpt
 from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
-from s2v_worker.pipeline import DiTSpeed, GenerationStopped, dit_calls_per_step, plan_clip_count
+from s2v_worker.errors import JobStopped
+from s2v_worker.pipeline import DiTSpeed, dit_calls_per_step, plan_clip_count
 from s2v_worker.sampling import make_scheduler
 
 
@@ -165,10 +166,10 @@ def test_a_callback_can_stop_sampling_between_steps(pipeline, portrait_png, spee
     def stop_at_second_step(clip, clips, step, steps):
         seen.append((clip, step))
         if step == 1:
-            raise GenerationStopped
+            raise JobStopped("stop")
 
     gen = settings()
-    with pytest.raises(GenerationStopped):
+    with pytest.raises(JobStopped):
         pipeline.generate(portrait_png, speech_2s, pipeline.plan(portrait_png, 2.0, gen), gen,
                           seed=1, on_step=stop_at_second_step)
     assert seen == [(0, 0), (0, 1)]

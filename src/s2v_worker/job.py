@@ -13,6 +13,8 @@ from pathlib import PurePosixPath
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .errors import JobError
+
 # The official Wan2.2 S2V default negative prompt (wan/configs/wan_s2v_14B.py, `sample_neg_prompt`).
 # It is read from the installed package at load time too; this copy lets validation run without it,
 # and a test checks that the two are the same.
@@ -49,7 +51,7 @@ UNIPC_TRAIN_TIMESTEPS = 1000
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class JobInputError(ValueError):
+class JobInputError(JobError, ValueError):
     """The job's JSON breaks a rule of the schema. The message is safe to return to the client."""
 
 

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import JobError
 from .job import LORA_STRENGTH_LIMIT, MAX_LORAS, LoraSource
 from .media import download
 from .settings import Settings
@@ -76,7 +77,7 @@ SKIPPED_NAMES_SHOWN = 3
 HASH_CHUNK = 16 * 1024 * 1024
 
 
-class LoraError(ValueError):
+class LoraError(JobError, ValueError):
     """A LoRA cannot be loaded or does not fit the model. The message is safe for the client."""
 
 

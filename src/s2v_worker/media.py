@@ -44,6 +44,7 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, LocationParseErr
 from urllib3.util import Timeout, make_headers, parse_url
 from urllib3.util.url import Url
 
+from .errors import JobError
 from .job import MediaSource
 from .settings import Settings, SettingsError
 
@@ -81,7 +82,7 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
-class MediaError(ValueError):
+class MediaError(JobError, ValueError):
     """An input could not be fetched or decoded. The message is safe to return to the client."""
 
 

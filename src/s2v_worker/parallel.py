@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .errors import JobError
 from .checkpoint import Checkpoint
 from .dit import SequenceParallel
 from .sampling import BRANCHES, ClipRequest, ClipSampler, Role, StepCallback, StopSampling
@@ -51,8 +52,14 @@ STOP_GRACE_S = 10.0  # how long a rank may take to leave when told to
 START_TIMEOUT_S = 1800.0
 
 
-class RankFailure(RuntimeError):
-    """A rank died, raised or stopped answering; the group cannot sample any more."""
+class RankFailure(JobError, RuntimeError):
+    """A rank died, raised or stopped answering: the group cannot sample any more, so the job
+    says so and asks RunPod for a fresh worker."""
+
+    refresh_worker = True
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}; this worker will be replaced"
 
 
 @dataclass(frozen=True)

@@ -204,11 +204,8 @@ class SamplingEstimate:
         return calls_left * self.seconds_per_call
 
 
-class GenerationStopped(Exception):
-    """Raised from a progress callback to stop sampling between two steps."""
-
-
-# on_step(clip_index, num_clips, step_index, num_steps); may raise GenerationStopped.
+# on_step(clip_index, num_clips, step_index, num_steps); may raise (errors.JobStopped) to stop
+# sampling after that step.
 StepCallback = Callable[[int, int, int, int], None]
 
 

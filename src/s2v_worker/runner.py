@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from .checkpoint import find_checkpoint
+from .errors import JobError, JobStopped
 from .job import JobInputError, JobRequest, parse_job
-from .lora import LoraError, LoraManager, resolve_loras
-from .media import MediaError, load_audio, load_image, load_pose_video
+from .lora import LoraManager, resolve_loras
+from .media import load_audio, load_image, load_pose_video
 from .parallel import RankFailure
 from .settings import Settings, SettingsError, export_to_libraries
-from .storage import StorageError, deliver_video
+from .storage import deliver_video
 from .video import Mp4Stream, VideoEncodingError
 
 if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads it in start()
@@ -96,10 +97,6 @@ class ProgressReporter:
             if self.estimate is not None:
                 update["eta_s"] = round(self.estimate.remaining_s(clip, clips, step), 1)
             self._emit(update)
-
-
-class JobStopped(Exception):
-    """The job was cancelled or ran out of time; the message is safe for the client."""
 
 
 class JobControl:
@@ -209,31 +206,26 @@ class Worker:
     def _run_guarded(self, job: dict, control: JobControl) -> dict:
         started = time.perf_counter()
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
-        group = self.pipeline.group
-        if group is not None and group.failure is not None:
-            return {"error": f"{group.failure}; this worker will be replaced",
-                    "refresh_worker": True}
         try:
+            group = self.pipeline.group
+            if group is not None and group.failure is not None:
+                raise RankFailure(group.failure)
             request = parse_job(job)
             with tempfile.TemporaryDirectory(prefix="wan-s2v-", dir=self.settings.work_dir) as tmp:
                 output = self._run(job, request, Path(tmp), control)
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
             return output
-        except (JobInputError, MediaError, LoraError, StorageError) as exc:
-            logger.info("job %s rejected: %s", job_id, exc)
-            return {"error": str(exc)}
-        except JobStopped as exc:
-            logger.info("job %s stopped: %s", job_id, exc)
-            self._release_gpu_memory()
-            return {"error": str(exc)}
+        except JobError as exc:  # the input, a stop, or (refresh_worker) the GPU group
+            log = logger.error if exc.refresh_worker else logger.info
+            log("job %s ended: %s", job_id, exc)
+            if control.model_work_started:
+                self._release_gpu_memory()
+            return exc.result()
         except VideoEncodingError:
             logger.exception("job %s: video encoding failed", job_id)
             return {"error": "encoding the video failed; the worker's logs have ffmpeg's message "
                              f"for job {job_id}"}
-        except RankFailure as exc:  # a rank died, hung or raised: this worker cannot sample
-            logger.exception("job %s: the GPU group failed", job_id)
-            return {"error": f"{exc}; this worker will be replaced", "refresh_worker": True}
         except torch.OutOfMemoryError:
             logger.exception("job %s ran out of GPU memory", job_id)
             self._release_gpu_memory()

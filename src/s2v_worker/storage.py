@@ -40,6 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
+from .errors import JobError
 from .job import StorageOverride
 from .media import IPNetwork, parse_allowed_networks, refused_address
 from .settings import Settings
@@ -94,7 +95,7 @@ _REGION_IN_HOST = (re.compile(r"(?:^|\.)s3[.-](?:dualstack\.)?([a-z]{2}(?:-[a-z]
                    re.compile(r"^([a-z]+\d+)\.digitaloceanspaces\.com$"))
 
 
-class StorageError(RuntimeError):
+class StorageError(JobError, RuntimeError):
     """The video could not be delivered. The message is safe to return to the client."""
 
 
