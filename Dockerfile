@@ -47,8 +47,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 COPY requirements.txt requirements-wan.txt /app/
 RUN pip install -r requirements.txt
-# The official Wan2.2 code, without its declared dependencies: they include flash_attn, which
-# does not build here; the worker falls back to PyTorch SDPA (WAN_S2V_ATTENTION).
+# The official Wan2.2 code, without its declared dependencies (they include flash_attn, which
+# does not build here), and FlashAttention-3's forward on x86-64 (WAN_S2V_ATTENTION).
 RUN pip install --no-deps -r requirements-wan.txt
 
 # ---------------------------------------------------------------------------------------------
@@ -70,13 +70,15 @@ ENV WAN_S2V_CKPT_DIR=/models/Wan2.2-S2V-14B
 FROM weights-${BAKE_WEIGHTS} AS final
 
 # Weights are read from local folders only; nothing is fetched from the Hub at run time.
-ENV HF_HUB_OFFLINE=1 \
-    PYTHONPATH=/app/src
+ENV HF_HUB_OFFLINE=1
 
 WORKDIR /app
+# The worker's package (its dependencies are installed above, from the same requirements.txt).
+COPY pyproject.toml README.md /app/
+COPY src/ /app/src/
+RUN pip install --no-deps /app
 COPY handler.py test_input.json /app/
 COPY builder/ /app/builder/
-COPY src/ /app/src/
 # A tiny random-weight checkpoint (about 16 MB, seconds to write) for smoke tests on images without
 # weights, such as the RunPod Hub's test run (.runpod/tests.json points WAN_S2V_CKPT_DIR at it).
 # The worker never picks it by itself: its videos are noise.

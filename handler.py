@@ -6,15 +6,12 @@
 """
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+import runpod
+from runpod.serverless.modules.rp_logger import RunPodLogger
 
-import runpod  # noqa: E402
-from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
-
-from s2v_worker.runner import Worker  # noqa: E402
-from s2v_worker.settings import Settings  # noqa: E402
+from s2v_worker.runner import Worker
+from s2v_worker.settings import Settings
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """One cold start, run as its own process by bench/harness.py: process start to ready for a job.
 
-    python bench/coldstart_child.py official|worker CHECKPOINT_DIR PARENT_START_TIME COMPILE_CACHE
+    python -m bench.coldstart_child official|worker CHECKPOINT_DIR PARENT_START_TIME COMPILE_CACHE
 
 Prints one JSON line: ready_s counts from the parent's clock reading just before it started this
 process, so interpreter start and imports are included.
@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 path, folder, parent_start, cache = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the clock reading above: imports count)
 
 from s2v_worker.official import import_official, install_attention  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import fullsize
+from bench import fullsize
 from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker import attention
 from s2v_worker.dit import DiTEngine

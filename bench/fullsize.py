@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-for sub in ("src", "builder"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
-
-import make_tiny_checkpoint as tiny  # noqa: E402  (same file layout, smaller sizes)
-from s2v_worker.checkpoint import (OFFICIAL_MAX_AREA, T5_CHECKPOINT, T5_TOKENIZER_DIR,  # noqa: E402
+from builder import make_tiny_checkpoint as tiny  # same file layout, smaller sizes
+from s2v_worker.checkpoint import (OFFICIAL_MAX_AREA, T5_CHECKPOINT, T5_TOKENIZER_DIR,
                                    VAE_CHECKPOINT, WAV2VEC_DIR, Checkpoint)
-from s2v_worker.pipeline import OFFICIAL_CONFIG, S2VPipeline, _official, _VideoVAE  # noqa: E402
+from s2v_worker.pipeline import OFFICIAL_CONFIG, S2VPipeline, _official, _VideoVAE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CFG = OFFICIAL_CONFIG.transformer
 DIT_CONFIG = {**tiny.DIT_CONFIG, "audio_dim": CFG.audio_dim,

@@ -1,9 +1,9 @@
 """Benchmark harness: the official Wan2.2 code path against the worker's, in one process on one GPU.
 
-    python bench/harness.py --sections faithfulness,forward,vae --out $OUT/part-a.json
-    python bench/harness.py --sections job --paths official --out $OUT/part-b.json
-    python bench/harness.py --sections coldstart --out $OUT/part-c.json
-    python bench/harness.py --sections job --paths worker --job-steps 4 --job-guidance 1 \
+    python -m bench.harness --sections faithfulness,forward,vae --out $OUT/part-a.json
+    python -m bench.harness --sections job --paths official --out $OUT/part-b.json
+    python -m bench.harness --sections coldstart --out $OUT/part-c.json
+    python -m bench.harness --sections job --paths worker --job-steps 4 --job-guidance 1 \
         --job-lora-rank 64 --out $OUT/part-d.json   # -> job_s.480p_1clip_4steps_lora
     python bench/merge.py $OUT/part-*.json   # -> bench/results/<date>-<gpu>.json + README table
 
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fullsize  # noqa: E402  (puts src/ and builder/ on sys.path)
+from bench import fullsize
 from s2v_worker.official import install_attention  # noqa: E402
 
 ROOT = fullsize.ROOT
@@ -104,7 +103,7 @@ def section_forward(args) -> dict:
     "worker" exact mode, "fast" FP8 GEMMs (fast mode as served), "fastest" FP8 GEMMs and FP8
     self-attention; "worker_sdpa" is exact mode on PyTorch SDPA (cuDNN), the kernel before
     FlashAttention-3; worker_fp8_<set> are --float8 GEMM sets for comparison."""
-    from faithfulness import rel_l2
+    from bench.faithfulness import rel_l2
     from s2v_worker import attention
     from s2v_worker.dit import DiTEngine
     from s2v_worker.pipeline import FAST_MODE_FLOAT8
@@ -198,7 +197,7 @@ def section_kernels(args) -> dict:
     """The DiT's self-attention alone at each resolution's token count (40 heads of 128, random
     bfloat16 q/k/v, as many calls as the DiT has blocks): seconds per forward's worth for each
     kernel of attention.py, and each kernel's relative L2 error against SDPA's result."""
-    from faithfulness import rel_l2
+    from bench.faithfulness import rel_l2
     from s2v_worker import attention
 
     kernels = {"sdpa": attention.sdpa_token_major}
@@ -227,7 +226,7 @@ def section_fastmode(args) -> dict:
     weights), each as served ("fast": FP8 GEMMs + step reuse; "fastest": also FP8 self-attention):
     wall time of the loop, DiT calls, the deviation of one forward and of the final latents
     from exact mode's. Through S2VPipeline.denoise, attention as WAN_S2V_ATTENTION=auto picks."""
-    from faithfulness import rel_l2
+    from bench.faithfulness import rel_l2
     from s2v_worker import attention
     from s2v_worker.pipeline import S2VPipeline
     from s2v_worker.sampling import ClipRequest
@@ -284,8 +283,8 @@ def section_fastmode(args) -> dict:
 def section_tinyjob(args) -> dict:
     """The tiny-checkpoint whole job against the official generate, for each worker variant
     (compiled DiT or not, wav2vec2 on the GPU or the CPU): which part moves the pixels."""
-    import faithfulness
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from bench import faithfulness
+    from builder.make_tiny_checkpoint import make_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp())
     checkpoint = make_tiny_checkpoint(work / "Wan2.2-S2V-14B")
@@ -521,7 +520,7 @@ def section_coldstart(args) -> dict:
             continue
         dropped = _drop_page_cache()
         start = time.time()
-        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart_child.py"), path,
+        proc = subprocess.run([sys.executable, "-m", "bench.coldstart_child", path,
                                str(folder), str(start), str(cache)], capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:

@@ -2,8 +2,9 @@
 # Local development from a fresh clone (Linux, Python 3.11+, no GPU needed):
 #   bash builder/dev.sh demo   set up, then run handler.py on test_input.json and print the result
 #   bash builder/dev.sh test   set up, then run the test suite (what CI runs)
-# Set-up: a virtualenv in .venv with the pinned dependencies, the official Wan2.2 code (--no-deps),
-# and ffmpeg/ffprobe from the system packages when missing (the tests read videos with ffprobe).
+# Set-up: a virtualenv in .venv with the pinned dependencies, the official Wan2.2 code and
+# FlashAttention-3 (--no-deps), the worker's package (editable), and ffmpeg/ffprobe from the system
+# packages when missing (the tests read videos with ffprobe).
 # `demo` builds a tiny random-weight checkpoint in checkpoints/tiny when WAN_S2V_CKPT_DIR is unset:
 # its videos are noise, but every stage of the worker runs for real.
 set -euo pipefail
@@ -16,6 +17,8 @@ setup() {
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements-dev.txt
   .venv/bin/python -m pip install -q --no-deps -r requirements-wan.txt
+  # The worker's package, editable: src/ changes take effect without reinstalling.
+  .venv/bin/python -m pip install -q --no-deps -e .
   if ! command -v ffprobe >/dev/null; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null

@@ -163,7 +163,6 @@ METASPACE = "\u2581"  # "▁", SentencePiece's word-start marker
 def import_official_classes() -> types.SimpleNamespace:
     """WanModel_S2V, T5Encoder and WanVAE_ from the installed `wan22` package, imported the way the
     worker imports them (s2v_worker.official), which also works on a machine without a GPU."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     from s2v_worker.official import import_official
 
     official = import_official()

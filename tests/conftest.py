@@ -1,14 +1,12 @@
-"""Shared fixtures: the package on sys.path, a tiny checkpoint built once per session, test media."""
+"""Shared fixtures: a tiny checkpoint built once per session, test media, the loopback S3 server.
+The worker is the installed s2v_worker package (builder/dev.sh installs it editable)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "builder"))
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SPEECH_7S3 = FIXTURES / "speech_7s3.flac"
@@ -51,7 +49,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from builder.make_tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.2-S2V-14B")
 

@@ -1,12 +1,10 @@
 """The committed GPU results stay consistent: the result file is the merge of its raw parts, and
 the README's performance section is generated from it (bench/merge.py)."""
 import json
-import sys
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-import merge  # noqa: E402
+from bench import merge
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -1,15 +1,12 @@
 """The worker's DiT engine against the official WanModel_S2V.forward, on the CPU with tiny random
 weights: same latents, timestep and conditioning in, the same prediction out (float32 on the CPU,
 where the official code computes in float32 too)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import fullsize  # noqa: E402  (bench/: the random-weight builders)
-import make_tiny_checkpoint as tiny  # noqa: E402
+from bench import fullsize  # the random-weight builders
+from builder import make_tiny_checkpoint as tiny
 from s2v_worker.dit import FLOAT8_LAYER_SETS, BlockWeights, DiTEngine, Float8Weight, rope_table
 from s2v_worker.official import install_attention
 from s2v_worker.pipeline import _official

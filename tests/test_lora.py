@@ -9,14 +9,13 @@ import http.server
 import json
 import re
 import shutil
-import sys
 import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, speech_excerpt
+from conftest import speech_excerpt
 from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker.job import JobInputError, parse_job
 from s2v_worker.lora import (LoraError, LoraManager, ResolvedLora, file_identity, parse_lora,
@@ -607,8 +606,7 @@ def test_the_url_cache_keeps_only_files_that_load(tiny_pipeline, lora_worker, po
 
 @pytest.fixture(scope="module")
 def harness():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import harness
+    from bench import harness
 
     return harness
 

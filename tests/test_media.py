@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SPEECH_7S3
+from conftest import SPEECH_7S3
 from s2v_worker.job import MediaSource
 from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
 from s2v_worker.settings import Settings
@@ -221,7 +221,6 @@ def test_audio_channel_and_rate_limits(tmp_path):
 _BOUNDED_DECODE = """
 import base64, json, sys, threading, time
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 from s2v_worker.job import MediaSource
 from s2v_worker.media import load_audio
 from s2v_worker.settings import Settings
@@ -230,7 +229,7 @@ def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 
 settings = Settings.from_env({})
-warm, big, work = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+warm, big, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 load_audio(MediaSource("audio_base64", base64=base64.b64encode(warm.read_bytes()).decode()), work, settings)
 source = MediaSource("audio_base64", base64=base64.b64encode(big.read_bytes()).decode())
 for f in work.iterdir():
@@ -264,7 +263,7 @@ def test_8_channel_192khz_silence_decodes_in_bounded_memory_and_disk(tmp_path):
     warm = convert_audio(SPEECH_7S3, tmp_path / "warm.wav", "-t", "0.5", "-ar", "48000", "-ac", "2")
     work = tmp_path / "work"
     work.mkdir()
-    run = subprocess.run([sys.executable, "-c", _BOUNDED_DECODE, str(ROOT / "src"), str(warm), str(flac),
+    run = subprocess.run([sys.executable, "-c", _BOUNDED_DECODE, str(warm), str(flac),
                           str(work)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -9,14 +9,12 @@ import io
 import json
 import re
 import shlex
-import sys
 import wave
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 from s2v_worker.job import parse_job  # noqa: E402
 from s2v_worker.settings import SETTINGS  # noqa: E402
@@ -229,8 +227,10 @@ def _requirement_lines(path: Path) -> list[str]:
 def _pins(path: Path) -> dict[str, str]:
     pins = {}
     for line in _requirement_lines(path):
+        requirement, _, marker = line.partition(";")  # an environment marker may follow
         match = re.fullmatch(
-            r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9,._-]+\])?==([A-Za-z0-9.+!_-]+)", line)
+            r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9,._-]+\])?==([A-Za-z0-9.+!_-]+)",
+            requirement.strip())
         assert match, f"{path.name}: not pinned with ==: {line!r}"
         pins[match.group(1).lower().replace("_", "-")] = match.group(3)
     return pins
@@ -242,8 +242,34 @@ def test_runtime_requirements_are_all_pinned():
     assert "runpod" in pins and "huggingface-hub" in pins
 
 
-def test_wan_requirements_pin_wan22():
-    assert "wan22" in _pins(ROOT / "requirements-wan.txt")
+def test_wan_requirements_pin_wan22_and_fa3():
+    pins = _pins(ROOT / "requirements-wan.txt")
+    assert "wan22" in pins and "fa3-fwd" in pins
+
+
+def test_every_runtime_requirement_says_what_uses_it():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            assert index and lines[index - 1].startswith("# "), f"{line}: no comment above it"
+
+
+def test_the_package_is_installable_and_no_code_edits_sys_path():
+    """pyproject.toml installs s2v_worker from src/ with requirements.txt's dependencies; nothing
+    reaches it through sys.path edits any more."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    assert project["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"]
+    import ast
+
+    paths = [ROOT / "handler.py", *(p for folder in ("src", "tests", "bench", "builder")
+                                    for p in (ROOT / folder).rglob("*.py"))]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                assert not ast.unparse(node.func).startswith("sys.path."), path
 
 
 # --- RunPod Hub -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import make_tiny_checkpoint as tiny
+from builder import make_tiny_checkpoint as tiny
 from conftest import speech_excerpt
 from s2v_worker.parallel import (Layout, ParallelGroup, RankFailure, RankWorker, check_world_size,
                                  plan_layout, rank_main, resolve_world_size)
@@ -274,3 +274,22 @@ def test_a_rank_that_cannot_start_fails_start_up_with_its_reason(tiny_pipeline):
     with pytest.raises(RuntimeError, match=r"ranks could not start: rank 1 could not start: "
                                            r"FileNotFoundError: diffusion_pytorch_model"):
         launch(tiny_pipeline, 2, entry=rank_main_that_cannot_load)
+
+
+def rank_main_exiting_on_loras(spec, conn):
+    """A rank that dies while it merges a LoRA set (outside any collective)."""
+    def set_loras(self, loras):
+        os._exit(3)
+    RankWorker.set_loras = set_loras
+    rank_main(spec, conn)
+
+
+def test_a_rank_that_dies_between_collectives_breaks_the_group(tiny_pipeline):
+    group = launch(tiny_pipeline, 2, entry=rank_main_exiting_on_loras)
+    try:
+        with pytest.raises(RankFailure, match=r"rank 1 exited during loras \(exit code 3\); this "
+                                              r"worker will be replaced"):
+            group.set_loras([])
+        assert group.failure is not None and not group.processes[0].is_alive()
+    finally:
+        group.close()

@@ -28,7 +28,6 @@ import os
 import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, TypeVar
@@ -437,7 +436,7 @@ class ParallelGroup:
                     waiting.discard(rank)
                 elif self.failure is None and not self.processes[rank - 1].is_alive():
                     self._break(f"rank {rank} exited during {command} (exit code "
-                                f"{process.exitcode})")
+                                f"{self.processes[rank - 1].exitcode})")
             if self.failure is not None:
                 raise RankFailure(self.failure)
 

@@ -40,7 +40,7 @@ from .dit import DiTEngine
 from .job import GenerationSettings, JobInputError
 from .official import import_official, install_attention, official_architecture
 from .parallel import Layout
-from .sampling import ClipRequest, ClipSampler, Role, autocast_for, reused_steps
+from .sampling import ClipRequest, ClipSampler, Role, reused_steps
 
 logger = logging.getLogger(__name__)
 

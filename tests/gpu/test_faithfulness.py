@@ -3,16 +3,14 @@ bench/run_on_device.sh). Skipped where there is no CUDA. Bounds and checks live 
 bench/faithfulness.py; with FAITHFULNESS_RESULTS set, the measured numbers are written there too."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SPEECH_7S3
+from conftest import SPEECH_7S3
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = {}
 
 
@@ -36,7 +34,7 @@ def speech_wav(tmp_path_factory):
 
 
 def test_tiny_whole_job_matches_official_generate(tiny_checkpoint, portrait_png, speech_wav):
-    import faithfulness
+    from bench import faithfulness
 
     result = record("tiny_whole_job", faithfulness.tiny_whole_job(tiny_checkpoint, portrait_png,
                                                                   speech_wav))
@@ -45,7 +43,7 @@ def test_tiny_whole_job_matches_official_generate(tiny_checkpoint, portrait_png,
 
 @pytest.fixture(scope="module")
 def fullsize_dit():
-    import fullsize
+    from bench import fullsize
 
     dit = fullsize.build_dit(torch.device("cuda"))
     yield dit
@@ -55,7 +53,7 @@ def fullsize_dit():
 
 @pytest.mark.parametrize("resolution", ["480p", "720p"])
 def test_fullsize_forward_matches_official_modules(fullsize_dit, resolution):
-    import faithfulness
+    from bench import faithfulness
 
     result = record(f"fullsize_forward_{resolution}",
                     faithfulness.fullsize_forward(fullsize_dit, resolution))
@@ -63,7 +61,7 @@ def test_fullsize_forward_matches_official_modules(fullsize_dit, resolution):
 
 
 def test_fullsize_three_guided_steps_match_official_loop(fullsize_dit):
-    import faithfulness
+    from bench import faithfulness
 
     result = record("fullsize_three_steps_480p", faithfulness.fullsize_three_steps(fullsize_dit, "480p"))
     assert result["passed"], result
