@@ -587,33 +587,46 @@ class DecoderOutputEnded(Exception):
 
 class DecoderPipe:
     """A decoding child's stdout, read within DECODE_TIMEOUT_S (from the start, or from the last
-    `restart_clock`); its stderr drained on the side (only the end is kept), so that the child can
-    never block on a full stderr pipe. Used for ffmpeg's audio and for the pose frames."""
+    `restart_clock`). Its stderr is read in the same wait (only the end is kept), so that the child
+    can never block on a full stderr pipe, without a thread. Used for ffmpeg's audio and for the
+    pose frames."""
 
     def __init__(self, process: subprocess.Popen, field: str, what: str = "decode") -> None:
         self.process, self.field, self.what = process, field, what
         self.deadline = time.monotonic() + DECODE_TIMEOUT_S
         self.stderr = bytearray()
+        self._stdout, self._stderr = process.stdout.fileno(), process.stderr.fileno()
         self._selector = selectors.DefaultSelector()
-        self._selector.register(process.stdout, selectors.EVENT_READ)
-        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._drain.start()
-
-    def _drain_stderr(self) -> None:
-        for piece in iter(lambda: self.process.stderr.read1(4096), b""):
-            self.stderr += piece
-            del self.stderr[:-_STDERR_KEPT_BYTES]
+        self._selector.register(self._stdout, selectors.EVENT_READ)
+        self._selector.register(self._stderr, selectors.EVENT_READ)
+        self._closed = False
 
     def restart_clock(self) -> None:
         self.deadline = time.monotonic() + DECODE_TIMEOUT_S
 
+    def _keep_stderr(self) -> bool:
+        """Read what stderr has; False once it has ended."""
+        piece = os.read(self._stderr, 4096)
+        if not piece:
+            self._selector.unregister(self._stderr)
+            return False
+        self.stderr += piece
+        del self.stderr[:-_STDERR_KEPT_BYTES]
+        return True
+
     def read(self, size: int = _PIPE_READ_BYTES) -> bytes:
         """Up to `size` bytes; b"" at the end of the output."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0 or not self._selector.select(remaining):
-            raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to "
-                             f"{self.what}")
-        return os.read(self.process.stdout.fileno(), size)
+        while True:
+            remaining = self.deadline - time.monotonic()
+            ready = self._selector.select(remaining) if remaining > 0 else []
+            if not ready:
+                raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to "
+                                 f"{self.what}")
+            for key, _ in ready:
+                if key.fd == self._stderr:
+                    self._keep_stderr()
+            if any(key.fd == self._stdout for key, _ in ready):
+                return os.read(self._stdout, size)
 
     def read_exact(self, size: int) -> bytes:
         data = bytearray()
@@ -635,12 +648,16 @@ class DecoderPipe:
             filled += len(piece)
 
     def close(self) -> int:
-        """Stop the child if it still runs; its exit status. Safe to call again."""
+        """Stop the child if it still runs; its exit status (stderr read to its end, for the
+        log). Safe to call again."""
         if self.process.poll() is None:
             self.process.kill()
         returncode = self.process.wait()
-        if not self.process.stdout.closed:
-            self._drain.join(timeout=5)
+        if not self._closed:
+            self._closed = True
+            # The child is gone: its stderr holds what it wrote, then ends.
+            while self._stderr in self._selector.get_map() and self._keep_stderr():
+                pass
             self._selector.close()
             self.process.stdout.close()
             self.process.stderr.close()
