@@ -109,7 +109,7 @@ def readme_section(result: dict, result_path: Path) -> str:
                      f"full checkpoint on local disk (page cache dropped: {'yes' if dropped else 'no'}) "
                      f"| {cold['official']:.0f} s | {cold['worker']:.0f} s{cached} | "
                      f"{_ratio(cold['official'], cold['worker'])} | - |")
-    lines += ["", "Faithfulness (tests/gpu, bounds from the issues):", ""]
+    lines += ["", "Faithfulness (tests/gpu; the bounds are bench/faithfulness.py's):", ""]
     labels = {"tiny_whole_job": "tiny checkpoint, whole job (2 clips, 4 guided steps), official "
                                 "generate vs the worker with WAN_S2V_COMPILE=false and "
                                 "WAN_S2V_AUDIO_ENCODER_DEVICE=cpu: max |diff| on pixels",

@@ -135,12 +135,7 @@ class ParsedLora:
 
 def lora_cache_dir(settings: Settings) -> Path:
     """LORA_CACHE_DIR; else wan-s2v-loras on the network volume if mounted, else in temp."""
-    if settings.lora_cache_dir:
-        return Path(settings.lora_cache_dir).absolute()
-    volume = Path(settings.network_volume_dir)
-    if volume.is_dir() and os.access(volume, os.W_OK):
-        return volume.absolute() / LORA_CACHE_SUBDIR
-    return Path(tempfile.gettempdir()).absolute() / LORA_CACHE_SUBDIR
+    return settings.worker_folder(settings.lora_cache_dir, LORA_CACHE_SUBDIR)
 
 
 def _download_cached(source: LoraSource, settings: Settings) -> Path:

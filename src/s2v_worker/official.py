@@ -9,9 +9,10 @@ Three things happen here, all at run time and without editing the installed sour
    imported, which raises on a machine without a GPU. On such a machine the import runs with that
    call answered by 0; the default is never used because the worker always passes a device.
 3. The modules call `flash_attention`, which requires the flash_attn package. It is replaced, in
-   every module that imported it by name, with `dispatch_attention`: flash_attn when it is installed
-   (the official function itself), else PyTorch's scaled_dot_product_attention with the same
-   semantics for the length arguments.
+   every module that imported it by name, by `install_attention`'s choice: flash_attn when it is
+   installed (the official function itself), else `sdpa_attention`, PyTorch's
+   scaled_dot_product_attention with the same semantics for the length arguments. (The DiT's own
+   blocks call attention.py's kernels instead.)
 """
 from __future__ import annotations
 

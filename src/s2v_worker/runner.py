@@ -50,20 +50,17 @@ def choose_device(requested: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def configure_compile_cache(settings: Settings) -> Path | None:
+def configure_compile_cache(settings: Settings) -> Path:
     """Point torch.compile's on-disk caches (Inductor's FX graphs and Triton kernels) at a folder
-    that outlives the worker, so the next worker on the same volume skips the compilation."""
-    folder = settings.compile_cache_dir
-    if folder is None and Path(settings.network_volume_dir).is_dir():
-        folder = str(Path(settings.network_volume_dir) / "torch-compile-cache")
-    if folder is None:
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    # Read by Inductor and Triton when they first compile.
-    export_to_libraries({"TORCHINDUCTOR_CACHE_DIR": folder,
-                         "TRITON_CACHE_DIR": str(Path(folder) / "triton")})
+    that outlives the worker when it can (the network volume), so that the next worker there
+    looks its kernels up instead of compiling them."""
+    folder = settings.worker_folder(settings.compile_cache_dir, "torch-compile-cache")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Read by Inductor and Triton when they first compile, in this process and the other ranks.
+    export_to_libraries({"TORCHINDUCTOR_CACHE_DIR": str(folder),
+                         "TRITON_CACHE_DIR": str(folder / "triton")})
     logger.info("torch.compile cache: %s", folder)
-    return Path(folder)
+    return folder
 
 
 class ProgressReporter:

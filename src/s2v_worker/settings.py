@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
@@ -133,8 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
             "at once."),
     Setting("TORCH_COMPILE_CACHE_DIR", "compile_cache_dir", _parse_optional_str, None,
             "Where torch.compile keeps its kernels between workers (default: "
-            "<NETWORK_VOLUME_DIR>/torch-compile-cache when the volume is mounted, else torch's own "
-            "temporary folder). A shared cache turns a new worker's compilation into a lookup."),
+            "<NETWORK_VOLUME_DIR>/torch-compile-cache when the volume is mounted, else "
+            "<system temp>/torch-compile-cache). A shared cache turns a new worker's compilation "
+            "into a lookup."),
     # --- media intake ----------------------------------------------------------------------------
     Setting("MAX_IMAGE_BYTES", "max_image_bytes", _parse_positive_int, 25 * MiB,
             "Largest image accepted, as downloaded or decoded from base64."),
@@ -256,6 +259,17 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def worker_folder(self, explicit: str | None, name: str) -> Path:
+        """Where a folder that should outlive the job lives (LoRA cache, compile cache, kept
+        videos): its own setting when set; else `name` on the network volume when one is mounted
+        and writable (it outlives the worker too); else `name` in the system's temporary folder."""
+        if explicit:
+            return Path(explicit).absolute()
+        volume = Path(self.network_volume_dir)
+        if volume.is_dir() and os.access(volume, os.W_OK):
+            return volume.absolute() / name
+        return Path(tempfile.gettempdir()).absolute() / name
 
     @property
     def bucket_configured(self) -> bool:

@@ -460,12 +460,7 @@ def copy_to_volume(path: Path, volume: Path) -> dict[str, Any]:
 
 def undelivered_dir(settings: Settings) -> Path:
     """UNDELIVERED_DIR; else wan-s2v-undelivered on the volume if mounted, else in temp."""
-    if settings.undelivered_dir:
-        return Path(settings.undelivered_dir).absolute()
-    volume = Path(settings.network_volume_dir)
-    if _is_writable_dir(volume):
-        return volume.absolute() / UNDELIVERED_SUBDIR
-    return Path(tempfile.gettempdir()).absolute() / UNDELIVERED_SUBDIR
+    return settings.worker_folder(settings.undelivered_dir, UNDELIVERED_SUBDIR)
 
 
 def _keep_and_describe(path: Path, settings: Settings, problem: str) -> str:
