@@ -68,8 +68,9 @@ def section_faithfulness(args) -> dict:
     results = Path(tempfile.mkdtemp()) / "faithfulness.json"
     env = {**os.environ, "FAITHFULNESS_RESULTS": str(results)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "gpu")], env=env, cwd=ROOT, capture_output=True,
-                          text=True)
+                           str(ROOT / "tests" / "gpu"), *(["-k", args.pytest_k] if args.pytest_k
+                                                          else [])],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
     measured = json.loads(results.read_text()) if results.is_file() else {}
     return {"pytest_exit_code": proc.returncode, "pytest_summary": proc.stdout.strip().splitlines()[-1:],
@@ -113,7 +114,7 @@ def section_forward(args) -> dict:
     served = attention.choose_kernel("auto", DEVICE)
     # name -> (engine, FP8 GEMM set, FP8 attention, attention kernel)
     variants = {"worker": (engine, None, False, served)}
-    if served != "sdpa":
+    if served != "sdpa" and args.sdpa_too:
         variants["worker_sdpa"] = (engine, None, False, "sdpa")
     variants["fast"] = (engine, FAST_MODE_FLOAT8, False, served)
     if served == "fa3":
@@ -242,16 +243,18 @@ def section_fastmode(args) -> dict:
     arg_c = dict(inputs)
     arg_null = {**inputs, "context": [torch.zeros_like(inputs["context"][0])],
                 "audio_input": 0.0 * inputs["audio_input"]}
-    out = {"float8": args.fast_float8, "steps": args.job_steps, "guidance_scale": 4.5,
+    out = {"float8": args.fast_float8, "steps": args.loop_steps, "guidance_scale": 4.5,
            "kernel": attention.ATTENTION.name}
     # speed -> (FP8 GEMMs, step reuse, FP8 attention)
     speeds = {"exact": (False, False, False), "fast": (True, True, False)}
-    if attention.ATTENTION.name == "fa3":
+    if attention.ATTENTION.name == "fa3" and "fastest" in args.loop_speeds:
         speeds["fastest"] = (True, True, True)
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         conditioning = pipeline.dit.prepare(**arg_c)
         exact = pipeline.dit.forward([noise], t, conditioning)[0]
-        for name, (fast, _, float8_attention) in list(speeds.items())[1:]:
+        forward_speeds = {"fast": False, "fastest": True} if attention.ATTENTION.name == "fa3" \
+            else {"fast": False}
+        for name, float8_attention in forward_speeds.items():
             got = pipeline.dit.forward([noise], t, conditioning, float8=args.fast_float8,
                                        float8_attention=float8_attention)[0]
             out.setdefault(name, {})["forward_rel_l2_vs_exact"] = rel_l2(got, exact)
@@ -260,7 +263,7 @@ def section_fastmode(args) -> dict:
     for name, (fast, cache, float8_attention) in speeds.items():
         request = ClipRequest(latents=noise.clone(),
                               generator_state=torch.Generator(device=DEVICE).get_state(),
-                              solver="unipc", steps=args.job_steps, shift=3.0, guidance_scale=4.5,
+                              solver="unipc", steps=args.loop_steps, shift=3.0, guidance_scale=4.5,
                               cond=arg_c, uncond=arg_null, fast=fast, step_cache=cache,
                               attention_float8=float8_attention)
         calls = pipeline.dit_calls
@@ -272,7 +275,7 @@ def section_fastmode(args) -> dict:
         calls = pipeline.dit_calls - calls
         out.setdefault(name, {}).update(
             loop_s=round(seconds, 2), dit_calls=calls,
-            s_per_requested_forward=round(seconds / (2 * args.job_steps), 3),
+            s_per_requested_forward=round(seconds / (2 * args.loop_steps), 3),
             s_per_dit_call=round(seconds / calls, 3))
         if name != "exact":
             out[name]["final_latents_rel_l2_vs_exact"] = rel_l2(finals[name], finals["exact"])
@@ -651,6 +654,15 @@ def main() -> None:
                         help="fastmode: the FP8 layer set fast mode uses (dit.FLOAT8_LAYER_SETS)")
     parser.add_argument("--static-too", action="store_true",
                         help="forward: also time the engine compiled for static shapes")
+    parser.add_argument("--sdpa-too", action="store_true",
+                        help="forward: also time exact mode on PyTorch SDPA (cuDNN) where "
+                             "FlashAttention-3 is served")
+    parser.add_argument("--loop-steps", type=int, default=30,
+                        help="fastmode: steps of the guided loop")
+    parser.add_argument("--loop-speeds", default="fast,fastest",
+                        help="fastmode: the speeds run over the whole loop besides exact")
+    parser.add_argument("--pytest-k", default="",
+                        help="faithfulness: only the GPU tests matching this -k expression")
     parser.add_argument("--world-sizes", default="1,2,4,8",
                         help="parallel: world sizes to measure (those the machine has)")
     parser.add_argument("--parallel-parts", default="step,job",
