@@ -469,8 +469,20 @@ def section_job(args) -> dict:
         out["official"] = {"generate_s": round(total, 2), "peak_gb": round(peak_gb(), 2),
                            "video_shape": list(video.shape),
                            "stages_s": {k: round(v, 2) for k, v in stages.items()},
-                           "note": "official WanS2V.generate; its own CLI then saves the MP4 "
-                                   "(not timed here)"}
+                           "note": "official WanS2V.generate, then the MP4 as its CLI saves it "
+                                   "(16 fps, wan.utils.utils save_video + merge_video_audio)"}
+        try:  # generate.py's own two steps for s2v: the frames with imageio, then the audio
+            from wan.utils.utils import merge_video_audio, save_video
+
+            start = time.perf_counter()
+            save_video(tensor=video[None], save_file=str(work / "official.mp4"),
+                       fps=fullsize.OFFICIAL_CONFIG.sample_fps, nrow=1, normalize=True,
+                       value_range=(-1, 1))
+            merge_video_audio(video_path=str(work / "official.mp4"), audio_path=str(audio))
+            save_s = time.perf_counter() - start
+            out["official"].update(save_mp4_s=round(save_s, 2), job_s=round(total + save_s, 2))
+        except Exception as exc:  # no ffmpeg or imageio there: keep the generate figure
+            out["official"]["save_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print("job official", out["official"], flush=True)
     if "worker" in args.paths:
         import base64
