@@ -1,12 +1,13 @@
 """Job validation: every rule of the schema with its whole message, as a pure function (no model, no
-network), and the order rules are reported in."""
+network); the order rules are reported in; the published JSON Schema and the README's table."""
 import json
 
 import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, GenerationSettings, JobInputError, parse_job,
+from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, GenerationSettings, JobInputError,
+                            job_json_schema, job_schema_text, job_table_markdown, parse_job,
                             unipc_max_shift)
 
 GOOD_INPUT = {"image_url": "https://example.com/face.png", "audio_base64": "UklGRg=="}
@@ -270,3 +271,61 @@ def test_text_outside_the_basic_plane_and_deep_nesting_are_fine():
     for _ in range(10_000):  # walked without recursion
         deep = [deep]
     assert error_of(job(extra=deep)) == "unknown input fields: extra"
+
+
+# --- the published schema ---------------------------------------------------------------------------
+
+def test_the_committed_schema_is_the_models():
+    committed = (ROOT / "schema" / "job.schema.json").read_text(encoding="utf-8")
+    assert committed == job_schema_text(), "run: python -m s2v_worker.job --write-schema"
+
+
+def test_readme_job_table_is_generated_from_the_schema():
+    assert job_table_markdown() in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        "paste the output of `python -m s2v_worker.job` into README's 'The job'")
+
+
+def test_every_field_of_the_schema_is_described():
+    models = job_json_schema()["$defs"]
+    assert set(models) == {"JobInput", "LoraEntry", "StorageOverride"}
+    for name, model in models.items():
+        assert model.get("description"), name
+        for field, prop in model["properties"].items():
+            assert prop.get("description"), f"{name}.{field}"
+
+
+@pytest.mark.parametrize("payload", [
+    job(), json.loads((ROOT / "test_input.json").read_text()),
+    job(prompt="hi", resolution="480p", sample_steps=4, guidance_scale=1, seed=2**62, speed="fast",
+        step_cache=False, pose_video_url="https://a.example/p.mp4", negative_prompt=None,
+        loras=[{"path": "a.safetensors"}, {"url": "https://a.example/b.safetensors", "strength": -0.5}]),
+    with_s3(),
+])
+def test_the_schema_accepts_the_jobs_the_worker_accepts(payload):
+    import jsonschema
+
+    parse_job(payload)
+    jsonschema.validate({k: v for k, v in payload.items() if k != "id"}, job_json_schema())
+
+
+# What the schema can say (types, choices, ranges, unknown fields, one source each); a URL's form,
+# blank text and the rules between generation fields are in its descriptions only.
+SCHEMA_REFUSES = [
+    job(steps=30), {"input": {}}, job(image_base64="AAAA"),
+    job(pose_video_url="https://a.example/p.mp4", pose_video_base64="AAAA"), job(image_url=5),
+    job(prompt="x" * 5001), job(resolution="1080p"), job(sample_steps=0), job(sample_steps=2.5),
+    job(sample_steps=True), job(infer_frames=81), job(guidance_scale=-1), job(shift=150, solver="dpm++"),
+    job(seed=2**70), job(fps=30), job(fps=True), job(init_first_frame="yes"), job(speed="turbo"),
+    job(loras=[{"path": "a.safetensors", "url": "https://a.example/b.safetensors"}]), job(loras=[{}]),
+    job(loras=[{"path": "a.safetensors"}] * 5), job(loras=[{"path": "a.safetensors", "scale": 1}]),
+    {**job(), "s3Config": "s3://bucket"}, with_s3(region="eu"), with_s3(bucketName=""),
+]
+
+
+@pytest.mark.parametrize("payload", SCHEMA_REFUSES)
+def test_the_schema_refuses_what_the_worker_refuses(payload):
+    import jsonschema
+
+    error_of(payload)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({k: v for k, v in payload.items() if k != "id"}, job_json_schema())
