@@ -62,7 +62,7 @@ def test_the_settings_are_immutable_and_list_every_field():
     assert generation.as_dict()["seed"] == 7
 
 
-# Every rule, once, with its whole message.
+# Every rule, once, with its whole message (test_bad_jobs.py runs these jobs through a worker).
 RULES = [
     # the job and its input
     ([], "the job must be a JSON object"),
