@@ -6,9 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, GenerationSettings, JobInputError,
-                            job_json_schema, job_schema_text, job_table_markdown, parse_job,
-                            unipc_max_shift)
+from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, MAX_SEED, SEED_RANGE, GenerationSettings,
+                            JobInputError, job_json_schema, job_schema_text, job_table_markdown,
+                            parse_job, unipc_max_shift)
 
 GOOD_INPUT = {"image_url": "https://example.com/face.png", "audio_base64": "UklGRg=="}
 S3 = {"accessId": "AK", "accessSecret": "SK", "bucketName": "b", "endpointUrl": "https://s3.example.com"}
@@ -207,6 +207,12 @@ def test_null_means_default():
     assert request.generation.seed is None and request.generation.resolution == "720p"
     assert request.generation.step_cache is False and request.loras == ()
     assert error_of(job(steps=None)) == "unknown input fields: steps"  # unknown even when null
+
+
+def test_a_drawn_seed_is_one_a_job_may_send_back():
+    assert SEED_RANGE <= 2**53  # exact as a JSON number in any client
+    assert parse_job(job(seed=SEED_RANGE - 1)).generation.seed == SEED_RANGE - 1
+    assert parse_job(job(seed=MAX_SEED)).generation.seed == MAX_SEED
 
 
 def test_every_default_passes_its_own_rule():

@@ -31,7 +31,14 @@ DEFAULT_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-MAX_SEED = 2**62  # seed + clip index must stay inside torch's int64 generator seed
+# Seeds. Clip r's noise generator is seeded with seed + r, as in the official code, and that must
+# stay within torch's 64-bit generator seed: a job may give any seed up to MAX_SEED, which leaves
+# room for any clip count. A job that gives none gets one drawn from [0, SEED_RANGE) (runner.py),
+# returned in the result. The official code draws from [0, sys.maxsize] (wan/speech2video.py); the
+# worker draws from a smaller range so that the seed it returns is short and exact as a JSON number
+# in every client (JavaScript's numbers are exact only up to 2**53), ready to be sent back.
+MAX_SEED = 2**62
+SEED_RANGE = 2**32
 MAX_PROMPT_CHARS = 5000
 MAX_LORAS = 4
 LORA_STRENGTH_LIMIT = 4.0
