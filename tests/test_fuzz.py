@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s2v_worker import media
-from s2v_worker.job import (KNOWN_INPUT_FIELDS, S3_CONFIG_FIELDS, JobInputError, JobRequest,
-                            MediaSource, parse_job)
+from s2v_worker.job import (JobInput, JobInputError, JobRequest, MediaSource, StorageOverride,
+                            parse_job)
 from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
 from s2v_worker.settings import Settings
 
@@ -42,7 +42,8 @@ SCALARS = (st.none() | st.booleans() | st.integers()
                               "http://[::1", "data:,", "file:///etc/passwd", "AAAA", "\x00"]))
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
-INPUT_FIELDS = sorted(KNOWN_INPUT_FIELDS)
+INPUT_FIELDS = sorted(JobInput.model_fields)
+S3_CONFIG_FIELDS = [field.alias for field in StorageOverride.model_fields.values()]
 
 
 def parse_or_input_error(job) -> JobRequest | None:

@@ -1,17 +1,24 @@
-"""The job schema: a pure function from RunPod's job JSON to a validated `JobRequest`.
+"""The job schema, declared once as pydantic models, and `parse_job`: RunPod's job JSON to a `JobRequest`.
 
-Nothing here touches the network, the disk or the GPU, so every rule is tested directly (and by
-property-based tests) without a model. Each violated rule raises `JobInputError`, whose message names
-the field and the rule; the runner returns that message to the client as `{"error": ...}`.
+The models are the schema: `schema/job.schema.json` and the README's job-field table are generated
+from them (`python -m s2v_worker.job`), and tests keep both in sync. Nothing here touches the
+network, the disk or the GPU, so every rule is tested directly (and by property-based tests)
+without a model. A job that breaks a rule raises `JobInputError`, whose message names the field and
+the rule in the worker's own words (never pydantic's); the runner returns it as `{"error": ...}`.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
 
 from .errors import JobError
 
@@ -24,15 +31,17 @@ DEFAULT_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RESOLUTIONS = ("480p", "720p")
-SOLVERS = ("unipc", "dpm++")
-OUTPUT_FPS = (24, 16)
-SPEEDS = ("exact", "fast", "fastest")
-MAX_SEED = 2**62  # seed + clip index must stay inside torch's int64 generator seed
+# Seeds. Clip r's noise generator is seeded with seed + r, as in the official code, and that must
+# stay within torch's 64-bit generator seed: a job may give any seed up to MAX_SEED, which leaves
+# room for any clip count. A job that gives none gets one drawn from [0, SEED_RANGE) (runner.py),
+# returned in the result. The official code draws from [0, sys.maxsize] (wan/speech2video.py); the
+# worker draws from a smaller range so that the seed it returns is short and exact as a JSON number
+# in every client (JavaScript's numbers are exact only up to 2**53), ready to be sent back.
+MAX_SEED = 2**62
+SEED_RANGE = 2**32
 MAX_PROMPT_CHARS = 5000
 MAX_LORAS = 4
 LORA_STRENGTH_LIMIT = 4.0
-LORA_FIELDS = frozenset({"url", "path", "strength"})
 
 # The noise-schedule shift each solver accepts, as measured on the official schedulers
 # (wan/utils/fm_solvers_unipc.py, wan/utils/fm_solvers.py) for 1 to 100 steps. Below 1.0e-6 the
@@ -55,264 +64,6 @@ class JobInputError(JobError, ValueError):
     """The job's JSON breaks a rule of the schema. The message is safe to return to the client."""
 
 
-@dataclass(frozen=True)
-class MediaSource:
-    """Where one input comes from: an http(s) URL or base64 text (raw or a data: URI)."""
-
-    field: str  # the job field it came from, used in error messages
-    url: str | None = None
-    base64: str | None = None
-
-
-@dataclass(frozen=True)
-class LoraSource:
-    """One LoRA of the job: an http(s) URL or a path relative to the network volume, and a strength.
-
-    `path` is only checked for its form here (relative, no '..', .safetensors); that it resolves
-    inside the volume (symlinks included) is checked when it is loaded (lora.py).
-    """
-
-    field: str  # e.g. "loras[0]", used in error messages
-    url: str | None = None
-    path: str | None = None
-    strength: float = 1.0
-
-
-@dataclass(frozen=True)
-class StorageOverride:
-    """RunPod's per-job `s3Config`: replaces the bucket settings for this job only."""
-
-    access_id: str
-    access_secret: str
-    bucket_name: str
-    endpoint_url: str
-
-    def __repr__(self) -> str:
-        return f"StorageOverride(bucket_name={self.bucket_name!r}, endpoint_url={self.endpoint_url!r})"
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    prompt: str
-    negative_prompt: str
-    resolution: str
-    sample_steps: int
-    guidance_scale: float
-    shift: float
-    solver: str
-    seed: int | None
-    infer_frames: int
-    max_clips: int | None
-    fps: int
-    init_first_frame: bool
-    speed: str = "exact"
-    step_cache: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    job_id: str
-    image: MediaSource
-    audio: MediaSource
-    pose_video: MediaSource | None
-    generation: GenerationSettings
-    storage: StorageOverride | None
-    loras: tuple[LoraSource, ...] = ()
-
-
-# --- field rules ----------------------------------------------------------------------------------
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    # Integers are always finite; math.isfinite would overflow on one too large for a float
-    # (JSON allows 10**400, which fuzzing sent).
-    return isinstance(value, int) or math.isfinite(value)
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """A client value as quoted in an error message: short, whatever was sent."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer past Python's 4300-digit str() limit
-        return "a number with too many digits"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _string(field: str, value: Any, *, max_chars: int = MAX_PROMPT_CHARS) -> str:
-    if not isinstance(value, str):
-        raise JobInputError(f"'{field}' must be a string, got {type(value).__name__}")
-    if len(value) > max_chars:
-        raise JobInputError(f"'{field}' must be at most {max_chars} characters, got {len(value)}")
-    return value
-
-
-def _choice(choices: tuple) -> Callable[[str, Any], Any]:
-    def check(field: str, value: Any) -> Any:
-        if value not in choices or isinstance(value, bool):
-            allowed = ", ".join(repr(c) for c in choices)
-            raise JobInputError(f"'{field}' must be one of {allowed}, got {_shown(value)}")
-        return value
-
-    return check
-
-
-def _int_range(low: int, high: int, *, multiple_of: int = 1) -> Callable[[str, Any], int]:
-    def check(field: str, value: Any) -> int:
-        if not _is_int(value):
-            raise JobInputError(f"'{field}' must be an integer, got {type(value).__name__}")
-        if not low <= value <= high:
-            raise JobInputError(f"'{field}' must be between {low} and {high}, got {_shown(value)}")
-        if value % multiple_of:
-            raise JobInputError(f"'{field}' must be a multiple of {multiple_of}, "
-                                f"got {_shown(value)}")
-        return value
-
-    return check
-
-
-def _number_range(low: float, high: float, *, low_open: bool = False) -> Callable[[str, Any], float]:
-    def check(field: str, value: Any) -> float:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise JobInputError(f"'{field}' must be a finite number, got {_shown(value)}")
-        if not _is_number(value):
-            raise JobInputError(f"'{field}' must be a number, got {type(value).__name__}")
-        if value > high or value < low or (low_open and value == low):
-            bound = f"greater than {low}" if low_open else f"at least {low}"
-            raise JobInputError(f"'{field}' must be {bound} and at most {high}, "
-                                f"got {_shown(value)}")
-        return float(value)
-
-    return check
-
-
-def _boolean(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise JobInputError(f"'{field}' must be true or false, got {_shown(value)}")
-    return value
-
-
-def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-    def wrapped(field: str, value: Any) -> Any:
-        return None if value is None else check(field, value)
-
-    return wrapped
-
-
-def _http_url(field: str, value: Any) -> str:
-    value = _string(field, value, max_chars=8192)
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        raise JobInputError(f"'{field}' is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobInputError(f"'{field}' must be an http or https URL")
-    return value
-
-
-def _base64_text(field: str, value: Any) -> str:
-    value = _string(field, value, max_chars=1 << 31)
-    if not value.strip():
-        raise JobInputError(f"'{field}' is empty")
-    return value
-
-
-# Generation fields: name -> (rule, default). Defaults follow the issue and the official config.
-GENERATION_FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
-    "prompt": (_string, ""),
-    "negative_prompt": (_optional(_string), None),
-    "resolution": (_choice(RESOLUTIONS), "720p"),
-    "sample_steps": (_int_range(1, 100), 30),
-    "guidance_scale": (_number_range(0.0, 20.0), 4.5),
-    "shift": (_number_range(MIN_SHIFT, MAX_SHIFT), 3.0),
-    "solver": (_choice(SOLVERS), "unipc"),
-    "seed": (_optional(_int_range(0, MAX_SEED)), None),
-    "infer_frames": (_int_range(8, 200, multiple_of=4), 80),
-    "max_clips": (_optional(_int_range(1, 1000)), None),
-    "fps": (_choice(OUTPUT_FPS), 24),
-    "init_first_frame": (_boolean, False),
-    # "exact": the official model's numbers (bfloat16); "fast": FP8 GEMMs and, unless step_cache
-    # is false, reuse of the guided prediction on alternate middle steps; "fastest": fast with
-    # FP8 self-attention too, which moves the result further (README: trade-offs).
-    "speed": (_choice(SPEEDS), "exact"),
-    "step_cache": (_optional(_boolean), None),
-}
-
-MEDIA_FIELDS = {
-    "image": ("image_url", "image_base64", True),
-    "audio": ("audio_url", "audio_base64", True),
-    "pose_video": ("pose_video_url", "pose_video_base64", False),
-}
-
-KNOWN_INPUT_FIELDS = frozenset(GENERATION_FIELDS) | {
-    name for url, b64, _ in MEDIA_FIELDS.values() for name in (url, b64)} | {"loras"}
-
-S3_CONFIG_FIELDS = {"accessId": "access_id", "accessSecret": "access_secret",
-                    "bucketName": "bucket_name", "endpointUrl": "endpoint_url"}
-
-
-def _media(payload: Mapping[str, Any], name: str) -> MediaSource | None:
-    url_field, b64_field, required = MEDIA_FIELDS[name]
-    has_url = payload.get(url_field) is not None
-    has_b64 = payload.get(b64_field) is not None
-    if has_url and has_b64:
-        raise JobInputError(f"give only one of '{url_field}' and '{b64_field}', not both")
-    if has_url:
-        return MediaSource(url_field, url=_http_url(url_field, payload[url_field]))
-    if has_b64:
-        return MediaSource(b64_field, base64=_base64_text(b64_field, payload[b64_field]))
-    if required:
-        raise JobInputError(f"the job needs one of '{url_field}' or '{b64_field}'")
-    return None
-
-
-def _volume_path(field: str, value: Any) -> str:
-    """A path relative to the network volume, by its form only: what can be refused without disk."""
-    value = _string(field, value, max_chars=1024)
-    if not value.strip() or "\x00" in value or "\\" in value:
-        raise JobInputError(f"'{field}' must be a path relative to the network volume")
-    path = PurePosixPath(value)
-    if path.is_absolute() or ".." in path.parts:
-        raise JobInputError(f"'{field}' must be relative to the network volume, without '..'")
-    if path.suffix.lower() != ".safetensors":
-        raise JobInputError(f"'{field}' must name a .safetensors file")
-    return value
-
-
-def _lora(field: str, raw: Any) -> LoraSource:
-    if not isinstance(raw, Mapping):
-        raise JobInputError(f"'{field}' must be an object with 'url' or 'path', and 'strength'")
-    unknown = sorted(_shown(k, 20) for k in set(raw) - LORA_FIELDS)
-    if unknown:
-        raise JobInputError(f"'{field}' has unknown fields: {', '.join(unknown[:5])}")
-    has_url, has_path = raw.get("url") is not None, raw.get("path") is not None
-    if has_url == has_path:
-        raise JobInputError(f"'{field}' needs exactly one of 'url' and 'path'")
-    strength = raw.get("strength")
-    strength = 1.0 if strength is None else _number_range(
-        -LORA_STRENGTH_LIMIT, LORA_STRENGTH_LIMIT)(f"{field}.strength", strength)
-    if has_url:
-        return LoraSource(field, url=_http_url(f"{field}.url", raw["url"]), strength=strength)
-    return LoraSource(field, path=_volume_path(f"{field}.path", raw["path"]), strength=strength)
-
-
-def _loras(raw: Any) -> tuple[LoraSource, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise JobInputError("'loras' must be a list")
-    if len(raw) > MAX_LORAS:
-        raise JobInputError(f"'loras' may hold at most {MAX_LORAS} LoRAs, got {len(raw)}")
-    return tuple(_lora(f"loras[{i}]", item) for i, item in enumerate(raw))
-
-
 def unipc_max_shift(steps: int) -> float:
     """The largest shift the official unipc solver runs with at `steps` steps (rounded down to
     0.01); infinite for one step.
@@ -332,16 +83,345 @@ def unipc_max_shift(steps: int) -> float:
     return math.floor(limit * 100) / 100
 
 
-def _check_shift_for_solver(generation: dict[str, Any]) -> None:
-    if generation["solver"] != "unipc":
-        return
-    steps, limit = generation["sample_steps"], unipc_max_shift(generation["sample_steps"])
-    if generation["shift"] > limit:
-        raise JobInputError(
-            f"'shift' must be at most {limit:g} with the unipc solver at {steps} steps (above it "
-            f"the solver's first two timesteps coincide and it fails), got {_shown(generation['shift'])}; "
-            "lower the shift, use fewer steps, or \"solver\": \"dpm++\"")
+# --- rules pydantic has no constraint for --------------------------------------------------------
+# A broken rule is a PydanticCustomError: "job_rule" carries the rule, which the message puts after
+# the field's name; "job_message" (a rule between fields) carries the whole message.
 
+def _rule(rule: str) -> PydanticCustomError:
+    return PydanticCustomError("job_rule", "{rule}", {"rule": rule})
+
+
+def _message(message: str) -> PydanticCustomError:
+    return PydanticCustomError("job_message", "{message}", {"message": message})
+
+
+def _http_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise _rule("is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _rule("must be an http or https URL")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value or value.isspace():  # no stripped copy of megabytes of base64
+        raise _rule("is empty")
+    return value
+
+
+def _volume_path(value: str) -> str:
+    """A path relative to the network volume, by its form only: what can be refused without disk.
+    That it resolves inside the volume (symlinks included) is checked when it is loaded (lora.py)."""
+    if not value.strip() or "\x00" in value or "\\" in value:
+        raise _rule("must be a path relative to the network volume")
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise _rule("must be relative to the network volume, without '..'")
+    if path.suffix.lower() != ".safetensors":
+        raise _rule("must name a .safetensors file")
+    return value
+
+
+HttpUrl = Annotated[str, Field(max_length=8192, json_schema_extra={"format": "uri"}),
+                    AfterValidator(_http_url)]
+Base64Text = Annotated[str, AfterValidator(_not_blank)]  # its size is media.py's to check, decoded
+VolumePath = Annotated[str, Field(max_length=1024), AfterValidator(_volume_path)]
+
+
+def _present(name: str) -> dict:
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+def _exactly_one(first: str, second: str) -> dict:
+    """The JSON Schema form of "exactly one of the two, not null" (a null field is an absent one)."""
+    return {"oneOf": [_present(first), _present(second)]}
+
+
+# --- the models ----------------------------------------------------------------------------------
+
+class _Model(BaseModel):
+    # strict: no coercion ("30" is not 30, true is not 1, 2.5 is no integer); unknown fields refused.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # A known field given as JSON null takes its default (unknown ones stay, to be refused).
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class _MediaFields(_Model):
+    image_url: HttpUrl | None = None
+    """The portrait, downloaded from an http(s) URL. Exactly one of `image_url` and `image_base64`
+    is required. PNG, JPEG, WebP and the other formats Pillow reads (EPS refused: Pillow would run
+    Ghostscript)."""
+    image_base64: Base64Text | None = None
+    """The portrait as base64 text, raw or a `data:` URI."""
+    audio_url: HttpUrl | None = None
+    """The speech, downloaded from an http(s) URL. Exactly one of `audio_url` and `audio_base64` is
+    required. WAV, MP3, FLAC, OGG, M4A/AAC, Opus, ... (audio formats only: playlists and ffmpeg
+    scripts are refused)."""
+    audio_base64: Base64Text | None = None
+    """The speech as base64 text, raw or a `data:` URI."""
+    pose_video_url: HttpUrl | None = None
+    """Optional driving pose video (MP4, MOV, MKV, WebM or AVI), as the official code takes it; at
+    most one of `pose_video_url` and `pose_video_base64`."""
+    pose_video_base64: Base64Text | None = None
+    """The pose video as base64 text, raw or a `data:` URI."""
+
+    @model_validator(mode="after")
+    def _one_source_per_medium(self) -> _MediaFields:
+        for medium, required in (("image", True), ("audio", True), ("pose_video", False)):
+            url, base64 = f"{medium}_url", f"{medium}_base64"
+            given = [getattr(self, url) is not None, getattr(self, base64) is not None]
+            if all(given):
+                raise _message(f"give only one of '{url}' and '{base64}', not both")
+            if required and not any(given):
+                raise _message(f"the job needs one of '{url}' or '{base64}'")
+        return self
+
+
+class GenerationSettings(_Model):
+    """How the video is generated: the job's generation fields, checked, with defaults filled in."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    """What the video shows."""
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    """What the video avoids. null or empty: the official model's default."""
+    resolution: Literal["480p", "720p"] = "720p"
+    """`"480p"` (max area 832x480) or `"720p"` (1024x704). The image's aspect ratio is kept and the
+    sides are multiples of 64, as the official code sizes it; an image so wide or tall that this
+    sizing leaves a side at 0 (from about 5,800:1 at 480p and 10,500:1 at 720p) is refused."""
+    sample_steps: int = Field(30, ge=1, le=100)
+    """Denoising steps per clip."""
+    guidance_scale: float = Field(4.5, ge=0.0, le=20.0)
+    """Classifier-free guidance; 1 or less turns it off (half the model calls)."""
+    shift: float = Field(3.0, ge=MIN_SHIFT, le=MAX_SHIFT)
+    """Noise-schedule shift. With `"solver": "unipc"` also at most a ceiling that falls with the
+    steps (1000.99 at 2 steps, 35.48 at 30, 11.1 at 100: above it the official unipc solver fails);
+    dpm++ runs across the whole range."""
+    solver: Literal["unipc", "dpm++"] = "unipc"
+    """One of the official code's two solvers."""
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    """Each clip's noise is seeded with seed + its index, as the official code does. null: a random
+    seed. Always returned in the result."""
+    infer_frames: int = Field(80, ge=8, le=200, multiple_of=4)
+    """Frames per clip at 16 fps."""
+    max_clips: int | None = Field(None, ge=1, le=1000)
+    """Caps the clip count; the video is then shorter than the audio. null: as many clips as the
+    audio needs."""
+    fps: Literal[24, 16] = 24
+    """24 (motion-interpolated from the native 16) or 16 (native frames)."""
+    init_first_frame: bool = False
+    """Use the image as the first frame (official option)."""
+    speed: Literal["exact", "fast", "fastest"] = "exact"
+    """`"exact"`: the official model's numbers within bfloat16 noise; `"fast"`: FP8 matrix
+    multiplies and step reuse, about 1.8x faster sampling, visibly different output (README: Speed
+    modes); `"fastest"`: fast with FP8 self-attention too, which moves the result further. The fast
+    modes need an FP8 GPU (Ada, Hopper or newer)."""
+    step_cache: bool = Field(default_factory=lambda fields: fields.get("speed", "exact") != "exact")
+    """Reuse of the guided prediction on alternate middle steps, part of the fast modes. Default:
+    true with `"speed": "fast"` or `"fastest"` (false keeps FP8 but computes every step), false with
+    `"exact"`, which refuses true."""
+
+    @model_validator(mode="after")
+    def _rules_between_fields(self) -> GenerationSettings:
+        if self.step_cache and self.speed == "exact":
+            raise _message("'step_cache' is part of fast mode: set \"speed\": \"fast\" or "
+                           "\"fastest\" with it")
+        limit = unipc_max_shift(self.sample_steps)
+        if self.solver == "unipc" and self.shift > limit:
+            raise _message(
+                f"'shift' must be at most {limit:g} with the unipc solver at {self.sample_steps} "
+                "steps (above it the solver's first two timesteps coincide and it fails), got "
+                f"{_shown(self.shift)}; lower the shift, use fewer steps, or \"solver\": \"dpm++\"")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class LoraEntry(_Model):
+    """One LoRA, merged into the DiT for this job: exactly one of `url` and `path`."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("url", "path"))
+
+    url: HttpUrl | None = None
+    """Downloaded from an http(s) URL with the same address policy as media, at most
+    `MAX_LORA_BYTES`, cached in `LORA_CACHE_DIR`."""
+    path: VolumePath | None = None
+    """A `.safetensors` file relative to the network volume, without `..`; it must resolve inside
+    the volume, symlinks included."""
+    strength: float = Field(1.0, ge=-LORA_STRENGTH_LIMIT, le=LORA_STRENGTH_LIMIT)
+    """The LoRA's weight in the merge: W += strength * scale * up @ down."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraEntry:
+        if (self.url is None) == (self.path is None):
+            raise _rule("needs exactly one of 'url' and 'path'")
+        return self
+
+
+class JobInput(GenerationSettings, _MediaFields):
+    """The job's `input`: the media, the generation settings and the LoRAs. A field given as null
+    takes its default."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _exactly_one("image_url", "image_base64"), _exactly_one("audio_url", "audio_base64"),
+        {"not": {"allOf": [_present("pose_video_url"), _present("pose_video_base64")]}}]})
+
+    loras: list[LoraEntry] | None = Field(None, max_length=MAX_LORAS)
+    """LoRAs merged into the model for this job, in order (README: LoRA)."""
+
+
+class StorageOverride(_Model):
+    """RunPod's per-job `s3Config`, beside `input`: the bucket this job's video is uploaded to,
+    instead of the worker's BUCKET_* settings."""
+
+    model_config = ConfigDict(str_strip_whitespace=True)
+
+    access_id: str = Field(alias="accessId", min_length=1, repr=False)
+    """The bucket's access key id."""
+    access_secret: str = Field(alias="accessSecret", min_length=1, repr=False)
+    """The bucket's secret access key."""
+    bucket_name: str = Field(alias="bucketName", min_length=1)
+    """The bucket."""
+    endpoint_url: HttpUrl = Field(alias="endpointUrl", min_length=1)
+    """The S3-compatible endpoint, http(s)."""
+
+
+class Job(_Model):
+    """A request to the Wan2.2-S2V worker: the body of a call to the endpoint's /run or /runsync.
+    RunPod adds the job's `id` and reads its own keys (webhook, policy)."""
+
+    model_config = ConfigDict(extra="ignore", title="Wan2.2-S2V job")
+
+    input: JobInput
+    storage: StorageOverride | None = Field(None, alias="s3Config")
+
+
+# --- what the rest of the worker reads ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class MediaSource:
+    """Where one input comes from: an http(s) URL or base64 text (raw or a data: URI)."""
+
+    field: str  # the job field it came from, used in error messages
+    url: str | None = None
+    base64: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One LoRA of the job: an http(s) URL or a path relative to the network volume, and a strength."""
+
+    field: str  # e.g. "loras[0]", used in error messages
+    url: str | None = None
+    path: str | None = None
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    image: MediaSource
+    audio: MediaSource
+    pose_video: MediaSource | None
+    generation: GenerationSettings
+    storage: StorageOverride | None
+    loras: tuple[LoraSource, ...] = ()
+
+
+# --- pydantic's errors in the worker's words -----------------------------------------------------
+
+_PHRASES = {"int_type": "must be an integer, got {type}",
+            "float_type": "must be a number, got {type}",
+            "finite_number": "must be a finite number, got {shown}",
+            "string_type": "must be a string, got {type}",
+            "string_too_long": "must be at most {max_length} characters, got {length}",
+            "bool_type": "must be true or false, got {shown}",
+            "list_type": "must be a list",
+            "too_long": "may hold at most {max_length} LoRAs, got {actual_length}",
+            "model_type": "must be an object with 'url' or 'path', and 'strength'"}  # a LoRA
+_NOT_AN_OBJECT = {(): "the job must be a JSON object", ("input",): "the job's 'input' must be a JSON object",
+                  ("s3Config",): "'s3Config' must be an object"}
+_UNKNOWN = ("extra_forbidden", "invalid_key")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client value as quoted in an error message: short, whatever was sent."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4300-digit str() limit
+        return "a number with too many digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _field_name(loc: tuple) -> str:
+    """("input", "loras", 0, "url") -> "loras[0].url"; ("s3Config", "bucketName") -> "s3Config.bucketName"."""
+    name = ""
+    for part in loc[1:] if loc[:1] == ("input",) else loc:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else part
+    return name
+
+
+def _check_order(error: dict) -> tuple:
+    """The job, then `input` (unknown fields first, then the fields as declared), `s3Config`, and
+    the LoRAs one by one. The rules between fields run only once every field passes its own."""
+    loc = error["loc"]
+    if loc[:2] == ("input", "loras"):
+        section = (3, loc[2] if len(loc) > 2 else -1)
+    else:
+        section = ({"input": 1, "s3Config": 2}.get(loc[0], 0) if loc else 0, 0)
+    return (*section, error["type"] not in _UNKNOWN)
+
+
+def _client_message(errors: list[dict]) -> str:
+    """The message for the first broken rule (in `_check_order`), never pydantic's own text."""
+    errors = sorted((e for e in errors if e["type"] != "default_factory_not_called"), key=_check_order)
+    kind, loc, value, ctx = errors[0]["type"], errors[0]["loc"], errors[0]["input"], errors[0].get("ctx", {})
+    field = _field_name(loc)
+    if kind == "job_message":
+        return ctx["message"]
+    if kind == "job_rule":
+        return f"'{field}' {ctx['rule']}"
+    if kind in _UNKNOWN:
+        keys = [e["loc"][-1] for e in errors if e["type"] in _UNKNOWN and e["loc"][:-1] == loc[:-1]]
+        if loc[:-1] == ("input",):
+            if not all(isinstance(key, str) for key in keys):
+                return "the job's 'input' keys must be strings"
+            return f"unknown input fields: {', '.join(sorted(keys))}"
+        shown = sorted(map(str, keys)) if loc[0] == "s3Config" else sorted(_shown(k, 20) for k in keys)[:5]
+        return f"'{_field_name(loc[:-1])}' has unknown fields: {', '.join(shown)}"
+    if loc in _NOT_AN_OBJECT and kind in ("model_type", "missing"):
+        return _NOT_AN_OBJECT[loc]
+    if loc[:1] == ("s3Config",):  # a key missing, not text, or blank
+        return f"'{field}' must be a non-empty string"
+    info = (LoraEntry if len(loc) == 4 else JobInput).model_fields.get(loc[-1])
+    if kind in ("greater_than_equal", "less_than_equal", "multiple_of", "float_type") and (
+            kind != "float_type" or type(value) is int):  # an integer too large for a float
+        bounds = {key: getattr(m, key) for m in info.metadata
+                  for key in ("ge", "le", "multiple_of") if hasattr(m, key)}
+        low, high, step = bounds["ge"], bounds["le"], bounds.get("multiple_of")
+        if isinstance(low, float):  # a number field
+            return f"'{field}' must be at least {low} and at most {high}, got {_shown(value)}"
+        if step and low <= value <= high:
+            return f"'{field}' must be a multiple of {step}, got {_shown(value)}"
+        return f"'{field}' must be between {low} and {high}, got {_shown(value)}"
+    if kind == "literal_error":
+        choices = ", ".join(repr(choice) for choice in get_args(info.annotation))
+        return f"'{field}' must be one of {choices}, got {_shown(value)}"
+    length = len(value) if isinstance(value, (str, list)) else 0
+    return f"'{field}' " + _PHRASES.get(kind, "is not valid").format(
+        type=type(value).__name__, shown=_shown(value), length=length, **ctx)
+
+
+# --- parse_job -----------------------------------------------------------------------------------
 
 def _path_text(path: str) -> str:
     return path if len(path) <= 60 else path[:57] + "..."
@@ -371,22 +451,11 @@ def _refuse_unencodable_text(job: Mapping[str, Any]) -> None:
             pending.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
-def _storage_override(raw: Any) -> StorageOverride | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        raise JobInputError("'s3Config' must be an object")
-    unknown = sorted(set(raw) - set(S3_CONFIG_FIELDS))
-    if unknown:
-        raise JobInputError(f"'s3Config' has unknown fields: {', '.join(unknown)}")
-    values = {}
-    for key, attr in S3_CONFIG_FIELDS.items():
-        value = raw.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise JobInputError(f"'s3Config.{key}' must be a non-empty string")
-        values[attr] = value.strip()
-    _http_url("s3Config.endpointUrl", values["endpoint_url"])
-    return StorageOverride(**values)
+def _media(payload: JobInput, medium: str) -> MediaSource | None:
+    url, base64 = getattr(payload, f"{medium}_url"), getattr(payload, f"{medium}_base64")
+    if url is not None:
+        return MediaSource(f"{medium}_url", url=url)
+    return None if base64 is None else MediaSource(f"{medium}_base64", base64=base64)
 
 
 def parse_job(job: Mapping[str, Any]) -> JobRequest:
@@ -394,40 +463,99 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
     if not isinstance(job, Mapping):
         raise JobInputError("the job must be a JSON object")
     _refuse_unencodable_text(job)
-    payload = job.get("input")
-    if not isinstance(payload, Mapping):
-        raise JobInputError("the job's 'input' must be a JSON object")
-    non_string_keys = [k for k in payload if not isinstance(k, str)]
-    if non_string_keys:
-        raise JobInputError("the job's 'input' keys must be strings")
-    unknown = sorted(set(payload) - KNOWN_INPUT_FIELDS)
-    if unknown:
-        raise JobInputError(f"unknown input fields: {', '.join(unknown)}")
-
-    image = _media(payload, "image")
-    audio = _media(payload, "audio")
-    pose_video = _media(payload, "pose_video")
-
-    generation = {}
-    for name, (rule, default) in GENERATION_FIELDS.items():
-        value = payload.get(name)
-        generation[name] = default if value is None else rule(name, value)
-
-    fast = generation["speed"] != "exact"
-    if generation["step_cache"] and not fast:
-        raise JobInputError("'step_cache' is part of fast mode: set \"speed\": \"fast\" or "
-                            "\"fastest\" with it")
-    if generation["step_cache"] is None:
-        generation["step_cache"] = fast
-    _check_shift_for_solver(generation)
-
-    job_id = job.get("id")
+    try:
+        parsed = Job.model_validate(dict(job))
+    except ValidationError as exc:
+        raise JobInputError(_client_message(exc.errors(include_url=False))) from None
+    payload, job_id = parsed.input, job.get("id")
     return JobRequest(
         job_id=job_id if isinstance(job_id, str) and job_id else "local",
-        image=image,
-        audio=audio,
-        pose_video=pose_video,
-        generation=GenerationSettings(**generation),
-        storage=_storage_override(job.get("s3Config")),
-        loras=_loras(payload.get("loras")),
+        image=_media(payload, "image"),
+        audio=_media(payload, "audio"),
+        pose_video=_media(payload, "pose_video"),
+        generation=GenerationSettings(**{name: getattr(payload, name)
+                                         for name in GenerationSettings.model_fields}),
+        storage=parsed.storage,
+        loras=tuple(LoraSource(f"loras[{i}]", url=entry.url, path=entry.path, strength=entry.strength)
+                    for i, entry in enumerate(payload.loras or ())),
     )
+
+
+# --- the published schema and the README's table -------------------------------------------------
+
+class _SchemaGenerator(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False  # "Sample Steps" above `sample_steps` tells a reader nothing
+
+    def generate(self, schema: Any, mode: Any = "validation") -> dict:
+        def one_line(node: Any) -> Any:  # the docstrings' line breaks are not the text's
+            if isinstance(node, dict):
+                return {key: " ".join(value.split()) if key == "description" and isinstance(value, str)
+                        else one_line(value) for key, value in node.items()}
+            return [one_line(item) for item in node] if isinstance(node, list) else node
+
+        return {"$schema": self.schema_dialect, **one_line(super().generate(schema, mode))}
+
+
+def job_json_schema() -> dict:
+    return Job.model_json_schema(schema_generator=_SchemaGenerator)
+
+
+def job_schema_text() -> str:
+    """schema/job.schema.json, as committed: stable key order, two-space indent, final newline."""
+    return json.dumps(job_json_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _table_row(name: str, prop: dict, required: bool) -> str:
+    """One field: its type, its default, and its rule (the schema's limits, then its description)."""
+    of = next((p for p in prop.get("anyOf", ()) if p.get("type") != "null"), prop)  # X of X | None
+    if "enum" in of:
+        kind = " or ".join(f"`{json.dumps(choice)}`" for choice in of["enum"])
+    elif of["type"] == "array":
+        kind = "list of objects"
+    else:
+        kind = of["type"] + (" (URL)" if of.get("format") == "uri" else "")
+    if required:
+        default = "required"
+    else:
+        default = f"`{json.dumps(prop['default'], ensure_ascii=False)}`" if "default" in prop else "see rule"
+    limits = []
+    if "minimum" in of:
+        high = "2^62" if of["maximum"] == MAX_SEED else f"{of['maximum']:g}"
+        limits.append(f"{of['minimum']:g}..{high}")
+    if "multipleOf" in of:
+        limits.append(f"a multiple of {of['multipleOf']}")
+    if "maxLength" in of:
+        limits.append(f"at most {of['maxLength']} characters")
+    if of.get("minLength"):
+        limits.append("not empty")
+    if "maxItems" in of:
+        limits.append(f"at most {of['maxItems']}")
+    rule = ". ".join(filter(None, ["; ".join(limits), prop["description"]])).replace("|", "\\|")
+    return f"| `{name}` | {kind} | {default} | {rule} |"
+
+
+def job_table_markdown() -> str:
+    """The README's job-field table, from the JSON Schema: `input`'s fields, a LoRA's, s3Config's."""
+    models = job_json_schema()["$defs"]
+    rows = ["| field | type | default | rule |", "| --- | --- | --- | --- |"]
+    for prefix, model in (("", "JobInput"), ("loras[i].", "LoraEntry"), ("s3Config.", "StorageOverride")):
+        schema = models[model]
+        rows += [_table_row(prefix + name, prop, name in schema.get("required", ()))
+                 for name, prop in schema["properties"].items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m s2v_worker.job [--write-schema [PATH]]
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Print the README's job-field table; with "
+                                                 "--write-schema, write the job's JSON Schema.")
+    parser.add_argument("--write-schema", nargs="?", const="schema/job.schema.json", metavar="PATH")
+    args = parser.parse_args()
+    if args.write_schema:
+        Path(args.write_schema).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_schema).write_text(job_schema_text(), encoding="utf-8")
+    else:
+        print(job_table_markdown())

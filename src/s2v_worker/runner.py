@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import find_checkpoint
 from .errors import JobError, JobStopped
-from .job import JobInputError, JobRequest, parse_job
+from .job import SEED_RANGE, JobInputError, JobRequest, parse_job
 from .lora import LoraManager, resolve_loras
 from .media import load_audio, load_image, load_pose_video
 from .parallel import RankFailure
@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads i
 logger = logging.getLogger(__name__)
 
 ProgressSender = Callable[[dict, Any], None]  # runpod.serverless.progress_update's signature
-SEED_RANGE = 2**32  # seeds drawn for jobs that give none
 
 
 def choose_device(requested: str) -> torch.device:
