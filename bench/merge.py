@@ -39,6 +39,9 @@ def merge(parts: list[dict]) -> dict:
                 merged[key] = {**merged.get(key, {}), **part[key], "commit": commit}
         if "fast_mode_480p" in part:
             merged["fast_mode_480p"] = {**part["fast_mode_480p"], "commit": commit}
+        for key in ("attention_kernels", "parallel"):
+            if key in part:
+                merged[key] = {**part[key], "commit": commit}
         for path, row in part.get("cold_start_s", {}).items():
             cold = merged.setdefault("cold_start_s", {})
             if path in COLD_START_RUNS and "ready_s" in row:
@@ -50,15 +53,26 @@ def merge(parts: list[dict]) -> dict:
             job = merged.setdefault("job_s", {})
             for name, row in part["job_s"].items():
                 entry = job.setdefault(name, {})
+                if "guidance_scale" in row:
+                    entry["guidance_scale"] = row["guidance_scale"]
                 for path in ("official", "worker", "worker_second_job"):
                     if path in row:
-                        entry[path] = row[path]["generate_s"]
+                        # To the delivered MP4 where the run measured it (job_s), else generate.
+                        entry[path] = row[path].get("job_s", row[path].get("generate_s"))
                         entry[f"{path}_detail"] = {**row[path], "commit": commit}
     return merged
 
 
 def _ratio(official: float, worker: float) -> str:
     return f"{official / worker:.2f}x"
+
+
+def _speed(row: dict, key: str) -> str:
+    """'2.28 s (1.61x, 4.8e-02)': seconds, ratio to the official call, rel. L2 to it."""
+    if key not in row:
+        return "-"
+    return (f"{row[key]:.2f} s ({_ratio(row['official'], row[key])}, "
+            f"{row[f'{key}_rel_l2']:.1e})")
 
 
 def readme_section(result: dict, result_path: Path) -> str:
@@ -68,38 +82,67 @@ def readme_section(result: dict, result_path: Path) -> str:
         f"commit(s) {', '.join(result['commits'])}, random weights at full size; file: "
         f"`{result_path.relative_to(ROOT)}`. \"Official\" is the official Wan2.2 modules with their "
         "attention sent to PyTorch SDPA (what the official code runs without flash_attn); "
-        "\"worker\" is this repository's path in exact mode, \"fast\" its fast mode. "
-        "Ratio = official / worker (higher is better).",
+        "\"worker\" is this repository's path in exact mode, \"fast\" and \"fastest\" its fast "
+        "speeds. Ratio = official / worker (higher is better); after it, the relative L2 "
+        "distance of one forward from the official one.",
         "",
-        "| what | official | worker (exact) | ratio | fast mode |",
+        "| what | official | worker (exact) | fast | fastest |",
         "| --- | --- | --- | --- | --- |",
     ]
-    fast_key = "worker_fp8_all_tensorwise"
     for res, row in result.get("dit_forward_s", {}).items():
         if isinstance(row, dict):
-            fast = (f"{row[fast_key]:.2f} s ({_ratio(row['official'], row[fast_key])})"
-                    if fast_key in row else "-")
-            lines.append(f"| DiT forward, {res} ({row['size'][0]}x{row['size'][1]}, {row['tokens']:,} "
-                         f"tokens), median of 3 | {row['official']:.2f} s | {row['worker']:.2f} s | "
-                         f"{_ratio(row['official'], row['worker'])} | {fast} |")
+            kernel = f", attention {row['kernel']}" if "kernel" in row else ""
+            fast = row.get("fast", row.get("worker_fp8_all_tensorwise"))
+            fast_key = "fast" if "fast" in row else "worker_fp8_all_tensorwise"
+            lines.append(f"| DiT call, {res} ({row['size'][0]}x{row['size'][1]}, {row['tokens']:,} "
+                         f"tokens{kernel}) | {row['official']:.2f} s | {_speed(row, 'worker')} | "
+                         f"{_speed(row, fast_key) if fast is not None else '-'} | "
+                         f"{_speed(row, 'fastest')} |")
+    for res, row in result.get("attention_kernels", {}).items():
+        if isinstance(row, dict):
+            lines.append(f"| self-attention alone, {res}, 40 calls: SDPA (cuDNN) / FlashAttention-3 "
+                         f"/ FA3 in FP8 | {row['sdpa']['s_per_40_calls']:.2f} s | "
+                         f"{row['fa3']['s_per_40_calls']:.2f} s | - | "
+                         f"{row['fa3_float8']['s_per_40_calls']:.2f} s |")
+    for res, row in result.get("parallel", {}).items():
+        if isinstance(row, dict) and "1" in row:
+            per_call = row["1"]["step_s"] / 2
+            forward = result.get("dit_forward_s", {}).get(res, {}).get("worker")
+            versus = f" ({per_call / forward - 1:+.1%} per call against the forward above)" \
+                if forward else ""
+            lines.append(f"| one guided step at {res}, one GPU (two DiT calls and the solver) | - | "
+                         f"{row['1']['step_s']:.2f} s{versus} | - | - |")
     for res, row in result.get("vae_s", {}).items():
         if isinstance(row, dict):
             o, w = row["official"], row["worker"]
             lines.append(f"| VAE {res}: encode 73 frames / decode one clip | "
                          f"{o['encode_73_frames_s']:.2f} / {o['decode_clip_s']:.2f} s | "
-                         f"{w['encode_73_frames_s']:.2f} / {w['decode_clip_s']:.2f} s | "
-                         f"{_ratio(o['encode_73_frames_s'] + o['decode_clip_s'], w['encode_73_frames_s'] + w['decode_clip_s'])} | - |")
+                         f"{w['encode_73_frames_s']:.2f} / {w['decode_clip_s']:.2f} s | - | - |")
     fast_loop = result.get("fast_mode_480p", {})
-    if fast_loop:
-        e, q = fast_loop["exact"], fast_loop["fast"]
-        lines.append(f"| 30 guided steps at 480p (DiT loop only): wall time / DiT calls / per requested "
-                     f"forward | - | {e['loop_s']:.1f} s / {e['dit_calls']} / {e['s_per_requested_forward']:.2f} s "
-                     f"| - | {q['loop_s']:.1f} s / {q['dit_calls']} / {q['s_per_requested_forward']:.2f} s |")
+    if "exact" in fast_loop:
+        e = fast_loop["exact"]
+        q = fast_loop.get("fast", {})
+        fast = (f"{q['loop_s']:.1f} s / {q['dit_calls']} / {q['s_per_requested_forward']:.2f} s "
+                f"(FP8 set `{fast_loop['float8']}`)" if "loop_s" in q else "-")
+        lines.append(f"| 30 guided steps at 480p (the DiT loop): wall time / DiT calls / per "
+                     f"requested forward | - | {e['loop_s']:.1f} s / {e['dit_calls']} / "
+                     f"{e['s_per_requested_forward']:.2f} s | {fast} | - |")
     for name, row in result.get("job_s", {}).items():
-        if "official" in row and "worker" in row:
-            lines.append(f"| whole job `{name}` (4.5 s speech, guidance 4.5), generate | "
-                         f"{row['official']:.1f} s | {row['worker']:.1f} s | "
-                         f"{_ratio(row['official'], row['worker'])} | - |")
+        worker = row.get("worker_detail", {})
+        if "worker" not in row:
+            continue
+        to_mp4 = "job_s" in worker
+        what = (f"to the delivered MP4 (after the last frame: "
+                f"{worker['mp4_ready_after_last_frame_s']:.1f} s)" if to_mp4 else "generate")
+        second = (f"; the next job {row['worker_second_job']:.1f} s"
+                  if "worker_second_job" in row else "")
+        official = "-"
+        if "official" in row:
+            official_what = "to the MP4" if "job_s" in row["official_detail"] else "generate only"
+            official = f"{row['official']:.1f} s ({official_what})"
+        ratio = f", {_ratio(row['official'], row['worker'])}" if "official" in row else ""
+        lines.append(f"| whole job `{name}` (4.5 s speech, guidance {row.get('guidance_scale', 4.5)})"
+                     f" | {official} | {row['worker']:.1f} s {what}{ratio}{second} | - | - |")
     cold = result.get("cold_start_s", {})
     if "official" in cold and "worker" in cold:
         dropped = cold["worker_detail"].get("page_cache_dropped")
@@ -107,8 +150,7 @@ def readme_section(result: dict, result_path: Path) -> str:
                   "left" if "worker_cached_compile" in cold else "")
         lines.append(f"| cold start, process start to ready (worker: load + warm-up compilation), "
                      f"full checkpoint on local disk (page cache dropped: {'yes' if dropped else 'no'}) "
-                     f"| {cold['official']:.0f} s | {cold['worker']:.0f} s{cached} | "
-                     f"{_ratio(cold['official'], cold['worker'])} | - |")
+                     f"| {cold['official']:.0f} s | {cold['worker']:.0f} s{cached} | - | - |")
     lines += ["", "Faithfulness (tests/gpu; the bounds are bench/faithfulness.py's):", ""]
     labels = {"tiny_whole_job": "tiny checkpoint, whole job (2 clips, 4 guided steps), official "
                                 "generate vs the worker with WAN_S2V_COMPILE=false and "
@@ -125,11 +167,24 @@ def readme_section(result: dict, result_path: Path) -> str:
                       if "served_max_abs_diff" in row else "")
             lines.append(f"- {label}: {value:.2e} (bound {row['bound']:g}) - "
                          f"{'passed' if row['passed'] else 'FAILED'}{served}")
-    if fast_loop:
+    for res, row in result.get("dit_forward_s", {}).items():
+        if isinstance(row, dict) and "kernel" in row:
+            lines.append(f"- full size, one DiT forward at {res}, as served (the table's exact "
+                         f"column): {row['worker_rel_l2']:.2e} (bound 1e-2) - "
+                         f"{'passed' if row['worker_rel_l2'] <= 1e-2 else 'FAILED'}")
+    if "forward_rel_l2_vs_exact" in fast_loop:  # the earlier files' layout
         lines.append(f"- fast mode against exact mode (not bounded; for choosing): one forward "
                      f"{fast_loop['forward_rel_l2_vs_exact']:.2e}, final latents after "
                      f"{fast_loop['steps']} guided steps {fast_loop['final_latents_rel_l2_vs_exact']:.2e} "
                      "(relative L2)")
+    for speed in ("fast", "fastest"):
+        row = fast_loop.get(speed, {})
+        if "forward_rel_l2_vs_exact" in row:
+            after = (f", final latents after {fast_loop['steps']} guided steps "
+                     f"{row['final_latents_rel_l2_vs_exact']:.2e}"
+                     if "final_latents_rel_l2_vs_exact" in row else "")
+            lines.append(f"- {speed} against exact mode at 480p (FP8 set `{fast_loop['float8']}`): "
+                         f"one forward {row['forward_rel_l2_vs_exact']:.2e}{after} (relative L2)")
     return "\n".join(lines)
 
 
