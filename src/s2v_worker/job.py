@@ -221,7 +221,7 @@ class GenerationSettings(_Model):
     """Use the image as the first frame (official option)."""
     speed: Literal["exact", "fast", "fastest"] = "exact"
     """`"exact"`: the official model's numbers within bfloat16 noise; `"fast"`: FP8 matrix
-    multiplies and step reuse, about 1.8x faster sampling, visibly different output (README: Speed
+    multiplies and step reuse, about 1.9x faster sampling, visibly different output (README: Speed
     modes); `"fastest"`: fast with FP8 self-attention too, which moves the result further. The fast
     modes need an FP8 GPU (Ada, Hopper or newer)."""
     step_cache: bool = Field(default_factory=lambda fields: fields.get("speed", "exact") != "exact")
