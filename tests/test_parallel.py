@@ -131,9 +131,10 @@ def speech_1s_b64(tmp_path_factory):
 
 def make_worker(pipeline, tmp_path, send_progress=None, **settings) -> Worker:
     (tmp_path / "work").mkdir(exist_ok=True)
-    config = Settings.from_env({}).replace(work_dir=str(tmp_path / "work"), progress_interval_s=0.0,
-                                           network_volume_dir=str(tmp_path / "no-volume"),
-                                           **settings)
+    config = Settings.from_env({}).replace(**{"work_dir": str(tmp_path / "work"),
+                                              "progress_interval_s": 0.0,
+                                              "network_volume_dir": str(tmp_path / "no-volume"),
+                                              **settings})
     return Worker(config, pipeline, send_progress=send_progress)
 
 
@@ -142,6 +143,23 @@ def job(image_png, audio_b64, **fields) -> dict:
         "image_base64": base64.b64encode(image_png.read_bytes()).decode(), "audio_base64": audio_b64,
         "resolution": "480p", "sample_steps": 3, "infer_frames": 16, "fps": 16, "seed": 5,
         "max_clips": 1, **fields}}
+
+
+def write_volume_lora(model, volume) -> str:
+    """A random rank-2 LoRA on two of the DiT's layers, saved on `volume`; its path there."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    tensors = {}
+    for layer in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        linear = model.get_submodule(layer)
+        tensors[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(
+            2, linear.in_features, generator=g) * 0.2
+        tensors[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(
+            linear.out_features, 2, generator=g) * 0.2
+    (volume / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(volume / "loras" / "two-layers.safetensors"))
+    return "loras/two-layers.safetensors"
 
 
 class TestTwoRanks:
@@ -181,6 +199,28 @@ class TestTwoRanks:
             tiny_pipeline.group = group
         assert single["parallel"] == {"world_size": 1, "cfg_parallel": False, "sequence_parallel": 1}
         assert result["video_base64"] == single["video_base64"]
+
+    def test_every_rank_merges_the_job_loras_and_restores_them(self, tiny_pipeline, two_ranks,
+                                                               portrait_png, speech_1s_b64,
+                                                               tmp_path):
+        """A job's LoRA set reaches rank 1 too (it computes the unconditional branch: a rank
+        without it would change the video), and the next job without LoRAs is the base one."""
+        volume = tmp_path / "volume"
+        lora = {"loras": [{"path": write_volume_lora(tiny_pipeline.noise_model, volume)}]}
+        worker = make_worker(tiny_pipeline, tmp_path, network_volume_dir=str(volume),
+                             max_inline_video_bytes=50 * 2**20)
+
+        def videos() -> tuple[str, str]:
+            return (worker.run(job(portrait_png, speech_1s_b64, **lora))["video_base64"],
+                    worker.run(job(portrait_png, speech_1s_b64))["video_base64"])
+
+        with_lora, base = videos()
+        assert with_lora != base
+        group, tiny_pipeline.group = tiny_pipeline.group, None
+        try:
+            assert videos() == (with_lora, base)  # one process, the same LoRA, the same videos
+        finally:
+            tiny_pipeline.group = group
 
     def test_a_stopped_job_stops_every_rank_after_the_same_step(self, tiny_pipeline, two_ranks,
                                                                 portrait_png, speech_1s_b64,
