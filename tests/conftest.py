@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny checkpoint built once per session, test media, the loopback S3 server.
-The worker is the installed s2v_worker package (builder/dev.sh installs it editable)."""
+"""Shared fixtures: a tiny checkpoint built once per session, test media, the loopback S3 server,
+loopback HTTP servers. The worker is the installed s2v_worker package (builder/dev.sh installs it
+editable)."""
 from __future__ import annotations
 
+import functools
+import http.server
+import socket
+import ssl
+import threading
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pytest
 
@@ -46,6 +53,68 @@ def s3_server():
     yield f"http://{host}:{port}"
     server.stop()
 
+
+# --- loopback HTTP --------------------------------------------------------------------------------
+
+class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
+    """A real HTTP server on a free loopback port, answering with `handler` from daemon threads
+    (a handler still busy, e.g. dripping bytes, never holds up the teardown); HTTPS with `tls`.
+    Use it as a context manager, or call close()."""
+
+    daemon_threads = True
+
+    def __init__(self, handler, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+class FileServer(NamedTuple):
+    url: str  # base URL: f"{url}/name" serves folder / name
+    folder: Path
+
+
+@pytest.fixture
+def file_server(tmp_path) -> Iterator[FileServer]:
+    """A loopback HTTP server for the files a test writes into tmp_path/served."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with LoopbackHTTPServer(functools.partial(QuietFileHandler, directory=str(folder))) as server:
+        yield FileServer(server.url, folder)
+
+
+def closed_port_url() -> str:
+    """An http:// URL on loopback where nothing listens: a port the system just handed out and
+    took back (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# --- the tiny checkpoint and media -----------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:

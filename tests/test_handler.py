@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, S3_ACCESS_KEY, S3_SECRET_KEY, SPEECH_7S3, s3_admin, speech_excerpt
+from conftest import ROOT, LoopbackHTTPServer, S3_ACCESS_KEY, S3_SECRET_KEY, SPEECH_7S3, s3_admin, speech_excerpt
 
 SERVER_BUCKET, JOB_BUCKET = "runsync-videos", "cli-job-videos"
 
@@ -345,14 +344,10 @@ def sdk_endpoint(api, monkeypatch):
     import runpod
 
     SdkLayout.api_base, SdkLayout.seen = api[0], []
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SdkLayout)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setattr(runpod, "endpoint_url_base", f"http://127.0.0.1:{proxy.server_address[1]}")
-    monkeypatch.setattr(runpod, "api_key", "local-test-key")
-    yield runpod.Endpoint("local-endpoint")
-    proxy.shutdown()
-    proxy.server_close()
+    with LoopbackHTTPServer(SdkLayout) as proxy:
+        monkeypatch.setattr(runpod, "endpoint_url_base", proxy.url)
+        monkeypatch.setattr(runpod, "api_key", "local-test-key")
+        yield runpod.Endpoint("local-endpoint")
 
 
 def test_the_readme_sdk_pattern_surfaces_the_workers_error(sdk_endpoint, portrait_png):

@@ -14,7 +14,8 @@ import pytest
 import requests
 from boto3.s3.transfer import TransferConfig
 
-from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, s3_admin
+from conftest import (S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, closed_port_url,
+                      s3_admin)
 from s2v_worker import storage
 from s2v_worker.job import StorageOverride, parse_job
 from s2v_worker.settings import Settings
@@ -61,13 +62,6 @@ def video(tmp_path: Path) -> Path:
     path = tmp_path / "video.mp4"
     path.write_bytes(bytes(range(256)) * 1200)  # 300 KiB
     return path
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def job_override(endpoint: str, bucket: str = JOB_BUCKET) -> StorageOverride:

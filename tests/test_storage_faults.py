@@ -12,12 +12,11 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY
+from conftest import LoopbackHTTPServer, closed_port_url
 from s2v_worker import storage
 from s2v_worker.settings import Settings
 from s2v_worker.storage import StorageError, deliver_video
@@ -48,27 +48,18 @@ class FakeS3:
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.closing = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
+        self.server = LoopbackHTTPServer(_Handler)
         self.server.fake = self  # type: ignore[attr-defined]
         self.server.handle_error = lambda request, address: None  # clients that gave up
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        self.url = self.server.url
 
     def count(self, method: str) -> int:
         with self.lock:
             return sum(1 for m, _ in self.requests if m == method)
 
     def close(self) -> None:
-        self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.closing.set()  # releases the handlers that never answer
+        self.server.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -126,13 +117,6 @@ def wrong_keys(handler: _Handler, number: int) -> None:
     handler.s3_error(403, "InvalidAccessKeyId",
                      f"The AWS Access Key Id {ACCESS_KEY} you provided does not exist in our "
                      "records.", extra=f"<AWSAccessKeyId>{ACCESS_KEY}</AWSAccessKeyId>")
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 # --- the faults ----------------------------------------------------------------------------------
