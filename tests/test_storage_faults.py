@@ -26,6 +26,7 @@ import pytest
 from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY
 from conftest import LoopbackHTTPServer, closed_port_url
 from s2v_worker import storage
+from s2v_worker.job import parse_job
 from s2v_worker.settings import Settings
 from s2v_worker.storage import StorageError, deliver_video
 
@@ -327,6 +328,23 @@ def test_when_nothing_can_keep_the_video_the_error_says_it_is_lost(
     assert "EndpointConnectionError" in message
     assert "Keeping the video failed too" in message and "it is lost" in message
     assert str(blocker / "undelivered") in message and str(blocker / "temp") in message
+
+
+def test_a_failing_s3config_bucket_is_named_as_the_jobs_and_its_keys_are_not_shown(
+        settings: Settings, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="s2v_worker")
+    endpoint, job_secret = closed_port_url(), "job-secret-key-never-shown-9876543210"
+    job = parse_job({"input": {"image_url": "https://example.com/a.png",
+                               "audio_url": "https://example.com/a.wav"},
+                     "s3Config": {"accessId": ACCESS_KEY, "accessSecret": job_secret,
+                                  "bucketName": "job-videos", "endpointUrl": endpoint}})
+    with pytest.raises(StorageError) as caught:
+        deliver_video(write_video(tmp_path, LARGE), settings, job.storage)
+    message = str(caught.value)
+    assert (f"uploading the video to bucket 'job-videos' at {endpoint} (from s3Config) failed: "
+            "EndpointConnectionError") in message
+    assert job_secret not in message + caplog.text
+    assert_no_keys(message, caplog.text)
 
 
 def test_endpoint_credentials_in_the_url_are_not_shown(settings: Settings, tmp_path: Path) -> None:
