@@ -228,16 +228,66 @@ def test_skipping_the_unread_first_motion_encode_changes_no_frame(pipeline, port
     assert torch.equal(skipped, upstream)
 
 
-def test_without_a_pose_video_the_pose_latents_are_upstreams_zeros(pipeline, portrait_png):
-    """Upstream encodes blank pose frames and multiplies the latents by 0; the worker's zeros
-    have the same shape and values (and the VAE is not called)."""
-    gen = settings(infer_frames=16)
-    plan = pipeline.plan(portrait_png, 0.5, gen)
-    upstream = pipeline.load_pose_cond(pose_video=None, num_repeat=1, infer_frames=16,
-                                       size=(plan.height, plan.width))[0] * 0
-    lat_frames = (16 + 3 + pipeline.motion_frames) // 4 - (pipeline.motion_frames + 3) // 4
-    assert upstream.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
-    assert torch.equal(upstream, torch.zeros_like(upstream)) and torch.isfinite(upstream).all()
+def record_dit_conditioning(pipeline, monkeypatch) -> list[torch.Tensor]:
+    """The cond_states (pose latents) of every DiTEngine.prepare call, one per clip and branch."""
+    seen = []
+    prepare = pipeline.dit.prepare
+
+    def recording_prepare(**inputs):
+        seen.append(inputs["cond_states"].clone())
+        return prepare(**inputs)
+
+    monkeypatch.setattr(pipeline.dit, "prepare", recording_prepare)
+    return seen
+
+
+def test_without_a_pose_video_the_dit_gets_zero_pose_latents_and_no_pose_work(
+        pipeline, portrait_png, speech_2s, monkeypatch):
+    """Upstream VAE-encodes infer_frames + 1 blank pose frames and multiplies the latents by 0;
+    the worker hands the DiT zeros of that shape itself: no pose decoding, no extra VAE encode."""
+    gen = settings(max_clips=2)  # guided: each clip prepares a conditional and an unconditional branch
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    seen = record_dit_conditioning(pipeline, monkeypatch)
+    encoded_frames = []
+    encode = pipeline.vae.encode
+    monkeypatch.setattr(pipeline.vae, "encode",
+                        lambda videos: (encoded_frames.append(videos[0].shape[1]), encode(videos))[1])
+
+    def no_pose_work(*args, **kwargs):
+        raise AssertionError("pose conditioning computed without a pose video")
+
+    monkeypatch.setattr(pipeline, "pose_latents", no_pose_work)
+    monkeypatch.setattr(pipeline, "load_pose_cond", no_pose_work)
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1)
+
+    _, lat_frames = pipeline._latent_frames(16)
+    assert lat_frames == (16 + 3 + 73) // 4 - (73 + 3) // 4 == 4  # WanS2V.generate's count
+    assert len(seen) == 2 * plan.num_clips == 4
+    for cond_states in seen:
+        assert cond_states.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
+        assert cond_states.dtype == pipeline.param_dtype and not cond_states.any()
+    # The reference image (1 frame), then the second clip's motion frames (73): no 17-frame pose clip.
+    assert encoded_frames == [1, pipeline.motion_frames]
+
+
+def test_with_a_pose_video_each_clip_conditions_the_dit_on_its_own_pose_latents(
+        pipeline, portrait_png, speech_2s, monkeypatch, tmp_path):
+    gen = settings(max_clips=2)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    seen = record_dit_conditioning(pipeline, monkeypatch)
+    _, lat_frames = pipeline._latent_frames(16)
+    shape = (1, 16, lat_frames, plan.height // 8, plan.width // 8)
+    per_clip = [torch.full(shape, float(r + 1)) for r in range(plan.num_clips)]
+    asked = []
+    monkeypatch.setattr(pipeline, "pose_latents",
+                        lambda path, plan_, field: (asked.append((path, plan_, field)), per_clip)[1])
+    pose = tmp_path / "pose.mp4"  # never opened: pose_latents is replaced
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1, pose_video_path=pose,
+                      pose_video_field="pose_video_url")
+    assert asked == [(pose, plan, "pose_video_url")]
+    # clip r's two branches get clip r's latents, in the DiT's dtype
+    assert [int(c.unique().item()) for c in seen] == [1, 1, 2, 2]
+    assert all(c.shape == shape and c.dtype == pipeline.param_dtype for c in seen)
 
 
 def test_the_vae_decoded_in_pieces_is_the_whole_decode(pipeline):
