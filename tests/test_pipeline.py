@@ -84,6 +84,32 @@ def test_same_seed_same_frames_other_seed_other_frames(two_runs):
     assert (first.video - other.video).abs().mean() > 1e-3
 
 
+# A few pixels of `two_runs`' first video (conftest's portrait, 2 s of the speech fixture, seed 7:
+# 3 clips of 16 frames, 2 guided UniPC steps, on the tiny checkpoint built with seed 0), as
+# diffusers pins `expected_slice`: video[:, frame, PINNED_ROW, PINNED_COLUMNS] for each frame in
+# PINNED_FRAMES, one per clip. Elsewhere the tiny job is only compared with itself, so a change to
+# the math (sampler, DiT, VAE, audio or text path, planning) would pass unnoticed on the CPU; these
+# values fail it. 1e-4 is far above run-to-run noise (1e-5 between 1 and 2 CPU threads) and far
+# below what a changed computation moves. A failure means the numbers changed: if that is meant
+# (a new torch or wan22, a deliberate change), say why in the commit (bench/faithfulness.py checks
+# the GPU path against the official pipeline) and paste the values the failure prints here.
+PINNED_FRAMES, PINNED_ROW, PINNED_COLUMNS = (0, 20, 44), 31, slice(30, 33)
+PINNED_VALUES = torch.tensor([
+    [[-0.21197, -0.20563, -0.20095], [-0.19673, -0.19653, -0.19791], [-0.18794, -0.18449, -0.18982]],
+    [[0.28356, 0.28831, 0.27262], [0.12186, 0.12659, 0.13023], [0.12911, 0.13278, 0.13103]],
+    [[0.29657, 0.29235, 0.3053], [0.14456, 0.13942, 0.13797], [0.10921, 0.1026, 0.10864]]])
+
+
+def test_pinned_pixels_of_a_whole_tiny_job(two_runs):
+    _, _, first, _, _ = two_runs
+    values = first.video[:, list(PINNED_FRAMES), PINNED_ROW, PINNED_COLUMNS]
+    assert values.shape == (3, 3, 3) and values.std() > 0.01  # noise from random weights
+    now = "PINNED_VALUES = torch.tensor(" + repr([[[round(v, 5) for v in row] for row in channel]
+                                                 for channel in values.tolist()]) + ")"
+    torch.testing.assert_close(values, PINNED_VALUES, rtol=0, atol=1e-4,
+                               msg=lambda message: f"{message}\nthe values now:\n{now}")
+
+
 def count_model_calls(pipeline, portrait_png, audio, **fields):
     calls = []
     handle = pipeline.noise_model.patch_embedding.register_forward_pre_hook(
