@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import socket
 import ssl
 import threading
@@ -14,6 +15,14 @@ from typing import Iterator, NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# One torch (OpenMP) thread per process: this process, the worker processes tests start (handler.py,
+# ranks) and the child processes those start. The suite runs on 2 shared cores, and OpenMP threads
+# spin while they wait for each other: next to any other busy process (a rank, an API server, a
+# second suite) a 2-thread process ran the tiny jobs 4-5 times slower (a tiny 3-clip generate: 4.4 s
+# alone with 2 threads, 20 s with 2 threads beside one more such process, 4.2 s with 1 thread each).
+# Set before torch is imported (the test modules import it after this file), so torch reads it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SPEECH_7S3 = FIXTURES / "speech_7s3.flac"
