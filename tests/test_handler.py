@@ -227,8 +227,10 @@ def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, por
     speech_excerpt(speech_1s, 1.0)
 
     def submit(index: int) -> tuple[int, dict]:
+        # One 20-frame clip (the second of speech is 16 frames, plus the 3 the first clip drops):
+        # a quarter of the default clip's decode, which was most of a job's time here.
         job = with_image(speech_job(speech_1s, seed=1000 + index, prompt=f"job number {index}",
-                                    sample_steps=1, fps=16), portrait_png)
+                                    sample_steps=1, fps=16, infer_frames=20), portrait_png)
         return index, runsync(base, job)
 
     def run_batch(indices: range) -> None:
@@ -244,9 +246,9 @@ def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, por
     # Memory: the first batch grows the process once (executor threads, their malloc arenas,
     # allocator caches); after that it must stay flat. RSS moves by tens of MB from batch to batch
     # (70 jobs measured by hand: 1387, 1443, 1431, 1492, 1449, 1482, 1478 MB after each ten; 90
-    # jobs, one torch thread: 1709 MB after the twenty, then 1730, 1717, 1661, 1624, 1684), so the
-    # bound is over the 30 jobs after the twenty: under 64 MB, i.e. no more than about 2 MB a job
-    # even if it all were a leak.
+    # 20-frame jobs, one torch thread: 1621 MB after the twenty, then 1643, 1701, 1646, 1696, 1600,
+    # 1772, 1678, so once by 170 MB and back), so the bound is over the 30 jobs after the twenty:
+    # under 64 MB, i.e. no more than about 2 MB a job even if it all were a leak.
     memory = [rss_mb(server_pid)]
     for start in (20, 30, 40):
         run_batch(range(start, start + 10))
