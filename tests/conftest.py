@@ -16,14 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One torch (OpenMP) thread per process: this process, the worker processes tests start (handler.py,
-# ranks) and the child processes those start. The suite runs on 2 shared cores, and OpenMP threads
-# spin while they wait for each other: next to any other busy process (a rank, an API server, a
-# second suite) a 2-thread process ran the tiny jobs 4-5 times slower (a tiny 3-clip generate: 4.4 s
-# alone with 2 threads, 20 s with 2 threads beside one more such process, 4.2 s with 1 thread each).
-# Set before torch is imported (the test modules import it after this file), so torch reads it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 FIXTURES = ROOT / "tests" / "fixtures"
 SPEECH_7S3 = FIXTURES / "speech_7s3.flac"
 
@@ -160,6 +152,18 @@ def portrait_png(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
+    # On a CPU-only machine, one torch (OpenMP) thread per process: this one, the worker processes
+    # tests start (handler.py, ranks) and their children (the variable is inherited). The CPU suite
+    # runs on 2 shared cores, and OpenMP threads spin while they wait for each other: next to any
+    # other busy process (a rank, an API server, a second suite) a 2-thread process ran the tiny
+    # jobs 4-5 times slower (a tiny 3-clip generate: 4.4 s alone with 2 threads, 18-23 s with 2
+    # threads beside one more such process, 3.9-4.8 s with one thread each). The GPU tests
+    # (tests/gpu) keep torch's default: the official pipeline runs wav2vec2 on the host's cores.
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     # The official Wan2.2 modules use the deprecated torch.cuda.amp API (warned at every call), and
     # on a CPU-only machine torch says once more that CUDA autocast is off: noise in test output.
     config.addinivalue_line("filterwarnings", r"ignore::FutureWarning:wan(\.|$)")
