@@ -4,20 +4,17 @@
     python handler.py --test_input '{"input": {...}}'
     python handler.py --rp_serve_api           # local HTTP API: /run, /runsync, /status
 """
-import logging
-import sys
-
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
+from s2v_worker.logs import configure_logging
 from s2v_worker.runner import Worker
 from s2v_worker.settings import Settings
 
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging(settings.log_level)
     RunPodLogger().set_level(settings.runpod_log_level)
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
     send_progress = runpod.serverless.progress_update if settings.runpod_webhook_post_output else None

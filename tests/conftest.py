@@ -1,8 +1,16 @@
-"""Shared fixtures: a tiny checkpoint built once per session, test media, the loopback S3 server.
-The worker is the installed s2v_worker package (builder/dev.sh installs it editable)."""
+"""Shared fixtures: a tiny checkpoint built once per session, test media, the loopback S3 server,
+loopback HTTP servers. The worker is the installed s2v_worker package (builder/dev.sh installs it
+editable)."""
 from __future__ import annotations
 
+import functools
+import http.server
+import os
+import socket
+import ssl
+import threading
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pytest
 
@@ -47,6 +55,68 @@ def s3_server():
     server.stop()
 
 
+# --- loopback HTTP --------------------------------------------------------------------------------
+
+class LoopbackHTTPServer(http.server.ThreadingHTTPServer):
+    """A real HTTP server on a free loopback port, answering with `handler` from daemon threads
+    (a handler still busy, e.g. dripping bytes, never holds up the teardown); HTTPS with `tls`.
+    Use it as a context manager, or call close()."""
+
+    daemon_threads = True
+
+    def __init__(self, handler, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+class FileServer(NamedTuple):
+    url: str  # base URL: f"{url}/name" serves folder / name
+    folder: Path
+
+
+@pytest.fixture
+def file_server(tmp_path) -> Iterator[FileServer]:
+    """A loopback HTTP server for the files a test writes into tmp_path/served."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with LoopbackHTTPServer(functools.partial(QuietFileHandler, directory=str(folder))) as server:
+        yield FileServer(server.url, folder)
+
+
+def closed_port_url() -> str:
+    """An http:// URL on loopback where nothing listens: a port the system just handed out and
+    took back (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# --- the tiny checkpoint and media -----------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from builder.make_tiny_checkpoint import make_tiny_checkpoint
@@ -82,6 +152,18 @@ def portrait_png(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
+    # On a CPU-only machine, one torch (OpenMP) thread per process: this one, the worker processes
+    # tests start (handler.py, ranks) and their children (the variable is inherited). The CPU suite
+    # runs on 2 shared cores, and OpenMP threads spin while they wait for each other: next to any
+    # other busy process (a rank, an API server, a second suite) a 2-thread process ran the tiny
+    # jobs 4-5 times slower (a tiny 3-clip generate: 4.4 s alone with 2 threads, 18-23 s with 2
+    # threads beside one more such process, 3.9-4.8 s with one thread each). The GPU tests
+    # (tests/gpu) keep torch's default: the official pipeline runs wav2vec2 on the host's cores.
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     # The official Wan2.2 modules use the deprecated torch.cuda.amp API (warned at every call), and
     # on a CPU-only machine torch says once more that CUDA autocast is off: noise in test output.
     config.addinivalue_line("filterwarnings", r"ignore::FutureWarning:wan(\.|$)")

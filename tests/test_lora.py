@@ -4,12 +4,9 @@ layers this model lacks are skipped and reported, bad LoRAs and bad fields are r
 messages, the URL cache keeps only files that load, and the worker runs LoRAs from the volume and
 from a URL."""
 import base64
-import functools
-import http.server
 import json
 import re
 import shutil
-import threading
 
 import pytest
 import torch
@@ -451,25 +448,10 @@ def test_volume_paths_must_stay_inside_the_volume(tmp_path):
 # --- (e) through the worker ----------------------------------------------------------------------
 
 @pytest.fixture
-def lora_server(tmp_path):
-    """A loopback HTTP server for tmp_path/served; yields its base URL."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def lora_worker(tiny_pipeline, tmp_path, lora_server):
+def lora_worker(tiny_pipeline, tmp_path, file_server):
     """A worker with a network volume (tmp_path/volume, LoRAs under loras/), a LoRA cache
     (tmp_path/cache) and the loopback server allowed; its LoRA set is restored afterwards."""
-    served, base_url = lora_server
+    base_url, served = file_server
     volume = tmp_path / "volume"
     (volume / "loras").mkdir(parents=True)
     (tmp_path / "work").mkdir()

@@ -1,16 +1,14 @@
 """Media intake: base64 and URL inputs, decoded for real (Pillow, ffmpeg, decord), with clear errors."""
 import base64
-import http.server
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SPEECH_7S3
+from conftest import SPEECH_7S3, closed_port_url
 from s2v_worker.job import MediaSource
 from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
 from s2v_worker.settings import Settings
@@ -23,18 +21,6 @@ LOCAL = SETTINGS.replace(allowed_private_networks="127.0.0.0/8")
 def b64(field: str, data: bytes, data_uri: str | None = None) -> MediaSource:
     text = base64.b64encode(data).decode()
     return MediaSource(field, base64=f"data:{data_uri};base64,{text}" if data_uri else text)
-
-
-@pytest.fixture(scope="module")
-def media_server(tmp_path_factory):
-    """A real HTTP server on loopback serving a folder; yields (base_url, folder)."""
-    folder = tmp_path_factory.mktemp("served")
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **k)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
 
 
 def convert_audio(src: Path, dest: Path, *codec_args: str) -> Path:
@@ -51,8 +37,8 @@ def test_image_base64_raw_and_data_uri(portrait_png, tmp_path):
         assert (image.width, image.height) == (192, 256) and image.path.suffix == ".png"
 
 
-def test_image_from_url(media_server, portrait_png, tmp_path):
-    base, folder = media_server
+def test_image_from_url(file_server, portrait_png, tmp_path):
+    base, folder = file_server
     (folder / "face.png").write_bytes(portrait_png.read_bytes())
     image = load_image(MediaSource("image_url", url=f"{base}/face.png"), tmp_path, LOCAL)
     assert (image.width, image.height) == (192, 256)
@@ -86,17 +72,17 @@ def test_invalid_base64_and_bad_data_uri(tmp_path):
         load_image(MediaSource("image_base64", base64="data:image/png,abc"), tmp_path, SETTINGS)
 
 
-def test_url_errors(media_server, tmp_path, portrait_png):
-    base, folder = media_server
+def test_url_errors(file_server, tmp_path, portrait_png):
+    base, folder = file_server
     with pytest.raises(MediaError, match="'image_url' could not be downloaded: HTTP 404"):
         load_image(MediaSource("image_url", url=f"{base}/missing.png"), tmp_path, LOCAL)
     (folder / "big.png").write_bytes(portrait_png.read_bytes())
     with pytest.raises(MediaError, match="'image_url' is larger than the 1000 byte limit"):
         load_image(MediaSource("image_url", url=f"{base}/big.png"), tmp_path,
                    LOCAL.replace(max_image_bytes=1000))
-    # nothing listens on port 9 of loopback: a refused connection, reported by field
+    # a refused connection, reported by field
     with pytest.raises(MediaError, match="'image_url' could not be downloaded: could not connect"):
-        load_image(MediaSource("image_url", url="http://127.0.0.1:9/x.png"), tmp_path, LOCAL)
+        load_image(MediaSource("image_url", url=f"{closed_port_url()}/x.png"), tmp_path, LOCAL)
 
 
 # --- audio ----------------------------------------------------------------------------------------

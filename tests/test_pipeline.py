@@ -1,5 +1,6 @@
 """The pipeline on the tiny random-weight checkpoint, on the CPU: planning, shapes, seeds, guidance,
 stopping, and the attention dispatch against a plain softmax reference."""
+import dataclasses
 import math
 
 import pytest
@@ -54,16 +55,23 @@ def test_plan_sizes_the_official_way_inside_the_declared_areas(pipeline, portrai
     assert first_frame.dropped_frames == 0
 
 
+def two_runs_settings():
+    return settings(prompt="a person talks")
+
+
 @pytest.fixture(scope="module")
 def two_runs(pipeline, portrait_png, speech_2s):
-    """Seed 7 twice and seed 8 once, 2 s of speech, 16 frames a clip: 3 clips, 2 guided steps."""
-    gen = settings(prompt="a person talks")
+    """Seed 7 twice and seed 8 once (its first clip), 2 s of speech, 16 frames a clip: 3 clips,
+    2 guided steps."""
+    gen = two_runs_settings()
     plan = pipeline.plan(portrait_png, 2.0, gen)
     steps = []
     first = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7,
                               on_step=lambda *a: steps.append(a))
     again = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7)
-    other = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=8)
+    # The first clip is enough to tell seeds apart.
+    other = pipeline.generate(portrait_png, speech_2s, dataclasses.replace(plan, num_clips=1), gen,
+                              seed=8)
     return plan, steps, first, again, other
 
 
@@ -81,7 +89,34 @@ def test_output_shape_range_and_progress(two_runs):
 def test_same_seed_same_frames_other_seed_other_frames(two_runs):
     _, _, first, again, other = two_runs
     assert torch.equal(first.video, again.video)
-    assert (first.video - other.video).abs().mean() > 1e-3
+    assert other.video.shape[1] == 16 - 3
+    assert (first.video[:, :16 - 3] - other.video).abs().mean() > 1e-3
+
+
+# A few pixels of `two_runs`' first video (conftest's portrait, 2 s of the speech fixture, seed 7:
+# 3 clips of 16 frames, 2 guided UniPC steps, on the tiny checkpoint built with seed 0), as
+# diffusers pins `expected_slice`: video[:, frame, PINNED_ROW, PINNED_COLUMNS] for each frame in
+# PINNED_FRAMES, one per clip. Elsewhere the tiny job is only compared with itself, so a change to
+# the math (sampler, DiT, VAE, audio or text path, planning) would pass unnoticed on the CPU; these
+# values fail it. 1e-4 is far above run-to-run noise (1e-5 between 1 and 2 CPU threads) and far
+# below what a changed computation moves. A failure means the numbers changed: if that is meant
+# (a new torch or wan22, a deliberate change), say why in the commit (bench/faithfulness.py checks
+# the GPU path against the official pipeline) and paste the values the failure prints here.
+PINNED_FRAMES, PINNED_ROW, PINNED_COLUMNS = (0, 20, 44), 31, slice(30, 33)
+PINNED_VALUES = torch.tensor([
+    [[-0.21197, -0.20563, -0.20095], [-0.19673, -0.19653, -0.19791], [-0.18794, -0.18449, -0.18982]],
+    [[0.28356, 0.28831, 0.27262], [0.12186, 0.12659, 0.13023], [0.12911, 0.13278, 0.13103]],
+    [[0.29657, 0.29235, 0.3053], [0.14456, 0.13942, 0.13797], [0.10921, 0.1026, 0.10864]]])
+
+
+def test_pinned_pixels_of_a_whole_tiny_job(two_runs):
+    _, _, first, _, _ = two_runs
+    values = first.video[:, list(PINNED_FRAMES), PINNED_ROW, PINNED_COLUMNS]
+    assert values.shape == (3, 3, 3) and values.std() > 0.01  # noise from random weights
+    now = "PINNED_VALUES = torch.tensor(" + repr([[[round(v, 5) for v in row] for row in channel]
+                                                 for channel in values.tolist()]) + ")"
+    torch.testing.assert_close(values, PINNED_VALUES, rtol=0, atol=1e-4,
+                               msg=lambda message: f"{message}\nthe values now:\n{now}")
 
 
 def count_model_calls(pipeline, portrait_png, audio, **fields):
@@ -227,16 +262,66 @@ def test_skipping_the_unread_first_motion_encode_changes_no_frame(pipeline, port
     assert torch.equal(skipped, upstream)
 
 
-def test_without_a_pose_video_the_pose_latents_are_upstreams_zeros(pipeline, portrait_png):
-    """Upstream encodes blank pose frames and multiplies the latents by 0; the worker's zeros
-    have the same shape and values (and the VAE is not called)."""
-    gen = settings(infer_frames=16)
-    plan = pipeline.plan(portrait_png, 0.5, gen)
-    upstream = pipeline.load_pose_cond(pose_video=None, num_repeat=1, infer_frames=16,
-                                       size=(plan.height, plan.width))[0] * 0
-    lat_frames = (16 + 3 + pipeline.motion_frames) // 4 - (pipeline.motion_frames + 3) // 4
-    assert upstream.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
-    assert torch.equal(upstream, torch.zeros_like(upstream)) and torch.isfinite(upstream).all()
+def record_dit_conditioning(pipeline, monkeypatch) -> list[torch.Tensor]:
+    """The cond_states (pose latents) of every DiTEngine.prepare call, one per clip and branch."""
+    seen = []
+    prepare = pipeline.dit.prepare
+
+    def recording_prepare(**inputs):
+        seen.append(inputs["cond_states"].clone())
+        return prepare(**inputs)
+
+    monkeypatch.setattr(pipeline.dit, "prepare", recording_prepare)
+    return seen
+
+
+def test_without_a_pose_video_the_dit_gets_zero_pose_latents_and_no_pose_work(
+        pipeline, portrait_png, speech_2s, monkeypatch):
+    """Upstream VAE-encodes infer_frames + 1 blank pose frames and multiplies the latents by 0;
+    the worker hands the DiT zeros of that shape itself: no pose decoding, no extra VAE encode."""
+    gen = settings(max_clips=2)  # guided: each clip prepares a conditional and an unconditional branch
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    seen = record_dit_conditioning(pipeline, monkeypatch)
+    encoded_frames = []
+    encode = pipeline.vae.encode
+    monkeypatch.setattr(pipeline.vae, "encode",
+                        lambda videos: (encoded_frames.append(videos[0].shape[1]), encode(videos))[1])
+
+    def no_pose_work(*args, **kwargs):
+        raise AssertionError("pose conditioning computed without a pose video")
+
+    monkeypatch.setattr(pipeline, "pose_latents", no_pose_work)
+    monkeypatch.setattr(pipeline, "load_pose_cond", no_pose_work)
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1)
+
+    _, lat_frames = pipeline._latent_frames(16)
+    assert lat_frames == (16 + 3 + 73) // 4 - (73 + 3) // 4 == 4  # WanS2V.generate's count
+    assert len(seen) == 2 * plan.num_clips == 4
+    for cond_states in seen:
+        assert cond_states.shape == (1, 16, lat_frames, plan.height // 8, plan.width // 8)
+        assert cond_states.dtype == pipeline.param_dtype and not cond_states.any()
+    # The reference image (1 frame), then the second clip's motion frames (73): no 17-frame pose clip.
+    assert encoded_frames == [1, pipeline.motion_frames]
+
+
+def test_with_a_pose_video_each_clip_conditions_the_dit_on_its_own_pose_latents(
+        pipeline, portrait_png, speech_2s, monkeypatch, tmp_path):
+    gen = settings(max_clips=2)
+    plan = pipeline.plan(portrait_png, 2.0, gen)
+    seen = record_dit_conditioning(pipeline, monkeypatch)
+    _, lat_frames = pipeline._latent_frames(16)
+    shape = (1, 16, lat_frames, plan.height // 8, plan.width // 8)
+    per_clip = [torch.full(shape, float(r + 1)) for r in range(plan.num_clips)]
+    asked = []
+    monkeypatch.setattr(pipeline, "pose_latents",
+                        lambda path, plan_, field: (asked.append((path, plan_, field)), per_clip)[1])
+    pose = tmp_path / "pose.mp4"  # never opened: pose_latents is replaced
+    pipeline.generate(portrait_png, speech_2s, plan, gen, seed=1, pose_video_path=pose,
+                      pose_video_field="pose_video_url")
+    assert asked == [(pose, plan, "pose_video_url")]
+    # clip r's two branches get clip r's latents, in the DiT's dtype
+    assert [int(c.unique().item()) for c in seen] == [1, 1, 2, 2]
+    assert all(c.shape == shape and c.dtype == pipeline.param_dtype for c in seen)
 
 
 def test_the_vae_decoded_in_pieces_is_the_whole_decode(pipeline):
@@ -249,16 +334,14 @@ def test_the_vae_decoded_in_pieces_is_the_whole_decode(pipeline):
     assert torch.equal(torch.cat(pieces, dim=1), whole)
 
 
-def test_streamed_frames_are_the_video(pipeline, portrait_png, speech_2s):
+def test_streamed_frames_are_the_video(pipeline, portrait_png, speech_2s, two_runs):
     """generate's on_frames gets, piece by piece, exactly the frames it would return."""
-    gen = settings(max_clips=2)
-    plan = pipeline.plan(portrait_png, 2.0, gen)
-    whole = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7).video
+    plan, _, whole, _, _ = two_runs
     pieces = []
-    streamed = pipeline.generate(portrait_png, speech_2s, plan, gen, seed=7,
+    streamed = pipeline.generate(portrait_png, speech_2s, plan, two_runs_settings(), seed=7,
                                  on_frames=lambda frames: pieces.append(frames.cpu()))
     assert streamed.video is None and len(pieces) > plan.num_clips
-    assert torch.equal(torch.cat(pieces, dim=1), whole)
+    assert torch.equal(torch.cat(pieces, dim=1), whole.video)
 
 
 def run_scheduler(pipeline, solver: str, steps: int, shift: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Delivery of the finished video, against a real S3 HTTP server (moto) on loopback."""
+"""Delivery of the finished video, against a real S3 HTTP server (moto) on loopback. What happens
+when the upload fails (each fault, each fallback) is tests/test_storage_faults.py."""
 from __future__ import annotations
 
 import base64
@@ -61,13 +62,6 @@ def video(tmp_path: Path) -> Path:
     path = tmp_path / "video.mp4"
     path.write_bytes(bytes(range(256)) * 1200)  # 300 KiB
     return path
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def job_override(endpoint: str, bucket: str = JOB_BUCKET) -> StorageOverride:
@@ -145,51 +139,6 @@ def kept_file(message: str, settings: Settings) -> Path:
     assert kept.parent == Path(settings.undelivered_dir)
     assert re.fullmatch(r"[0-9a-f]{32}\.mp4", kept.name)
     return kept
-
-
-def test_missing_bucket_fails_quickly_without_the_secret(bucket_settings: Settings,
-                                                         video: Path) -> None:
-    # Too large to fall back on inline (tests/test_storage_faults.py covers the fallbacks).
-    settings = bucket_settings.replace(bucket_name="no-such-bucket", max_inline_video_bytes=1000)
-    content = video.read_bytes()
-    started = time.monotonic()
-    with pytest.raises(StorageError) as caught:
-        deliver_video(video, settings, None)
-    assert time.monotonic() - started < 10
-    message = str(caught.value)
-    assert "no-such-bucket" in message and "NoSuchBucket" in message
-    assert bucket_settings.bucket_endpoint_url in message
-    assert SECRET_KEY not in message
-    assert kept_file(message, settings).read_bytes() == content
-
-
-@pytest.mark.parametrize("through_override", [False, True])
-def test_unreachable_endpoint_fails_quickly_without_the_secret(
-        bucket_settings: Settings, video: Path, through_override: bool) -> None:
-    endpoint = closed_port_url()
-    override = job_override(endpoint) if through_override else None
-    settings = bucket_settings.replace(bucket_endpoint_url=endpoint, max_inline_video_bytes=1000)
-    content = video.read_bytes()
-    started = time.monotonic()
-    with pytest.raises(StorageError) as caught:
-        deliver_video(video, settings, override)
-    assert time.monotonic() - started < 10
-    message = str(caught.value)
-    assert endpoint in message
-    assert "s3Config" in message if through_override else "settings" in message
-    assert SECRET_KEY not in message and JOB_SECRET not in message
-    assert kept_file(message, settings).read_bytes() == content
-
-
-def test_failed_upload_of_a_small_video_comes_back_inline_with_a_warning(
-        bucket_settings: Settings, video: Path) -> None:
-    settings = bucket_settings.replace(bucket_name="no-such-bucket")
-    out = deliver_video(video, settings, None)
-    assert out["storage"] == "inline"
-    assert base64.b64decode(out["video_base64"]) == video.read_bytes()
-    assert out["warnings"] == [
-        f"upload to bucket no-such-bucket at {bucket_settings.bucket_endpoint_url} failed "
-        "(NoSuchBucket); the video is returned inline instead"]
 
 
 # --- without a bucket --------------------------------------------------------------------------

@@ -12,12 +12,11 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY
+from conftest import LoopbackHTTPServer, closed_port_url
 from s2v_worker import storage
+from s2v_worker.job import parse_job
 from s2v_worker.settings import Settings
 from s2v_worker.storage import StorageError, deliver_video
 
@@ -48,27 +49,18 @@ class FakeS3:
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.closing = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
+        self.server = LoopbackHTTPServer(_Handler)
         self.server.fake = self  # type: ignore[attr-defined]
         self.server.handle_error = lambda request, address: None  # clients that gave up
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        self.url = self.server.url
 
     def count(self, method: str) -> int:
         with self.lock:
             return sum(1 for m, _ in self.requests if m == method)
 
     def close(self) -> None:
-        self.closing.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.closing.set()  # releases the handlers that never answer
+        self.server.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -126,13 +118,6 @@ def wrong_keys(handler: _Handler, number: int) -> None:
     handler.s3_error(403, "InvalidAccessKeyId",
                      f"The AWS Access Key Id {ACCESS_KEY} you provided does not exist in our "
                      "records.", extra=f"<AWSAccessKeyId>{ACCESS_KEY}</AWSAccessKeyId>")
-
-
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 # --- the faults ----------------------------------------------------------------------------------
@@ -343,6 +328,23 @@ def test_when_nothing_can_keep_the_video_the_error_says_it_is_lost(
     assert "EndpointConnectionError" in message
     assert "Keeping the video failed too" in message and "it is lost" in message
     assert str(blocker / "undelivered") in message and str(blocker / "temp") in message
+
+
+def test_a_failing_s3config_bucket_is_named_as_the_jobs_and_its_keys_are_not_shown(
+        settings: Settings, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="s2v_worker")
+    endpoint, job_secret = closed_port_url(), "job-secret-key-never-shown-9876543210"
+    job = parse_job({"input": {"image_url": "https://example.com/a.png",
+                               "audio_url": "https://example.com/a.wav"},
+                     "s3Config": {"accessId": ACCESS_KEY, "accessSecret": job_secret,
+                                  "bucketName": "job-videos", "endpointUrl": endpoint}})
+    with pytest.raises(StorageError) as caught:
+        deliver_video(write_video(tmp_path, LARGE), settings, job.storage)
+    message = str(caught.value)
+    assert (f"uploading the video to bucket 'job-videos' at {endpoint} (from s3Config) failed: "
+            "EndpointConnectionError") in message
+    assert job_secret not in message + caplog.text
+    assert_no_keys(message, caplog.text)
 
 
 def test_endpoint_credentials_in_the_url_are_not_shown(settings: Settings, tmp_path: Path) -> None:

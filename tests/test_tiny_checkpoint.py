@@ -6,27 +6,23 @@ model is then loaded the way the worker loads it and run once on tiny CPU inputs
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import os
 import shutil
-import sys
 import types
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from builder import make_tiny_checkpoint as builder
+from s2v_worker.checkpoint import (DIT_INDEX as INDEX, T5_CHECKPOINT as T5_FILE,
+                                   T5_TOKENIZER_DIR as TOKENIZER_DIR, VAE_CHECKPOINT as VAE_FILE,
+                                   WAV2VEC_DIR)
+from s2v_worker.official import import_official, sdpa_attention
+from s2v_worker.pipeline import infer_t5_architecture
+
 SHARDS = [f"diffusion_pytorch_model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
-INDEX = "diffusion_pytorch_model.safetensors.index.json"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-VAE_FILE = "Wan2.1_VAE.pth"
-TOKENIZER_DIR = "google/umt5-xxl"
-WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 EXPECTED_FILES = [
     "config.json", *SHARDS, INDEX, T5_FILE, VAE_FILE,
     f"{TOKENIZER_DIR}/tokenizer.json", f"{TOKENIZER_DIR}/tokenizer_config.json",
@@ -39,53 +35,6 @@ EXPECTED_FILES = [
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-def _load_builder() -> types.ModuleType:
-    # builder/ is a folder of scripts, not a package: load the file by path (once per session).
-    if "make_tiny_checkpoint" in sys.modules:
-        return sys.modules["make_tiny_checkpoint"]
-    path = REPO_ROOT / "builder" / "make_tiny_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
-
-
-def import_official_on_cpu() -> types.SimpleNamespace:
-    """The official `wan` modules the tests need, without wan/__init__.py and without a GPU."""
-    if "wan" not in sys.modules:
-        spec = importlib.util.find_spec("wan")
-        package = types.ModuleType("wan")
-        package.__path__ = [os.path.dirname(spec.origin)]
-        sys.modules["wan"] = package
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: 0  # t5.py evaluates it as a default argument at import
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            modules = {name: importlib.import_module(f"wan.modules.{name}")
-                       for name in ("t5", "vae2_1", "tokenizers", "model", "s2v.model_s2v")}
-    finally:
-        torch.cuda.current_device = original
-    return types.SimpleNamespace(**{name.split(".")[-1]: module for name, module in modules.items()})
-
-
-def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None,
-                   q_scale=None, causal=False, window_size=(-1, -1), deterministic=False,
-                   dtype=torch.bfloat16, version=None):
-    """Stand-in for the official flash_attention (which needs CUDA): q/k/v [B, L, N, D]."""
-    mask = None
-    if k_lens is not None:
-        mask = (torch.arange(k.size(1))[None, :] < k_lens[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
-                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask,
-                                         is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2).contiguous()
-
 
 def dit_state(folder: Path) -> dict[str, torch.Tensor]:
     state = {}
@@ -105,23 +54,20 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def infer_t5_architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    vocab, dim = state["token_embedding.weight"].shape
-    num_buckets, num_heads = state["blocks.0.pos_embedding.embedding.weight"].shape
-    return dict(vocab=vocab, dim=dim, num_heads=num_heads, num_buckets=num_buckets,
-                dim_attn=state["blocks.0.attn.q.weight"].shape[0],
-                dim_ffn=state["blocks.0.ffn.fc1.weight"].shape[0],
-                num_layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}))
-
-
 @pytest.fixture(scope="session")
 def official() -> types.SimpleNamespace:
-    return import_official_on_cpu()
+    """The official modules as the worker imports them (s2v_worker.official), and the two more
+    these tests use directly."""
+    modules = import_official()
+    return types.SimpleNamespace(**vars(modules),
+                                 tokenizers=importlib.import_module("wan.modules.tokenizers"),
+                                 model=importlib.import_module("wan.modules.model"))
 
 
 @pytest.fixture(scope="session")
-def ckpt(tmp_path_factory) -> Path:
-    return builder.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+def ckpt(tiny_checkpoint) -> Path:
+    """The session's tiny checkpoint (seed 0), which the other tests load."""
+    return tiny_checkpoint
 
 
 # --- layout ------------------------------------------------------------------------------------------
@@ -213,15 +159,17 @@ def test_tokenizer_is_umt5_like(ckpt):
 def test_t5_loads_strict_and_encodes(ckpt, official):
     state = torch.load(ckpt / T5_FILE, map_location="cpu", weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    # The official builder with the sizes the worker reads from the checkpoint (pipeline.load).
     arch = infer_t5_architecture(state)
-    model = official.t5.T5Encoder(shared_pos=False, dropout=0.1, **arch)
+    model = official.t5.umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16,
+                                 device="cpu", **arch)
     model.load_state_dict(state, strict=True)
-    model = model.to(torch.bfloat16).eval()
+    model = model.eval()
 
     # The official tokenizer wrapper, as T5EncoderModel uses it.
     tokenizer = official.tokenizers.HuggingfaceTokenizer(
         name=str(ckpt / TOKENIZER_DIR), seq_len=512, clean="whitespace")
-    assert tokenizer.vocab_size <= arch["vocab"]
+    assert tokenizer.vocab_size <= arch["vocab_size"]
     ids, mask = tokenizer(["a woman singing", builder.NEGATIVE_PROMPT], return_mask=True,
                           add_special_tokens=True)
     with torch.no_grad():
@@ -234,7 +182,7 @@ def test_t5_loads_strict_and_encodes(ckpt, official):
 def test_vae_loads_strict_and_round_trips(ckpt, official):
     state = torch.load(ckpt / VAE_FILE, map_location="cpu", weights_only=True)
     dim = state["encoder.conv1.weight"].shape[0]
-    model = official.vae2_1.WanVAE_(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    model = official.vae.WanVAE_(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                                     attn_scales=[], temperal_downsample=[False, True, True],
                                     dropout=0.0)
     model.load_state_dict(state, strict=True)
@@ -284,8 +232,7 @@ def test_dit_loads_with_diffusers_and_runs(ckpt, official, monkeypatch):
     lat_motion = (motion_frames + 3) // 4         # 19
     lat_frames = (infer_frames + 3 + motion_frames) // 4 - lat_motion  # 2
     h = w = 8                                     # a 64x64 video
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.no_grad():
         out = model(
             [torch.randn(16, lat_frames, h, w, generator=g)],
             t=torch.tensor([500.0]),

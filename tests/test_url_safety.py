@@ -12,12 +12,12 @@ import http.server
 import ipaddress
 import socket
 import ssl
-import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from conftest import LoopbackHTTPServer
 from s2v_worker import media
 from s2v_worker.job import MediaSource
 from s2v_worker.media import (MediaError, address_is_allowed, download, load_audio, load_image,
@@ -219,18 +219,11 @@ def media_file(name: str) -> bytes:
     return MEDIA[name] if name in MEDIA else PAYLOAD
 
 
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    """The port of a loopback server with Handler's routes."""
+    with LoopbackHTTPServer(Handler) as httpd:
+        yield httpd.port
 
 
 @pytest.fixture(autouse=True)
@@ -563,13 +556,8 @@ def tls_server(tmp_path_factory):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
     context.sni_callback = lambda sock, name, ctx: server_names.append(name)
-    httpd = Server(("127.0.0.1", 0), Handler)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_address[1], folder / "ca.pem", server_names
-    httpd.shutdown()
-    httpd.server_close()
+    with LoopbackHTTPServer(Handler, tls=context) as httpd:
+        yield httpd.port, folder / "ca.pem", server_names
 
 
 def test_https_keeps_sni_and_certificate_check_on_the_host_name(tls_server, dns, fetch_url,

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from .errors import JobError
 from .checkpoint import Checkpoint
 from .dit import SequenceParallel
+from .logs import configure_logging
 from .sampling import BRANCHES, ClipRequest, ClipSampler, Role, StepCallback, StopSampling
 from .settings import Settings, export_to_libraries
 
@@ -217,8 +218,7 @@ class RankWorker:
 
 def rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of ranks 1..N-1 (a spawned process): start, say ready, serve rank 0."""
-    logging.basicConfig(level=spec.settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
+    configure_logging(spec.settings.log_level, process=f"rank{spec.rank} ")
     if spec.device_type == "cpu":
         # Every rank shares the machine's cores: without this each would start one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))

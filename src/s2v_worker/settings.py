@@ -226,7 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Set by RunPod on its workers (not by users). Progress updates are sent only where it "
             "is set; local runs have nowhere to send them."),
     Setting("LOG_LEVEL", "log_level", _one_of("debug", "info", "warning", "error"), "info",
-            "Level of the worker's logger."),
+            "Level of the worker's own loggers; other libraries log at warning (error when this "
+            "is error), since their debug output is for their developers."),
     Setting("RUNPOD_LOG_LEVEL", "runpod_log_level", _one_of("debug", "info", "warn", "error"), "info",
             "Level of the runpod SDK's own log. Its 'debug' prints whole job inputs and outputs "
             "(media as base64, s3Config keys), so it is off unless asked for."),

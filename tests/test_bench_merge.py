@@ -1,0 +1,72 @@
+"""bench/merge.py on a small synthetic result: parts merge into one result, and the README's
+performance section is written from it between its markers. (Whether the committed GPU records
+agree with each other and with README is `python -m bench.check_results`, run after a merge.)"""
+import pytest
+
+from bench import merge
+
+
+def part(commit: str, **sections) -> dict:
+    return {"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "date": "2030-01-02",
+                    "commit": commit}, "pytest_summary": [f"summary at {commit}"], **sections}
+
+
+FIRST = part("bbb2222",
+             tiny_whole_job={"passed": False, "max_abs_diff": 1e-2, "bound": 1e-3},
+             dit_forward_s={"480p": {"official": 4.0, "worker": 2.5, "worker_rel_l2": 5e-3,
+                                     "fast": 2.0, "fast_rel_l2": 5e-2, "size": [448, 832],
+                                     "tokens": 29120}},
+             job_s={"480p_1clip_30steps": {"official": {"generate_s": 120.0}}},
+             cold_start_s={"official": {"ready_s": 300.0}})
+SECOND = part("aaa1111",  # measured later: its tiny-job check replaces the first part's
+              tiny_whole_job={"passed": True, "max_abs_diff": 0.0, "bound": 1e-3},
+              job_s={"480p_1clip_30steps": {"worker": {"generate_s": 60.0}}},
+              cold_start_s={"worker": {"ready_s": 150.0, "page_cache_dropped": True},
+                            "unknown_run": {"ready_s": 1.0}})
+
+
+def test_parts_merge_section_by_section_and_the_later_check_wins():
+    result = merge.merge([FIRST, SECOND])
+    assert (result["device"], result["commits"]) == ("NVIDIA H100 80GB HBM3", ["aaa1111", "bbb2222"])
+    assert result["faithfulness"]["tiny_whole_job"] == {
+        "passed": True, "max_abs_diff": 0.0, "bound": 1e-3, "commit": "aaa1111",
+        "pytest_summary": ["summary at aaa1111"]}
+    assert result["dit_forward_s"]["480p"]["worker"] == 2.5
+    assert result["dit_forward_s"]["commit"] == "bbb2222"
+    # official and worker ran as separate processes, so in separate parts: one row
+    job = result["job_s"]["480p_1clip_30steps"]
+    assert (job["official"], job["worker"]) == (120.0, 60.0)
+    assert job["worker_detail"] == {"generate_s": 60.0, "commit": "aaa1111"}
+    assert {k: v for k, v in result["cold_start_s"].items() if not k.endswith("_detail")} == {
+        "official": 300.0, "worker": 150.0}  # runs the README does not know are left out
+
+
+def test_parts_from_two_device_models_are_refused():
+    other = {**SECOND, "env": {**SECOND["env"], "device": "NVIDIA H200"}}
+    with pytest.raises(SystemExit, match="different devices"):
+        merge.merge([FIRST, other])
+
+
+def test_readme_section_is_written_between_the_markers_from_the_result(tmp_path, monkeypatch):
+    result = merge.merge([FIRST, SECOND])
+    result_path = merge.ROOT / "bench" / "results" / "2030-01-02-nvidia-h100-80gb-hbm3.json"
+    section = merge.readme_section(result, result_path)
+    assert "`bench/results/2030-01-02-nvidia-h100-80gb-hbm3.json`" in section
+    assert ("| DiT call, 480p (448x832, 29,120 tokens) | 4.00 s | 2.50 s (1.60x, 5.0e-03) | "
+            "2.00 s (2.00x, 5.0e-02) | - |") in section
+    assert ("| whole job `480p_1clip_30steps` (4.5 s speech, guidance 4.5) | 120.0 s (generate only) "
+            "| 60.0 s generate, 2.00x | - | - |") in section
+    assert "(page cache dropped: yes) | 300 s | 150 s | - | - |" in section
+    assert "max |diff| on pixels: 0.00e+00 (bound 0.001) - passed" in section
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## Next\n")
+    monkeypatch.setattr(merge, "README", readme)
+    merge.update_readme(result, result_path)
+    written = readme.read_text()
+    assert written == f"# Title\n\n<!-- bench:start -->\n{section}\n<!-- bench:end -->\n\n## Next\n"
+    merge.update_readme(result, result_path)  # again: the same file
+    assert readme.read_text() == written
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="no bench:start/bench:end markers"):
+        merge.update_readme(result, result_path)
