@@ -226,7 +226,7 @@ def section_fastmode(args) -> dict:
     """The fast speeds against exact mode over a whole 30-step guided UniPC loop at 480p (random
     weights), each as served ("fast": FP8 GEMMs + step reuse; "fastest": also FP8 self-attention):
     wall time of the loop, DiT calls, the deviation of one forward and of the final latents
-    from exact mode's. Through S2VPipeline.denoise, attention as WAN_S2V_ATTENTION=auto picks."""
+    from exact mode's. Through the pipeline's ClipSampler.sample, attention as WAN_S2V_ATTENTION=auto picks."""
     from bench.faithfulness import rel_l2
     from s2v_worker import attention
     from s2v_worker.pipeline import S2VPipeline

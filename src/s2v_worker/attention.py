@@ -187,14 +187,13 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
                              ATTENTION.self_kernel)
 
 
-@_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _output_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The ops' shapes for torch.compile's tracing: q's, with v's channels."""
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-@_self_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+_attention_op.register_fake(_output_like)
+_self_attention_op.register_fake(_output_like)
 
 
 def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -40,11 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import SequenceParallel, attention, forward_state, self_attention
+from .attention import FLOAT8_MAX, SequenceParallel, attention, forward_state, self_attention
 from .official import import_official
 
 logger = logging.getLogger(__name__)
-
 
 
 class BlockWeights(NamedTuple):
@@ -115,9 +114,6 @@ class Float8Weight(NamedTuple):
     @property
     def rowwise(self) -> bool:
         return self.scale.numel() > 1
-
-
-FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 # --- the per-step math (functional copies of the official modules' forwards) -----------------------

@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable, TypeVar
 
@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 
 from .errors import JobError
 from .checkpoint import Checkpoint
-from .dit import SequenceParallel
+from .attention import SequenceParallel
 from .logs import configure_logging
 from .sampling import BRANCHES, ClipRequest, ClipSampler, Role, StepCallback, StopSampling
 from .settings import Settings, export_to_libraries
@@ -71,8 +71,7 @@ class Layout:
     sequence_parallel: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "cfg_parallel": self.cfg_parallel,
-                "sequence_parallel": self.sequence_parallel}
+        return asdict(self)
 
 
 def plan_layout(world_size: int, cfg_parallel: bool, guided: bool) -> Layout:
@@ -119,7 +118,6 @@ class ProcessGroups:
         def group(ranks: list[int]) -> Any:
             return dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
 
-        self.world_size = world_size
         self.world = group(list(range(world_size)))
         self.halves: list[Any] = []
         self.pairs: list[Any] = []
@@ -289,7 +287,7 @@ class ParallelGroup:
         for rank in range(1, world_size):
             parent_end, child_end = context.Pipe()
             process = context.Process(target=entry, name=f"wan-s2v-rank{rank}",
-                                      args=(_replace_rank(spec, rank), child_end))
+                                      args=(replace(spec, rank=rank), child_end))
             process.start()
             child_end.close()
             processes.append(process)
@@ -492,11 +490,6 @@ class ParallelGroup:
                 process.kill()  # SIGKILL: also ends a rank stopped or stuck in a collective
             process.join(STOP_GRACE_S)
 
-
-def _replace_rank(spec: RankSpec, rank: int) -> RankSpec:
-    from dataclasses import replace
-
-    return replace(spec, rank=rank)
 
 
 def _message(conn: Connection) -> tuple[str, Any] | None:

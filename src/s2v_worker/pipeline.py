@@ -139,7 +139,7 @@ FAST_MODE_FLOAT8 = "all_tensorwise"
 
 
 def dit_calls_per_step(steps: int, guided: bool, step_cache: bool) -> list[int]:
-    """DiT calls each denoising step makes, as `denoise` runs them: two with guidance (conditional
+    """DiT calls each denoising step makes, as `ClipSampler.sample` runs them: two with guidance (conditional
     and unconditional), one without, none on a step that reuses the previous prediction."""
     reuse = reused_steps(steps) if step_cache else frozenset()
     return [0 if i in reuse else (2 if guided else 1) for i in range(steps)]

@@ -2,7 +2,7 @@
 
 `WanS2V.generate` samples a clip with a flow-matching solver: at every step the DiT predicts the
 noise for the conditional branch and, with classifier-free guidance, for the unconditional one,
-the two are mixed (u + scale * (c - u)) and the solver takes a step. `denoise` is that loop, for a
+the two are mixed (u + scale * (c - u)) and the solver takes a step. `ClipSampler.sample` is that loop, for a
 process that computes some of it:
 
 * alone (one GPU): both branches, one after the other, as upstream;
@@ -174,7 +174,7 @@ class ClipSampler:
         if not request.guided:
             return predictions["cond"]
         if role.exchange is not None:  # guidance-parallel: the other half computed the other one
-            (branch, prediction), = predictions.items()
+            (prediction,) = predictions.values()
             both = [torch.empty_like(prediction) for _ in BRANCHES]
             dist.all_gather(both, prediction, group=role.exchange)
             predictions = dict(zip(BRANCHES, both))
