@@ -142,14 +142,16 @@ def test_compressed_audio_inputs(audio_dir: Path, tmp_path: Path, suffix: str, c
     assert float(info["format"]["duration"]) == pytest.approx(2.3, abs=0.1)
 
 
-def test_frames_short_of_the_audio_repeat_the_last_frame(audio_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fps", [24, NATIVE_FPS])  # interpolated, and the native frames as they are
+def test_frames_short_of_the_audio_repeat_the_last_frame(audio_dir: Path, tmp_path: Path,
+                                                         fps: int) -> None:
     out = tmp_path / "out.mp4"
-    encoded = encode_mp4(moving_gradient(32), NATIVE_FPS, 24, audio_dir / "speech_2.3.wav", 2.3,
+    encoded = encode_mp4(moving_gradient(32), NATIVE_FPS, fps, audio_dir / "speech_2.3.wav", 2.3,
                          out, SETTINGS)  # 32 frames cover 2.0 s of 2.3 s
     info = probe(out)
     assert float(info["audio"]["duration"]) == pytest.approx(2.3, abs=0.05)
     assert float(info["format"]["duration"]) == pytest.approx(2.3, abs=0.1)
-    assert encoded.num_frames == math.ceil(2.3 * 24)
+    assert encoded.num_frames == math.ceil(2.3 * fps)
 
 
 def test_duration_shorter_than_the_audio_cuts_both_streams(audio_dir: Path, tmp_path: Path) -> None:

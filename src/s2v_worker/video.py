@@ -1,8 +1,9 @@
 """The video encoding stage: the pipeline's frames plus the job's audio in, a playable MP4 out.
 
-Frames are streamed to ffmpeg's stdin as raw rgb24, the job's audio is muxed as AAC, and the result
-is cut to the audio's length. At 24 fps the native 16 fps frames are interpolated with ffmpeg's
-motion-compensated `minterpolate`; at 16 fps they pass through untouched. The production image may
+Frames arrive as the VAE decodes them and leave as an MP4 whose audio is the job's (AAC), cut to
+the audio's length. At 16 fps the native frames go to the encoding ffmpeg as raw rgb24, untouched;
+at 24 fps segments of them are interpolated with ffmpeg's motion-compensated `minterpolate` by
+parallel ffmpeg processes, whose output the encoder takes in order (see `Mp4Stream`). The production image may
 lack ffprobe, so what `EncodedVideo` reports comes from what ffmpeg was asked to make, its own frame
 counter and the MP4's movie header, never from a second tool.
 """
@@ -93,13 +94,10 @@ def encode_mp4(frames: torch.Tensor, native_fps: int, output_fps: int, audio_pat
         return stream.finish()
 
 
-def _check_frames(frames: torch.Tensor) -> tuple[int, int]:
+def _check_frames(frames: torch.Tensor) -> None:
+    # Mp4Stream checks the frame size; this is the shape of the whole video.
     if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] < 1:
         raise ValueError(f"expected frames shaped [3, N, H, W], got {list(frames.shape)}")
-    height, width = int(frames.shape[2]), int(frames.shape[3])
-    if height % 2 or width % 2 or not height or not width:  # yuv420p halves both dimensions
-        raise ValueError(f"frame width and height must be even, got {width}x{height}")
-    return width, height
 
 
 def _frames_covering(duration_s: float, fps: int) -> int:
@@ -145,7 +143,7 @@ class Mp4Stream:
 
     def __init__(self, width: int, height: int, native_fps: int, output_fps: int,
                  native_frames: int, audio_path: Path, duration_s: float, out_path: Path,
-                 settings: Settings, workers: int | None = None) -> None:
+                 settings: Settings) -> None:
         if height % 2 or width % 2 or not height or not width:  # yuv420p halves both dimensions
             raise ValueError(f"frame width and height must be even, got {width}x{height}")
         if duration_s <= 0:
@@ -161,9 +159,10 @@ class Mp4Stream:
         self._segments = _segments(self.plan, native_fps, output_fps) if self.interpolate else []
         self._next_segment = 0
         self._frames: dict[int, bytes] = {}  # native index -> rgb24, while a segment needs it
+        self._last_frame: bytes | None = None  # kept for `finish` to repeat: _frames lets go
         self._received = 0
         self._queue: queue.Queue = queue.Queue()  # results in output order (futures), then None
-        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                         thread_name_prefix="mp4-interpolate")
         self._log = tempfile.TemporaryFile()
         self._started = time.monotonic()
@@ -179,7 +178,6 @@ class Mp4Stream:
                                         daemon=True)
         self._writer.start()
         self._writer_error: BaseException | None = None
-        self.finished_after_last_frame_s: float | None = None
 
     # --- input ---------------------------------------------------------------------------------
 
@@ -193,15 +191,15 @@ class Mp4Stream:
             size = self.width * self.height * 3
             for offset in range(0, len(pixels), size):
                 if self._received < self.plan.input_frames:
-                    self._frames[self._received] = pixels[offset:offset + size]
+                    self._last_frame = pixels[offset:offset + size]
+                    self._frames[self._received] = self._last_frame
                 self._received += 1
         self._schedule()
 
     def finish(self) -> EncodedVideo:
         """Wait for the MP4 (the last frame repeated where the frames end before the audio)."""
-        last = self._frames.get(min(self._received, self.plan.input_frames) - 1)
-        while self._received < self.plan.input_frames and last is not None:
-            self._frames[self._received] = last
+        while self._received < self.plan.input_frames and self._last_frame is not None:
+            self._frames[self._received] = self._last_frame
             self._received += 1
         last_frame_at = time.monotonic()
         self._schedule(final=True)
@@ -216,7 +214,7 @@ class Mp4Stream:
             self.out_path.unlink(missing_ok=True)
             detail = _tail(stderr) if returncode else f"{self._writer_error}"
             raise VideoEncodingError(f"ffmpeg exited with status {returncode}:\n{detail}")
-        self.finished_after_last_frame_s = time.monotonic() - last_frame_at
+        after_last_frame_s = time.monotonic() - last_frame_at
         counts = _FRAME_COUNTER.findall(stderr)
         num_frames = int(counts[-1]) if counts else self.plan.output_frames
         if num_frames != self.plan.output_frames:
@@ -225,7 +223,7 @@ class Mp4Stream:
         logger.info("encoded %d frames %dx%d at %d fps (%s) in %.2f s, %.2f s after the last "
                     "frame", num_frames, self.width, self.height, self.output_fps,
                     f"interpolated from {self.native_fps} fps" if self.interpolate else "native",
-                    time.monotonic() - self._started, self.finished_after_last_frame_s)
+                    time.monotonic() - self._started, after_last_frame_s)
         container_s = _mp4_duration_s(self.out_path)
         return EncodedVideo(
             path=self.out_path, width=self.width, height=self.height, fps=self.output_fps,
