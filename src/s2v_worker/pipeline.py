@@ -218,7 +218,9 @@ class ClipPlan:
     dropped_frames: int
     audio_seconds: float
 
-    native_fps: int = NATIVE_FPS
+    @property
+    def native_fps(self) -> int:
+        return NATIVE_FPS
 
     @property
     def native_frames(self) -> int:
@@ -227,7 +229,7 @@ class ClipPlan:
     @property
     def video_seconds(self) -> float:
         """Length of the finished video: the audio's, unless max_clips cut it shorter."""
-        return min(self.audio_seconds, self.native_frames / NATIVE_FPS)
+        return min(self.audio_seconds, self.native_frames / self.native_fps)
 
 
 @dataclass
@@ -495,22 +497,18 @@ class S2VPipeline(WanS2V):
                 with self._on_device(m):
                     for request in requests:
                         self.sample_clip(request)
-                    self._sync()
+                    _wait_for_gpu(self.device)
                     timings[resolution] = time.perf_counter() - start
                     # Compiled now: the first layout once more measures a step as jobs run it,
                     # for the first job's duration estimate.
                     start = time.perf_counter()
                     self.sample_clip(requests[0])
-                    self._sync()
+                    _wait_for_gpu(self.device)
                     call_s = (time.perf_counter() - start) / (2 if requests[0].guided else 1)
                 self.dit_speed.record(self.dit_tokens(height, width, frames_per_clip), call_s)
                 logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
                             width, height, timings[resolution], call_s)
         return timings
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def layout(self, guided: bool) -> Layout:
         """How the worker's GPUs share a clip (the job result reports it)."""
@@ -683,8 +681,11 @@ class S2VPipeline(WanS2V):
 
         lat_motion_frames, lat_target_frames = self._latent_frames(infer_frames)
         target_shape = [lat_target_frames, plan.height // 8, plan.width // 8]
-        max_seq_len = int(np.prod(target_shape)) // 4
+        max_seq_len = self.dit_tokens(plan.height, plan.width, infer_frames)
         guided = settings.guidance_scale > 1
+        # DiT calls per clip as one process makes them (the estimate counts them so), whatever
+        # the ranks share.
+        calls_per_clip = sum(dit_calls_per_step(settings.sample_steps, guided, settings.step_cache))
 
         clips = []
         with self._on_device(self.noise_model):
@@ -715,12 +716,9 @@ class S2VPipeline(WanS2V):
                 with timed("sampling_s"):
                     latents = self.sample_clip(
                         request, None if on_step is None else partial(on_step, r, plan.num_clips))
-                # The stopwatch synced at both ends of the clip. Calls as one process makes them
-                # (the estimate counts them so), whatever the ranks shared.
-                calls = sum(dit_calls_per_step(settings.sample_steps, guided, settings.step_cache))
-                if calls:
+                if calls_per_clip:  # the stopwatch synced at both ends of the clip
                     self.dit_speed.record(max_seq_len,
-                                          (timings["sampling_s"] - sampled_before) / calls)
+                                          (timings["sampling_s"] - sampled_before) / calls_per_clip)
 
                 with timed("decoding_s"):
                     first_dropped = drop_first_motion and r == 0
@@ -730,13 +728,15 @@ class S2VPipeline(WanS2V):
                     # three dropped); each piece of them goes to the encoder as it is decoded.
                     total = 4 * decode_latents.shape[2] - 3
                     keep = total - infer_frames + (FIRST_CLIP_DROPPED_FRAMES if first_dropped else 0)
-                    pieces, decoded = [], 0
+                    kept, decoded = [], 0
                     for piece in self.vae.decode_chunks(decode_latents[0]):
-                        pieces.append(piece)
                         decoded += piece.shape[1]
-                        if on_frames is not None and decoded > keep:
-                            on_frames(piece[:, max(0, piece.shape[1] - (decoded - keep)):])
-                    image = torch.cat(pieces, dim=1)[None, :, keep:]
+                        if decoded > keep:  # the frames before `keep` are let go at once
+                            frames = piece[:, max(0, piece.shape[1] - (decoded - keep)):]
+                            kept.append(frames)
+                            if on_frames is not None:
+                                on_frames(frames)
+                    image = torch.cat(kept, dim=1)[None]
                     overlap = min(self.motion_frames, image.shape[2])
                     videos_last_frames = torch.cat(
                         [videos_last_frames[:, :, overlap:], image[:, :, -overlap:]], dim=2
@@ -762,20 +762,22 @@ def _without_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
+def _wait_for_gpu(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _Stopwatch:
     """Adds the wall time of a block to timings[key], waiting for queued GPU work first."""
 
     def __init__(self, timings: dict[str, float], key: str, device: torch.device) -> None:
         self.timings, self.key, self.device = timings, key, device
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __enter__(self) -> None:
-        self._sync()
+        _wait_for_gpu(self.device)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        self._sync()
+        _wait_for_gpu(self.device)
         self.timings[self.key] += time.perf_counter() - self.start
