@@ -65,14 +65,16 @@ def with_image(job: dict, image: Path) -> dict:
 
 # --- `python handler.py --test_input` ----------------------------------------------------------------
 
-def run_cli(job: dict, env: dict, tmp_path: Path, as_file: bool = False) -> tuple[int, dict | None, str]:
+def run_cli(job: dict, env: dict, tmp_path: Path, as_file: bool = False,
+            timeout_s: float = 600) -> tuple[int, dict | None, str]:
     """`python handler.py --test_input JOB`, or with as_file, JOB as test_input.json in the cwd."""
     args = [sys.executable, str(ROOT / "handler.py")]
     if as_file:
         (tmp_path / "test_input.json").write_text(json.dumps(job))
     else:
         args += ["--test_input", json.dumps(job)]
-    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=timeout_s)
     log = result.stdout + result.stderr
     marker = "Job result: "
     line = next((l for l in log.splitlines() if marker in l), None)
@@ -120,9 +122,12 @@ def test_cli_job_s3config_uploads_to_the_jobs_bucket(tiny_checkpoint, portrait_p
     assert S3_SECRET_KEY not in log and job_input_not_logged(log, speech_mp3)
 
 
-def test_cli_bad_job_is_a_clear_error(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_cli_bad_job_is_a_clear_error(tiny_checkpoint, tmp_path, world_size):
+    # With a second rank the process must still end after the job (it once waited on the rank).
     job = {"input": {"image_url": "https://example.com/a.png", "audio_base64": "AAAA", "steps": 3}}
-    code, _, log = run_cli(job, worker_env(tiny_checkpoint), tmp_path)
+    code, _, log = run_cli(job, worker_env(tiny_checkpoint, WAN_S2V_WORLD_SIZE=world_size),
+                           tmp_path, timeout_s=120)
     assert code == 1
     assert "unknown input fields: steps" in log and "Traceback" not in log
 

@@ -21,6 +21,7 @@ with its reason.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import multiprocessing.connection
@@ -293,6 +294,11 @@ class ParallelGroup:
             processes.append(process)
             conns.append(parent_end)
         group = cls(spec, processes, conns)
+        # The ranks are not daemons (they start processes of their own: compile workers, pose
+        # decoding), and multiprocessing joins such children when this process exits: stop them
+        # first, or `python handler.py --test_input ...` never ends. Hooks run last-in first-out,
+        # so this one runs before multiprocessing's.
+        atexit.register(group.close)
         logger.info("started %d rank process(es) for %d %s devices", world_size - 1, world_size,
                     device.type)
         group._join()

@@ -175,11 +175,6 @@ class Worker:
                     world_size, device.type)
         return cls(settings, pipeline, send_progress)
 
-    def close(self) -> None:
-        """Stop the other ranks, if any (the process is ending)."""
-        if self.pipeline.group is not None:
-            self.pipeline.group.close()
-
     async def handle(self, job: dict) -> dict:
         """The RunPod handler. Async so that the SDK's per-job stop, which cancels this task, can
         reach a running job: the job runs in a thread, and on cancellation it is told to stop
