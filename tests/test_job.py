@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from s2v_worker.job import (DEFAULT_NEGATIVE_PROMPT, MAX_SEED, SEED_RANGE, GenerationSettings,
+from s2v_worker.job import (MAX_SEED, SEED_RANGE, GenerationSettings,
                             JobInputError, job_json_schema, job_schema_text, job_table_markdown,
                             parse_job, unipc_max_shift)
 
@@ -218,12 +218,6 @@ def test_a_drawn_seed_is_one_a_job_may_send_back():
 def test_every_default_passes_its_own_rule():
     defaults = GenerationSettings()
     assert GenerationSettings.model_validate(defaults.model_dump()) == defaults
-
-
-def test_default_negative_prompt_is_the_official_one():
-    from s2v_worker.pipeline import OFFICIAL_CONFIG
-
-    assert DEFAULT_NEGATIVE_PROMPT == OFFICIAL_CONFIG.sample_neg_prompt
 
 
 def test_test_input_json_is_a_valid_job():

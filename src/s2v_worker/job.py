@@ -22,15 +22,6 @@ from pydantic_core import PydanticCustomError
 
 from .errors import JobError
 
-# The official Wan2.2 S2V default negative prompt (wan/configs/wan_s2v_14B.py, `sample_neg_prompt`).
-# It is read from the installed package at load time too; this copy lets validation run without it,
-# and a test checks that the two are the same.
-DEFAULT_NEGATIVE_PROMPT = (
-    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，"
-    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
-
 # Seeds. Clip r's noise generator is seeded with seed + r, as in the official code, and that must
 # stay within torch's 64-bit generator seed: a job may give any seed up to MAX_SEED, which leaves
 # room for any clip count. A job that gives none gets one drawn from [0, SEED_RANGE) (runner.py),
@@ -473,8 +464,9 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
         image=_media(payload, "image"),
         audio=_media(payload, "audio"),
         pose_video=_media(payload, "pose_video"),
-        generation=GenerationSettings(**{name: getattr(payload, name)
-                                         for name in GenerationSettings.model_fields}),
+        # JobInput is a GenerationSettings: its values passed these rules already.
+        generation=GenerationSettings.model_construct(**{
+            name: getattr(payload, name) for name in GenerationSettings.model_fields}),
         storage=parsed.storage,
         loras=tuple(LoraSource(f"loras[{i}]", url=entry.url, path=entry.path, strength=entry.strength)
                     for i, entry in enumerate(payload.loras or ())),

@@ -4,8 +4,9 @@ the DiT, and keep that set merged into the resident weights.
 Merging (W += strength * scale * up @ down) costs one pass over the touched layers, while sampling
 with a separate LoRA branch would cost every step of every job; so the set stays merged for as long
 as the following jobs ask for the same set. The base weights of every touched tensor are kept as
-exact CPU copies taken before its first change; restoring copies them back, so the base model is
-bit-identical whatever was merged before.
+exact copies taken before its first change (on the GPU when it has memory to spare, else in pinned
+host memory); restoring copies them back, so the base model is bit-identical whatever was merged
+before.
 
 Key layouts: those that ComfyUI's and LightX2V's Wan LoRA loaders read. A key is PREFIX X SUFFIX:
   PREFIX  none, `diffusion_model.`, `model.diffusion_model.`, `model.` or `transformer.`, with X a
@@ -540,5 +541,5 @@ class LoraManager:
                 if name not in self.base:
                     self.base[name] = _base_copy(target)
                 target.copy_((target.float() + total).to(target.dtype))
-            if any(t.is_cuda for t in self.base.values()):
+            if any(t.is_pinned() for t in self.base.values()):
                 torch.cuda.synchronize()  # the copies to pinned host memory have landed

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+def writable_dir(folder: Path) -> bool:
+    """A folder this process can create files in (write and search permission)."""
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 class SettingsError(ValueError):
     """An environment setting has a value the worker cannot use."""
 
@@ -268,7 +273,7 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
         if explicit:
             return Path(explicit).absolute()
         volume = Path(self.network_volume_dir)
-        if volume.is_dir() and os.access(volume, os.W_OK):
+        if writable_dir(volume):
             return volume.absolute() / name
         return Path(tempfile.gettempdir()).absolute() / name
 

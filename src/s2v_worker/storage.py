@@ -43,7 +43,7 @@ from urllib3.util import connection as urllib3_connection
 from .errors import JobError
 from .job import StorageOverride
 from .media import IPNetwork, parse_allowed_networks, refused_address
-from .settings import Settings
+from .settings import Settings, writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def _deliver_without_bucket(path: Path, settings: Settings) -> dict[str, Any]:
     if size <= settings.max_inline_video_bytes:
         return _inline(path, size)
     volume = Path(settings.network_volume_dir)
-    if _is_writable_dir(volume):
+    if writable_dir(volume):
         try:
             return copy_to_volume(path, volume)
         except StorageError as exc:
@@ -410,7 +410,7 @@ def _deliver_after_upload_failure(path: Path, settings: Settings,
         return {**_inline(path, size),
                 "warnings": [f"{failure.reason}; the video is returned inline instead"]}
     volume = Path(settings.network_volume_dir)
-    if _is_writable_dir(volume):
+    if writable_dir(volume):
         try:
             delivered = copy_to_volume(path, volume)
         except StorageError as exc:
@@ -431,10 +431,6 @@ def _inline(path: Path, size: int) -> dict[str, Any]:
     logger.info("returning the video inline (%d bytes)", size)
     return {"video_base64": base64.b64encode(path.read_bytes()).decode("ascii"),
             "storage": "inline"}
-
-
-def _is_writable_dir(folder: Path) -> bool:
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 def copy_to_volume(path: Path, volume: Path) -> dict[str, Any]:
