@@ -52,7 +52,7 @@ class Checkpoint:
     def dit_heads(self) -> int:
         """The DiT's attention heads (config.json), which bound how far its tokens can be split
         over GPUs (parallel.py); the official default when the config does not say."""
-        config = json.loads((self.path / "config.json").read_text())
+        config = json.loads((self.path / DIT_CONFIG).read_text())
         return int(config.get("num_heads", DEFAULT_DIT_HEADS))
 
 

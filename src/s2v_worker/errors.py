@@ -6,6 +6,8 @@ the client: it names the job field and the rule, never a path, a key or a traceb
 catches `JobError` once and answers RunPod with `{"error": message}`, adding
 `"refresh_worker": true` when the error's `refresh_worker` says the GPU may be in doubt, which makes
 RunPod replace the worker after the job. What the job's input causes never asks for that.
+(video.VideoEncodingError is not a JobError: its message holds ffmpeg's log, so the runner logs it
+and answers with a message of its own.)
 """
 from __future__ import annotations
 

@@ -629,12 +629,8 @@ class DecoderPipe:
                 return os.read(self._stdout, size)
 
     def read_exact(self, size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            piece = self.read(min(size - len(data), _PIPE_READ_BYTES))
-            if not piece:
-                raise DecoderOutputEnded()
-            data += piece
+        data = bytearray(size)
+        self.read_into(memoryview(data))
         return bytes(data)
 
     def read_into(self, buffer: memoryview) -> None:
@@ -662,6 +658,11 @@ class DecoderPipe:
             self.process.stdout.close()
             self.process.stderr.close()
         return returncode
+
+    def close_for_log(self) -> str:
+        """`close`, then why the child failed, for the log: its exit status and stderr's end."""
+        returncode = self.close()
+        return f"exit status {returncode}: {_error_summary(bytes(self.stderr))}"
 
 
 def _wav_stream_format(pipe: DecoderPipe) -> tuple[int, int]:
@@ -701,7 +702,7 @@ class _ModelAudioWriter:
         self._out = soundfile.SoundFile(str(path), "w", samplerate=AUDIO_MODEL_RATE, channels=1,
                                         subtype="FLOAT")
 
-    def write(self, raw: bytes, last: bool) -> None:
+    def write(self, raw: bytes | bytearray, last: bool) -> None:
         block = np.frombuffer(raw, dtype="<f4").reshape(-1, self.channels)
         if not np.isfinite(block).all():
             raise MediaError(f"'{self.field}' has samples that are not finite numbers (NaN or "
@@ -754,9 +755,7 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
         try:
             channels, rate = _wav_stream_format(pipe)
         except DecoderOutputEnded:
-            returncode = pipe.close()
-            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
-                        _error_summary(bytes(pipe.stderr)))
+            logger.info("%s: audio decode failed (%s)", field, pipe.close_for_log())
             raise _unreadable(field, "audio file", original, "audio") from None
         _check_audio_format(field, channels, rate, settings)
         writer = _ModelAudioWriter(model_path, field, channels, rate)
@@ -765,13 +764,11 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
         while piece := pipe.read():
             pending += piece
             while len(pending) >= block_bytes:
-                writer.write(bytes(pending[:block_bytes]), last=False)
+                writer.write(pending[:block_bytes], last=False)
                 del pending[:block_bytes]
-        writer.write(bytes(pending[:len(pending) - len(pending) % (channels * 4)]), last=True)
-        returncode = pipe.close()
-        if returncode != 0:
-            logger.info("%s: audio decode failed (exit status %s): %s", field, returncode,
-                        _error_summary(bytes(pipe.stderr)))
+        writer.write(pending[:len(pending) - len(pending) % (channels * 4)], last=True)
+        if pipe.close() != 0:
+            logger.info("%s: audio decode failed (%s)", field, pipe.close_for_log())
             raise _unreadable(field, "audio file", original, "audio")
         writer.finish()
     finally:

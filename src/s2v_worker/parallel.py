@@ -183,17 +183,14 @@ class RankWorker:
     """A rank other than 0: the DiT on its GPU, and what rank 0 can ask of it."""
 
     def __init__(self, spec: RankSpec) -> None:
-        from .attention import choose_kernel, use_kernel
         from .dit import DiTEngine
         from .lora import LoraManager
-        from .official import install_attention
-        from .pipeline import S2VPipeline, load_noise_model
+        from .pipeline import S2VPipeline, install_attentions, load_noise_model
 
         self.spec = spec
         self.device = spec.device()
         self.groups = ProcessGroups(spec.world_size, spec.settings.rank_timeout_s)
-        install_attention(spec.settings.attention)
-        use_kernel(choose_kernel(spec.settings.attention, self.device))
+        install_attentions(spec.settings.attention, self.device)
         dtype = S2VPipeline.compute_dtypes(self.device)[0]
         model = load_noise_model(spec.checkpoint, self.device, dtype)
         self.engine = DiTEngine(model, compile=spec.compile_dit)

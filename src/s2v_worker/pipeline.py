@@ -271,6 +271,14 @@ def infer_vae_width(state_dict: dict[str, torch.Tensor]) -> int:
     return state_dict["encoder.conv1.weight"].shape[0]
 
 
+def install_attentions(setting: str, device: torch.device) -> str:
+    """WAN_S2V_ATTENTION for both users of attention in a process: the official modules (their
+    back-end's name is returned) and the worker's DiT (attention.py's kernel)."""
+    backend = install_attention(setting)
+    dit_attention.use_kernel(dit_attention.choose_kernel(setting, device))
+    return backend
+
+
 def load_noise_model(checkpoint: Checkpoint, device: torch.device,
                      dtype: torch.dtype) -> torch.nn.Module:
     """The DiT (`WanModel_S2V`) from the checkpoint's sharded safetensors, onto `device`: every
@@ -367,8 +375,7 @@ class S2VPipeline(WanS2V):
         self.audio_sample_m = 0
         self.offload = offload
         self.checkpoint = checkpoint
-        self.attention_backend = install_attention(attention)  # the official modules'
-        dit_attention.use_kernel(dit_attention.choose_kernel(attention, device))  # the DiT's
+        self.attention_backend = install_attentions(attention, device)
         logger.info("DiT attention: %s", dit_attention.ATTENTION.name)
         self.text_encoder, self.vae, self.audio_encoder = text_encoder, vae, audio_encoder
         self.noise_model = noise_model.eval().requires_grad_(False)
@@ -626,9 +633,7 @@ class S2VPipeline(WanS2V):
                     if count:  # a clip past the video's end has none
                         pipe.read_into(memoryview(frames.numpy()).cast("B"))
                 except DecoderOutputEnded:
-                    returncode = pipe.close()
-                    logger.info("%s: pose frames failed (exit status %s): %s", field, returncode,
-                                bytes(pipe.stderr[-300:]).decode("utf-8", "replace"))
+                    logger.info("%s: pose frames failed (%s)", field, pipe.close_for_log())
                     raise MediaError(f"'{field}' could not be decoded to the end") from None
                 # Past the video's end upstream pads with -1 (black in [-1, 1]).
                 padding = -torch.ones([frames_per_clip - count, 3, height, width])
