@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STOP_GRACE_S = 10.0  # how long a rank may take to leave when told to
+EXIT_REAP_S = 2.0  # how long an exiting rank (its pipes closed) may take to be reaped
 # How long start-up waits for a rank that neither fails nor gets ready: loading a 32 GB DiT from a
 # slow network volume takes minutes. (A rank that fails or exits is reported at once.)
 START_TIMEOUT_S = 1800.0
@@ -449,6 +450,10 @@ class ParallelGroup:
             received = _message(conn)
             if received is not None and received[0] == "error":
                 return received[1]
+            if multiprocessing.connection.wait([conn, process.sentinel], timeout=0):
+                # Its pipes closed: it is exiting. They close a moment before the process can
+                # be reaped, and rank 0's collective can fail within that moment.
+                process.join(EXIT_REAP_S)
             if not process.is_alive():
                 return f"rank {rank} exited during {command} (exit code {process.exitcode})"
         return None
