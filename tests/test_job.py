@@ -149,12 +149,33 @@ RULES = [
     (with_s3(accessSecret="  "), "'s3Config.accessSecret' must be a non-empty string"),
     (with_s3(accessId=5), "'s3Config.accessId' must be a non-empty string"),
     (with_s3(endpointUrl="ftp://x"), "'s3Config.endpointUrl' must be an http or https URL"),
+    (with_s3(endpointUrl="https://s3.example.com/" + "a" * 8192),
+     "'s3Config.endpointUrl' must be at most 8192 characters, got 8215"),
+    # no coercion: a float equal to a choice is not one of the integer choices
+    (job(fps=24.0), "'fps' must be one of 24, 16, got 24.0"),
 ]
 
 
 @pytest.mark.parametrize("payload, message", RULES)
 def test_each_rule_has_its_own_message(payload, message):
     assert error_of(payload) == message
+
+
+@pytest.mark.parametrize("where", ["input", "s3Config", "lora"])
+def test_unknown_field_messages_name_a_few_and_count_the_rest(where):
+    """50,000 unknown keys: a message of a line (it is returned and logged), not of their names."""
+    unknown = {f"k{i:05d}": 1 for i in range(50_000)}
+    payload = {"input": job()["input"] | unknown} if where == "input" else \
+        with_s3(**unknown) if where == "s3Config" else job(loras=[{"path": "a.safetensors", **unknown}])
+    message = error_of(payload)
+    expected = {"input": "unknown input fields: k00000, k00001, k00002, k00003, k00004 and 49995 more",
+                "s3Config": "'s3Config' has unknown fields: k00000, k00001, k00002, k00003, k00004 "
+                            "and 49995 more",
+                "lora": "'loras[0]' has unknown fields: 'k00000', 'k00001', 'k00002', 'k00003', "
+                        "'k00004' and 49995 more"}[where]
+    assert message == expected
+    long_key = "x" * 10_000
+    assert error_of(job(**{long_key: 1})) == f"unknown input fields: {'x' * 40}..."
 
 
 def test_rules_are_reported_in_a_fixed_order():
@@ -247,15 +268,16 @@ LONE = "\ud800"  # what JSON's "\ud800" decodes to: no UTF-8 form
 
 
 @pytest.mark.parametrize("payload, message", [
-    (job(prompt=f"a {LONE} b"), "'input.prompt' is not valid text"),
-    (job(negative_prompt=LONE), "'input.negative_prompt' is not valid text"),
-    (job(**{f"x{LONE}": 1}), "a key in 'input' is not valid text"),
-    (job(image_url=f"https://a.example/{LONE}.png"), "'input.image_url' is not valid text"),
-    (job(loras=[{"url": f"https://a.example/{LONE}.safetensors"}]), "'input.loras[0].url' is not valid text"),
-    (job(loras=[{f"k{LONE}": 1}]), "a key in 'input.loras[0]' is not valid text"),
+    # Fields named as every other error names them: `input`'s without "input." in front.
+    (job(prompt=f"a {LONE} b"), "'prompt' is not valid text"),
+    (job(negative_prompt=LONE), "'negative_prompt' is not valid text"),
+    (job(**{f"x{LONE}": 1}), "a key in the job's 'input' is not valid text"),
+    (job(image_url=f"https://a.example/{LONE}.png"), "'image_url' is not valid text"),
+    (job(loras=[{"url": f"https://a.example/{LONE}.safetensors"}]), "'loras[0].url' is not valid text"),
+    (job(loras=[{f"k{LONE}": 1}]), "a key in 'loras[0]' is not valid text"),
     ({**job(), "id": f"job-{LONE}"}, "'id' is not valid text"),
     (with_s3(bucketName=LONE), "'s3Config.bucketName' is not valid text"),
-    (job(prompt="\udfff"), "'input.prompt' is not valid text"),  # a low surrogate alone too
+    (job(prompt="\udfff"), "'prompt' is not valid text"),  # a low surrogate alone too
 ])
 def test_lone_surrogates_are_refused_up_front_with_a_message_that_encodes(payload, message):
     error = error_of(payload)

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Mapping, get_args
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -99,6 +99,14 @@ def _http_url(value: str) -> str:
 def _not_blank(value: str) -> str:
     if not value or value.isspace():  # no stripped copy of megabytes of base64
         raise _rule("is empty")
+    return value
+
+
+def _integer_choice(value: Any) -> Any:
+    """A Literal of integers compares by equality, so 24.0 (and True for 1) would pass: the
+    schema promises no coercion, so only an integer is one of the choices."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("literal_error", "not an integer", {})
     return value
 
 
@@ -206,7 +214,7 @@ class GenerationSettings(_Model):
     max_clips: int | None = Field(None, ge=1, le=1000)
     """Caps the clip count; the video is then shorter than the audio. null: as many clips as the
     audio needs."""
-    fps: Literal[24, 16] = 24
+    fps: Annotated[Literal[24, 16], BeforeValidator(_integer_choice)] = 24
     """24 (motion-interpolated from the native 16) or 16 (native frames)."""
     init_first_frame: bool = False
     """Use the image as the first frame (official option)."""
@@ -342,6 +350,7 @@ _PHRASES = {"int_type": "must be an integer, got {type}",
 _NOT_AN_OBJECT = {(): "the job must be a JSON object", ("input",): "the job's 'input' must be a JSON object",
                   ("s3Config",): "'s3Config' must be an object"}
 _UNKNOWN = ("extra_forbidden", "invalid_key")
+UNKNOWN_NAMES_SHOWN = 5
 
 
 def _shown(value: Any, limit: int = 40) -> str:
@@ -351,6 +360,21 @@ def _shown(value: Any, limit: int = 40) -> str:
     except ValueError:  # an integer past Python's 4300-digit str() limit
         return "a number with too many digits"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _some_names(keys: list, quoted: bool) -> str:
+    """At most UNKNOWN_NAMES_SHOWN of the keys, sorted and each cut short, and how many more:
+    a job of 50,000 unknown keys gets a message of a line, not of their names."""
+    def name(key: Any) -> str:
+        text = str(key)
+        if quoted:
+            return _shown(text, 20)
+        return text if len(text) <= 40 else text[:40] + "..."
+
+    names = sorted(map(name, keys))
+    shown = ", ".join(names[:UNKNOWN_NAMES_SHOWN])
+    more = len(names) - UNKNOWN_NAMES_SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _field_name(loc: tuple) -> str:
@@ -386,12 +410,12 @@ def _client_message(errors: list[dict]) -> str:
         if loc[:-1] == ("input",):
             if not all(isinstance(key, str) for key in keys):
                 return "the job's 'input' keys must be strings"
-            return f"unknown input fields: {', '.join(sorted(keys))}"
-        shown = sorted(map(str, keys)) if loc[0] == "s3Config" else sorted(_shown(k, 20) for k in keys)[:5]
-        return f"'{_field_name(loc[:-1])}' has unknown fields: {', '.join(shown)}"
+            return f"unknown input fields: {_some_names(keys, quoted=False)}"
+        return (f"'{_field_name(loc[:-1])}' has unknown fields: "
+                f"{_some_names(keys, quoted=loc[0] != 's3Config')}")
     if loc in _NOT_AN_OBJECT and kind in ("model_type", "missing"):
         return _NOT_AN_OBJECT[loc]
-    if loc[:1] == ("s3Config",):  # a key missing, not text, or blank
+    if loc[:1] == ("s3Config",) and kind != "string_too_long":  # missing, not text, or blank
         return f"'{field}' must be a non-empty string"
     info = (LoraEntry if len(loc) == 4 else JobInput).model_fields.get(loc[-1])
     if kind in ("greater_than_equal", "less_than_equal", "multiple_of", "float_type") and (
@@ -422,24 +446,27 @@ def _refuse_unencodable_text(job: Mapping[str, Any]) -> None:
     """Every string the worker reads or may echo back (keys included) must have a UTF-8 encoding.
 
     Walked iteratively, so deep nesting cannot exhaust the stack. `str.isascii` is O(1) in
-    CPython, so base64 media (ASCII) cost nothing to check.
+    CPython, so base64 media (ASCII) cost nothing to check. Places are named as every other error
+    names fields (`_field_name`: `prompt`, `loras[0].url`, `s3Config.bucketName`).
     """
-    pending: list[tuple[Any, str]] = [(job.get(key), key) for key in ("id", "input", "s3Config")]
+    pending: list[tuple[Any, tuple]] = [(job.get(key), (key,)) for key in ("id", "input", "s3Config")]
     while pending:
-        value, path = pending.pop()
+        value, loc = pending.pop()
         if isinstance(value, str):
             if not value.isascii() and _SURROGATE.search(value):
-                raise JobInputError(f"'{_path_text(path)}' is not valid text: it holds a lone "
-                                    "UTF-16 surrogate (\\ud800-\\udfff), which has no UTF-8 form")
+                raise JobInputError(f"'{_path_text(_field_name(loc))}' is not valid text: it holds "
+                                    "a lone UTF-16 surrogate (\\ud800-\\udfff), which has no "
+                                    "UTF-8 form")
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                    raise JobInputError(f"a key in '{_path_text(path)}' is not valid text: it holds "
-                                        "a lone UTF-16 surrogate (\\ud800-\\udfff), which has "
-                                        "no UTF-8 form")
-                pending.append((item, f"{path}.{key}" if isinstance(key, str) else path))
+                    where = "the job's 'input'" if loc == ("input",) else f"'{_path_text(_field_name(loc))}'"
+                    raise JobInputError(f"a key in {where} is not valid text: it holds a lone "
+                                        "UTF-16 surrogate (\\ud800-\\udfff), which has no UTF-8 "
+                                        "form")
+                pending.append((item, (*loc, key) if isinstance(key, str) else loc))
         elif isinstance(value, (list, tuple)):
-            pending.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+            pending.extend((item, (*loc, i)) for i, item in enumerate(value))
 
 
 def _media(payload: JobInput, medium: str) -> MediaSource | None:
