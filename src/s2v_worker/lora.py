@@ -28,9 +28,19 @@ linear map on each flattened input patch. Grouped convolutions are refused.
 Keys for layers (or tensors) this DiT does not have, such as an I2V LoRA's image branch
 (`cross_attn.k_img`, `cross_attn.norm_k_img`, `img_emb.*`), are skipped and reported per LoRA; a
 LoRA of which nothing applies is refused. Refused before any weight changes, each with the LoRA's
-field and the layer named: a key of no known layout, shapes that do not fit a layer the DiT has (a
-LoRA for another model size), NaN or infinite values (in the tensors that apply), rank 0, and
-values so large that the merged change could overflow float32.
+field and the layer named: a key of no known layout, a tensor stored in a dtype the merge cannot
+use, shapes that do not fit a layer the DiT has (a LoRA for another model size), NaN or infinite
+values (in the tensors that apply), rank 0, and values so large that the merged change could
+overflow float32.
+
+Dtypes: tensors in float8 (e4m3, e5m2), float16, bfloat16, float32 or float64 load, converted to
+float32 for the merge (exactly, but for float64 values that float32 cannot hold: those become
+infinite and are refused); an `.alpha` may also be an integer. Anything else (float8_e8m0, complex,
+integer or bool weights) is refused naming the dtype, from the file's header, before it can enter
+the URL cache. The finiteness check runs twice: on each tensor as float32 when the file is parsed
+(cheap, before any weight changes), and on every merged value after the products, the sum and the
+cast to the weight's dtype (what could still overflow: float32 products of huge factors whose
+scale would have brought them back); a failure there restores the base weights before the error.
 """
 from __future__ import annotations
 
@@ -71,6 +81,10 @@ FULL_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
 ALPHA_SUFFIX = ".alpha"
 # Longest first: a key is read by the longest suffix it ends with.
 SUFFIXES = tuple(sorted((*LOW_RANK_SUFFIXES, *FULL_SUFFIXES, ALPHA_SUFFIX), key=len, reverse=True))
+# Safetensors dtype names (as the file's header spells them) the merge reads, each converted to
+# float32; an alpha may also be an integer (ComfyUI reads it with .item()).
+MERGEABLE_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+ALPHA_DTYPES = MERGEABLE_DTYPES | {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 # The largest change one LoRA may make to one value: the most LoRAs a job may give, each at the
 # largest strength, then still sum to a finite float32 (and bfloat16, which has the same range).
 MAX_CHANGE = torch.finfo(torch.float32).max / (MAX_LORAS * LORA_STRENGTH_LIMIT)
@@ -175,14 +189,20 @@ def _volume_file(source: LoraSource, settings: Settings) -> Path:
     volume = Path(settings.network_volume_dir)
     if not volume.is_dir():
         raise LoraError(f"'{source.field}.path' needs a network volume, and none is mounted")
-    volume = volume.resolve()
-    # Resolved first: a symlink inside the volume must not lead outside it either.
-    path = (volume / source.path).resolve()
-    if not path.is_relative_to(volume):
-        raise LoraError(f"'{source.field}.path' leads outside the network volume")
-    if not path.is_file():
-        raise LoraError(f"'{source.field}.path' is not a file on the network volume")
-    if path.stat().st_size > settings.max_lora_bytes:
+    try:
+        volume = volume.resolve()
+        # Resolved first: a symlink inside the volume must not lead outside it either.
+        path = (volume / source.path).resolve()
+        if not path.is_relative_to(volume):
+            raise LoraError(f"'{source.field}.path' leads outside the network volume")
+        if not path.is_file():
+            raise LoraError(f"'{source.field}.path' is not a file on the network volume")
+        size = path.stat().st_size
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop (RuntimeError on 3.11)
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "a symlink loop"
+        raise LoraError(f"'{source.field}.path' cannot be read on the network volume "
+                        f"({reason.lower()})") from None
+    if size > settings.max_lora_bytes:
         raise LoraError(f"'{source.field}.path' is larger than {settings.max_lora_bytes} bytes "
                         "(MAX_LORA_BYTES)")
     return path
@@ -279,30 +299,37 @@ class _LayerNames:
 
 def check_lora_file(path: Path, field: str) -> None:
     """What can be checked without the model, from the header alone: a readable safetensors file
-    with at least one tensor, every key of a known layout."""
+    with at least one tensor, every key of a known layout, every tensor in a dtype the merge
+    reads."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         raise LoraError(f"'{field}' is not a readable safetensors file") from None
-    if not keys:
+    if not dtypes:
         raise LoraError(f"'{field}' holds no LoRA weights")
-    for raw_key in keys:
-        _key(field, raw_key)
+    for raw_key, dtype in dtypes.items():
+        key = _key(field, raw_key)
+        accepted = ALPHA_DTYPES if key.suffix == ALPHA_SUFFIX else MERGEABLE_DTYPES
+        if dtype not in accepted:
+            raise LoraError(
+                f"'{field}' stores {_short(raw_key)} as {dtype}, which a LoRA merge cannot use; "
+                "LoRA tensors load in float8 (F8_E4M3, F8_E5M2), F16, BF16, F32 or F64")
 
 
 def _read_safetensors(lora: ResolvedLora) -> dict[str, torch.Tensor]:
+    """The file's tensors as it stores them (converted to float32 where they are used: the checks
+    and `ParamDelta.tensor`), after `check_lora_file`'s checks."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_lora_file(lora.path, lora.field)
     try:
-        state = load_file(str(lora.path), device="cpu")
+        return load_file(str(lora.path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError):
         raise LoraError(f"'{lora.field}' is not a readable safetensors file") from None
-    # Integer alphas (and any other non-float tensor) as floats, for the checks and the maths.
-    return {k: v if v.is_floating_point() else v.float() for k, v in state.items()}
 
 
 def parse_lora(lora: ResolvedLora, noise_model: torch.nn.Module) -> ParsedLora:
@@ -368,10 +395,11 @@ def _layer_deltas(field: str, misfit: str, layer: str, module: torch.nn.Module,
 
 
 def _max_abs(field: str, layer: str, part: str, tensor: torch.Tensor) -> float:
-    """The largest magnitude in `tensor`; a LoraError if any value is NaN or infinite."""
+    """The largest magnitude of `tensor` as float32, the merge's dtype; a LoraError if any value
+    is NaN or infinite there (a float64 value past float32's range included)."""
     if tensor.numel() == 0:
         return 0.0
-    peak = float(tensor.abs().max())  # max propagates NaN, so one reduction checks both
+    peak = float(tensor.float().abs().max())  # max propagates NaN, so one reduction checks both
     if not math.isfinite(peak):
         raise LoraError(f"'{field}' has non-finite values (NaN or infinity) in layer "
                         f"{_short(layer)} ({part})")
@@ -429,7 +457,7 @@ def _low_rank(field: str, misfit: str, layer: str, module: torch.nn.Module,
         if alpha.numel() != 1:
             raise LoraError(f"{misfit} layer {_short(layer)} has an alpha that is not one number")
         _max_abs(field, layer, "alpha", alpha)
-        scale = float(alpha) / rank
+        scale = float(alpha.float()) / rank
     # |up @ down| <= rank * max|up| * max|down|, entry by entry.
     peak = _max_abs(field, layer, "up", up) * _max_abs(field, layer, "down", down)
     if peak * rank * abs(scale) > MAX_CHANGE:
@@ -469,6 +497,14 @@ def _base_copy(weight: torch.Tensor) -> torch.Tensor:
     return host.copy_(weight.detach(), non_blocking=True)
 
 
+@dataclass(frozen=True)
+class LoraSet:
+    """A job's LoRAs, parsed and checked against the DiT (`LoraManager.load`), ready to merge."""
+
+    wanted: tuple[tuple[str, float], ...]  # (identity, strength) of each, in order
+    parsed: tuple[tuple[ResolvedLora, ParsedLora], ...]
+
+
 class LoraManager:
     """Keeps one LoRA set merged into `noise_model`; restores the exact base weights on a change."""
 
@@ -482,30 +518,39 @@ class LoraManager:
         self.warnings: tuple[str, ...] = ()  # the merged set's skipped keys, one line per LoRA
         self.merges = 0  # sets merged so far (tests check that a repeated set is not re-merged)
 
-    def apply(self, loras: Sequence[ResolvedLora]) -> bool:
-        """Make `loras` (in order) the merged set; False when it already was (nothing done)."""
+    def load(self, loras: Sequence[ResolvedLora]) -> LoraSet | None:
+        """Parse and check `loras` against the DiT without changing any weight; None when that
+        set is merged already. A file that fails here leaves the URL cache."""
         wanted = tuple((lora.identity, lora.strength) for lora in loras)
         if wanted == self.current:
+            return None
+        return LoraSet(wanted, tuple((lora, self._parse(lora)) for lora in loras))
+
+    def merge(self, loras: LoraSet | None) -> bool:
+        """Make a loaded set the merged one; False when there was nothing to do (None)."""
+        if loras is None:
             return False
-        # Parsed (and checked) before anything changes: a LoRA that does not fit leaves the
-        # merged set as it was.
-        parsed = [(lora, self._parse(lora)) for lora in loras]
         try:
             self.restore()
-            self._merge(parsed)
+            self._merge(loras.parsed)
         except BaseException:
             self.restore()  # never leave half a set merged
             raise
         finally:
             if self.on_change is not None:
                 self.on_change()
-        self.current = wanted
-        self.warnings = tuple(line for lora, result in parsed
+        self.current = loras.wanted
+        self.warnings = tuple(line for lora, result in loras.parsed
                               if (line := result.warning(lora.field)) is not None)
         self.merges += 1
-        logger.info("merged %d LoRA(s): %s", len(loras),
-                    ", ".join(f"{lora.field} {lora.identity[:12]} x{lora.strength:g}" for lora in loras))
+        logger.info("merged %d LoRA(s): %s", len(loras.parsed),
+                    ", ".join(f"{lora.field} {lora.identity[:12]} x{lora.strength:g}"
+                              for lora, _ in loras.parsed))
         return True
+
+    def apply(self, loras: Sequence[ResolvedLora]) -> bool:
+        """`load`, then `merge`: make `loras` (in order) the merged set; False when it already was."""
+        return self.merge(self.load(loras))
 
     def restore(self) -> None:
         """Copy every touched tensor's base value back (bit-identical)."""
@@ -520,26 +565,39 @@ class LoraManager:
     def _parse(self, lora: ResolvedLora) -> ParsedLora:
         try:
             return parse_lora(lora, self.noise_model)
-        except LoraError:
+        except BaseException:  # a LoraError, or a bug: either way the file did not load
             forget_cached(lora)
             raise
 
-    def _merge(self, parsed: list[tuple[ResolvedLora, ParsedLora]]) -> None:
+    def _merge(self, parsed: Sequence[tuple[ResolvedLora, ParsedLora]]) -> None:
         # Deltas of one tensor are summed in float32 and added once, so a bf16 weight is rounded
         # once, whatever the number of LoRAs. One tensor at a time: float32 sums for every layer
         # of the 14B DiT at once would take about 56 GB of GPU memory.
-        by_param: dict[str, list[tuple[ParamDelta, float]]] = {}
+        by_param: dict[str, list[tuple[ParamDelta, float, ResolvedLora]]] = {}
         for lora, result in parsed:
             for delta in result.deltas:
-                by_param.setdefault(delta.param, []).append((delta, lora.strength))
+                by_param.setdefault(delta.param, []).append((delta, lora.strength, lora))
+        finite: list[torch.Tensor] = []  # per tensor, whether every merged value is finite
         with torch.no_grad():
             for name, changes in by_param.items():
                 target = self.noise_model.get_parameter(name)
                 total = changes[0][0].tensor(target.device) * changes[0][1]
-                for delta, strength in changes[1:]:
+                for delta, strength, _ in changes[1:]:
                     total += delta.tensor(target.device) * strength
                 if name not in self.base:
                     self.base[name] = _base_copy(target)
                 target.copy_((target.float() + total).to(target.dtype))
+                # Checked on what was written (after the products, the sum and the cast), with no
+                # wait for the GPU per tensor: the flags are read once, below.
+                finite.append(torch.isfinite(target).all())
+            if finite and not bool(torch.stack(finite).all()):
+                name = next(n for n, ok in zip(by_param, torch.stack(finite).tolist()) if not ok)
+                involved = list(dict.fromkeys(lora for _, _, lora in by_param[name]))
+                for lora in involved:
+                    forget_cached(lora)
+                fields = " and ".join(f"'{lora.field}'" for lora in involved)
+                raise LoraError(f"{fields} {'has' if len(involved) == 1 else 'have'} values too "
+                                f"large to merge in layer {_short(name.rsplit('.', 1)[0])}: the "
+                                "merged weights would not be finite")
             if any(t.is_pinned() for t in self.base.values()):
                 torch.cuda.synchronize()  # the copies to pinned host memory have landed

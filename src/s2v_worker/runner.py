@@ -270,9 +270,10 @@ class Worker:
         # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
             loras = resolve_loras(request.loras, settings)
-            control.model_work_started = True
             lora_manager = self._lora_manager()
-            if lora_manager.apply(loras) and self.pipeline.group is not None:
+            lora_set = lora_manager.load(loras)  # parsed and checked: no weight changed yet
+            control.model_work_started = True
+            if lora_manager.merge(lora_set) and self.pipeline.group is not None:
                 self.pipeline.group.set_loras(loras)  # every rank merges the same set
         # Keys for layers this model lacks (an I2V LoRA's image branch) were skipped: say so.
         warnings = list(lora_manager.warnings)
