@@ -222,6 +222,35 @@ class TestTwoRanks:
         finally:
             tiny_pipeline.group = group
 
+    def test_the_estimate_after_a_short_job_predicts_a_longer_one(self, tiny_pipeline, two_ranks,
+                                                                  portrait_png, speech_1s_b64,
+                                                                  tmp_path, monkeypatch):
+        """A clip's preparation and the ranks' hand-off are measured apart from its steps (at
+        world size 2 estimates ran 2x high after 2-step jobs): after a 2-step job, a 16-step
+        job's estimate is its time within a factor of 2. Sleeps in rank 0's preparation and
+        calls make both costly enough to measure on a loaded machine."""
+        from s2v_worker.pipeline import DiTSpeed
+
+        engine = tiny_pipeline.dit
+        prepare, forward = engine.prepare, engine.forward
+
+        def slow_prepare(*args, **kwargs):
+            time.sleep(0.2)
+            return prepare(*args, **kwargs)
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(0.03)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "prepare", slow_prepare)
+        monkeypatch.setattr(engine, "forward", slow_forward)
+        monkeypatch.setattr(tiny_pipeline, "dit_speed", DiTSpeed())
+        worker = make_worker(tiny_pipeline, tmp_path)
+        assert "video_base64" in worker.run(job(portrait_png, speech_1s_b64, sample_steps=2))
+        result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=16))
+        estimated, took = result["timings"]["estimated_sampling_s"], result["timings"]["sampling_s"]
+        assert took / 2 <= estimated <= took * 2, (estimated, took)
+
     def test_a_stopped_job_stops_every_rank_after_the_same_step(self, tiny_pipeline, two_ranks,
                                                                 portrait_png, speech_1s_b64,
                                                                 tmp_path):

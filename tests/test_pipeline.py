@@ -10,7 +10,7 @@ from conftest import speech_excerpt
 from s2v_worker.job import MAX_SHIFT, MIN_SHIFT, parse_job, unipc_max_shift
 from s2v_worker.official import sdpa_attention
 from s2v_worker.errors import JobStopped
-from s2v_worker.pipeline import DiTSpeed, dit_calls_per_step, plan_clip_count
+from s2v_worker.pipeline import ClipTiming, DiTSpeed, dit_calls_per_step, plan_clip_count
 from s2v_worker.sampling import make_scheduler
 
 
@@ -161,22 +161,43 @@ def test_the_estimate_counts_the_calls_a_step_cached_job_makes(pipeline, portrai
     assert estimate.calls == pipeline.dit_calls - before == 2 * (12 - 3)
     assert estimate.tokens == pipeline.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
     assert 0 < estimate.seconds_per_call < 60  # this job's own measurement
-    assert estimate.remaining_s(0, 1, 11) == 0 and estimate.remaining_s(0, 1, -1) == estimate.seconds
+    assert estimate.remaining_s(0, 1, 11) == 0
+    # before the first step, the clip's preparation is behind it
+    assert estimate.remaining_s(0, 1, -1) == pytest.approx(
+        estimate.seconds - estimate.overhead_per_clip_s)
+
+
+def steady(per_call: float, overhead: float = 0.0, calls: int = 60) -> ClipTiming:
+    return ClipTiming(calls=calls, steps_s=per_call * calls, overhead_s=overhead)
 
 
 def test_dit_speed_scales_a_measurement_to_other_token_counts():
-    speed = DiTSpeed(keep=3)
-    assert speed.seconds_per_call(29_120) is None
-    speed.record(29_120, 2.89)  # the H100's 480p forward (README)
-    assert speed.seconds_per_call(29_120) == 2.89
-    assert speed.seconds_per_call(54_400) == pytest.approx(7.97, rel=0.01)  # its 720p forward
-    speed.record(54_400, 8.5)  # a measurement at that size wins over the scaling
-    assert speed.seconds_per_call(54_400) == 8.5
-    assert speed.seconds_per_call(50_000) == pytest.approx(8.5 * (50_000 + 50_000**2 / 24_000)
-                                                           / (54_400 + 54_400**2 / 24_000))
-    speed.record(1_000, 0.1)
-    speed.record(2_000, 0.2)  # a fourth size: the oldest (29,120) is forgotten
-    assert speed.seconds_per_call(29_120) != 2.89
+    speed = DiTSpeed(sizes=3)
+    assert speed.rates(29_120) is None
+    speed.record(29_120, steady(2.89, overhead=1.0))  # the H100's 480p forward (README)
+    assert speed.rates(29_120) == pytest.approx((2.89, 1.0))
+    per_call, overhead = speed.rates(54_400)  # its 720p forward; preparation by the tokens
+    assert per_call == pytest.approx(7.97, rel=0.01) and overhead == pytest.approx(54_400 / 29_120)
+    speed.record(54_400, steady(8.5))  # a measurement at that size wins over the scaling
+    assert speed.rates(54_400)[0] == pytest.approx(8.5)
+    assert speed.rates(50_000)[0] == pytest.approx(8.5 * (50_000 + 50_000**2 / 24_000)
+                                                   / (54_400 + 54_400**2 / 24_000))
+    speed.record(1_000, steady(0.1))
+    speed.record(2_000, steady(0.2))  # a fourth size: the oldest (29,120) is forgotten
+    assert speed.rates(29_120)[0] != pytest.approx(2.89)
+
+
+def test_one_odd_job_moves_neither_rate():
+    """A median over the recent clips, the calls' over the clips of MIN_STEADY_CALLS or more."""
+    speed = DiTSpeed()
+    for _ in range(3):
+        speed.record(1_000, steady(0.25, overhead=0.5))
+    speed.record(1_000, ClipTiming(calls=1, steps_s=3.0, overhead_s=0.5))  # a 1-step job
+    speed.record(1_000, steady(2.5, overhead=9.0))  # a clip slowed by something else
+    assert speed.rates(1_000) == pytest.approx((0.25, 0.5))
+    only_short = DiTSpeed()  # until a longer clip is measured, short ones are all there is
+    only_short.record(1_000, ClipTiming(calls=2, steps_s=1.0, overhead_s=0.1))
+    assert only_short.rates(1_000) == pytest.approx((0.5, 0.1))
 
 
 def test_warm_up_measures_a_call_for_the_first_jobs_estimate(pipeline, monkeypatch):
@@ -184,7 +205,8 @@ def test_warm_up_measures_a_call_for_the_first_jobs_estimate(pipeline, monkeypat
     pipeline.warm_up(("480p",), frames_per_clip=16)
     height, width = pipeline.get_size_less_than_area(720, 1280,
                                                      target_area=pipeline.checkpoint.max_area["480p"])
-    assert pipeline.dit_speed.seconds_per_call(pipeline.dit_tokens(height, width, 16)) > 0
+    per_call, overhead = pipeline.dit_speed.rates(pipeline.dit_tokens(height, width, 16))
+    assert per_call > 0 and overhead >= 0
 
 
 def test_dpm_solver_runs(pipeline, portrait_png, speech_2s):

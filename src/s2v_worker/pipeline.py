@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import struct
 import subprocess
 import sys
@@ -155,34 +156,62 @@ def _call_cost(tokens: int) -> float:
     return tokens + tokens * tokens / ATTENTION_BALANCE_TOKENS
 
 
-class DiTSpeed:
-    """Measured seconds per DiT call, by token count: what the worker's duration estimates rest on.
+@dataclass(frozen=True)
+class ClipTiming:
+    """One sampled clip, as the duration estimate learns from it."""
 
-    Fed by the warm-up (a timed call after the compiling one) and by every clip a job samples
-    (its sampling time, which the per-clip stopwatch already brackets with GPU syncs, over its DiT
-    calls: no sync is added to the step loop). A token count never measured is scaled from the
-    nearest measured one by `_call_cost`. The input is only (tokens, seconds per call), so a
-    multi-GPU sampler can feed it the same way.
+    calls: int  # DiT calls, as one process makes them (dit_calls_per_step)
+    steps_s: float  # the denoising loop: the DiT calls and the solver's steps
+    overhead_s: float  # the rest of the clip's sampling: its conditioning, the hand-off to ranks
+
+    @property
+    def seconds_per_call(self) -> float:
+        return self.steps_s / self.calls
+
+
+# A clip of fewer DiT calls than this (a warm-up step, a 1-step job) measures the calls with its
+# noise: it counts only until clips of more calls have been measured at that size.
+MIN_STEADY_CALLS = 4
+
+
+class DiTSpeed:
+    """Measured seconds per DiT call and per clip's preparation, by token count: what the
+    worker's duration estimates rest on.
+
+    Fed by the warm-up (a timed step after the compiling one) and by every clip a job samples:
+    its denoising loop (`ClipSampler.last_steps_s`) over its DiT calls, and the rest of its
+    sampling time (preparation, the ranks' hand-off) apart, so that a short job's fixed costs do
+    not pass for slow calls. Each is the median of the `keep` most recent clips at that token
+    count, the calls' over the clips of at least MIN_STEADY_CALLS calls when there are any: one
+    odd job moves neither. A token count never measured is scaled from the nearest measured one
+    (calls by `_call_cost`, preparation by the tokens). The input is only (tokens, timing), so a
+    multi-GPU sampler feeds it the same way.
     """
 
-    def __init__(self, keep: int = 16) -> None:
-        self.keep = keep
-        self._seconds: dict[int, float] = {}  # tokens -> seconds per call, most recent last
+    def __init__(self, keep: int = 8, sizes: int = 16) -> None:
+        self.keep, self.sizes = keep, sizes
+        self._clips: dict[int, list[ClipTiming]] = {}  # tokens -> recent clips, most recent last
 
-    def record(self, tokens: int, seconds_per_call: float) -> None:
-        self._seconds.pop(tokens, None)
-        self._seconds[tokens] = seconds_per_call
-        while len(self._seconds) > self.keep:
-            del self._seconds[next(iter(self._seconds))]
+    def record(self, tokens: int, timing: ClipTiming) -> None:
+        if timing.calls <= 0:
+            return
+        clips = self._clips.pop(tokens, [])  # re-inserted: the most recently measured size last
+        self._clips[tokens] = (clips + [timing])[-self.keep:]
+        while len(self._clips) > self.sizes:
+            del self._clips[next(iter(self._clips))]
 
-    def seconds_per_call(self, tokens: int) -> float | None:
-        """The measurement at `tokens`, else the nearest one (by ratio) scaled; None: none yet."""
-        if tokens in self._seconds:
-            return self._seconds[tokens]
-        if not self._seconds:
+    def rates(self, tokens: int) -> tuple[float, float] | None:
+        """(seconds per DiT call, seconds of overhead per clip) at `tokens`; None: none yet."""
+        if not self._clips:
             return None
-        nearest = min(self._seconds, key=lambda measured: abs(math.log(measured / tokens)))
-        return self._seconds[nearest] * _call_cost(tokens) / _call_cost(nearest)
+        nearest = min(self._clips, key=lambda measured: abs(math.log(measured / tokens)))
+        clips = self._clips[nearest]
+        steady = [c for c in clips if c.calls >= MIN_STEADY_CALLS] or clips
+        per_call = statistics.median(c.seconds_per_call for c in steady)
+        overhead = statistics.median(c.overhead_s for c in clips)
+        if nearest == tokens:
+            return per_call, overhead
+        return per_call * _call_cost(tokens) / _call_cost(nearest), overhead * tokens / nearest
 
 
 @dataclass(frozen=True)
@@ -190,18 +219,25 @@ class SamplingEstimate:
     """How long a job's sampling should take on this worker, from `DiTSpeed`."""
 
     tokens: int  # per DiT call
-    calls: int  # all clips together
+    clips: int
     seconds_per_call: float
+    overhead_per_clip_s: float
     calls_by_step: tuple[int, ...]  # one clip's
 
     @property
+    def calls(self) -> int:
+        """DiT calls of all clips together."""
+        return self.clips * sum(self.calls_by_step)
+
+    @property
     def seconds(self) -> float:
-        return self.calls * self.seconds_per_call
+        return self.calls * self.seconds_per_call + self.clips * self.overhead_per_clip_s
 
     def remaining_s(self, clip: int, clips: int, step: int) -> float:
         """Seconds of sampling left once `step` of `clip` (both from 0) is done."""
-        calls_left = (clips - clip - 1) * sum(self.calls_by_step) + sum(self.calls_by_step[step + 1:])
-        return calls_left * self.seconds_per_call
+        later_clips = clips - clip - 1
+        calls_left = later_clips * sum(self.calls_by_step) + sum(self.calls_by_step[step + 1:])
+        return calls_left * self.seconds_per_call + later_clips * self.overhead_per_clip_s
 
 
 # on_step(clip_index, num_clips, step_index, num_steps); may raise (errors.JobStopped) to stop
@@ -453,13 +489,13 @@ class S2VPipeline(WanS2V):
         """The job's sampling time from this worker's measured seconds per DiT call; None before
         any measurement (no warm-up on this device, and no job yet)."""
         tokens = self.dit_tokens(plan.height, plan.width, plan.frames_per_clip)
-        seconds_per_call = self.dit_speed.seconds_per_call(tokens)
-        if seconds_per_call is None:
+        rates = self.dit_speed.rates(tokens)
+        if rates is None:
             return None
         by_step = dit_calls_per_step(settings.sample_steps, settings.guidance_scale > 1,
                                      settings.step_cache)
-        return SamplingEstimate(tokens=tokens, calls=plan.num_clips * sum(by_step),
-                                seconds_per_call=seconds_per_call, calls_by_step=tuple(by_step))
+        return SamplingEstimate(tokens=tokens, clips=plan.num_clips, seconds_per_call=rates[0],
+                                overhead_per_clip_s=rates[1], calls_by_step=tuple(by_step))
 
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
         """One sampling step per resolution on blank inputs at its 16:9 size, so that compilation
@@ -511,10 +547,11 @@ class S2VPipeline(WanS2V):
                     start = time.perf_counter()
                     self.sample_clip(requests[0])
                     _wait_for_gpu(self.device)
-                    call_s = (time.perf_counter() - start) / (2 if requests[0].guided else 1)
-                self.dit_speed.record(self.dit_tokens(height, width, frames_per_clip), call_s)
+                    timing = self._clip_timing(time.perf_counter() - start,
+                                               calls=2 if requests[0].guided else 1)
+                self.dit_speed.record(self.dit_tokens(height, width, frames_per_clip), timing)
                 logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
-                            width, height, timings[resolution], call_s)
+                            width, height, timings[resolution], timing.seconds_per_call)
         return timings
 
     def layout(self, guided: bool) -> Layout:
@@ -529,6 +566,11 @@ class S2VPipeline(WanS2V):
         if self.group is None or not self.group.layout(True).cfg_parallel:
             return (False,)
         return (True, False)
+
+    def _clip_timing(self, clip_s: float, calls: int) -> ClipTiming:
+        """A clip's sampling time (`clip_s`, GPU waited for) split by the sampler's loop time."""
+        steps_s = min(self.sampler.last_steps_s, clip_s)
+        return ClipTiming(calls=calls, steps_s=steps_s, overhead_s=clip_s - steps_s)
 
     def sample_clip(self, request: ClipRequest, on_step=None) -> torch.Tensor:
         """One clip's final latents: here alone, or together with the other ranks."""
@@ -722,8 +764,8 @@ class S2VPipeline(WanS2V):
                     latents = self.sample_clip(
                         request, None if on_step is None else partial(on_step, r, plan.num_clips))
                 if calls_per_clip:  # the stopwatch synced at both ends of the clip
-                    self.dit_speed.record(max_seq_len,
-                                          (timings["sampling_s"] - sampled_before) / calls_per_clip)
+                    self.dit_speed.record(max_seq_len, self._clip_timing(
+                        timings["sampling_s"] - sampled_before, calls_per_clip))
 
                 with timed("decoding_s"):
                     first_dropped = drop_first_motion and r == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
@@ -70,6 +71,12 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def wait_for_gpu(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -128,6 +135,9 @@ class ClipSampler:
     def __init__(self, engine: DiTEngine, device: torch.device, fast_float8: str) -> None:
         self.engine, self.device, self.fast_float8 = engine, device, fast_float8
         self.dit_calls = 0  # DiT calls made by this process, all clips together
+        # Seconds of the last clip's denoising loop alone (its DiT calls and solver steps), apart
+        # from its preparation: what the duration estimate scales with the step count.
+        self.last_steps_s = 0.0
 
     @torch.no_grad()
     def sample(self, request: ClipRequest, role: Role = Role(),
@@ -149,6 +159,8 @@ class ClipSampler:
         reuse = reused_steps(len(timesteps)) if request.step_cache else frozenset()
         latents, noise_pred = request.latents, None
         timesteps = timesteps[:stop_after]
+        wait_for_gpu(self.device)  # two waits per clip: the loop's time alone, for the estimate
+        loop_start = time.perf_counter()
         for i, t in enumerate(timesteps):
             # The scheduler step stays inside autocast too: upstream runs the whole loop under
             # it, and UniPC's einsum then computes in bfloat16.
@@ -159,6 +171,8 @@ class ClipSampler:
                 latents = scheduler.step(noise_pred.unsqueeze(0), t, latents.unsqueeze(0),
                                          return_dict=False, generator=generator)[0].squeeze(0)
             self._after_step(role, on_step, i, len(timesteps))
+        wait_for_gpu(self.device)
+        self.last_steps_s = time.perf_counter() - loop_start
         return latents
 
     def _guided_prediction(self, latents: torch.Tensor, timestep: torch.Tensor,
