@@ -8,11 +8,12 @@ import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from s2v_worker.logs import configure_logging
-from s2v_worker.runner import Worker
+from s2v_worker.runner import Worker, exit_through_hooks_on_sigterm
 from s2v_worker.settings import Settings
 
 
 def main() -> None:
+    exit_through_hooks_on_sigterm()
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     RunPodLogger().set_level(settings.runpod_log_level)

@@ -301,8 +301,8 @@ def test_text_with_no_utf8_form_gets_a_clear_error_not_an_http_500(api, portrait
     UTF-8 encoding (HTTP 500, video lost). It is refused up front, and the answer is sent."""
     base, _, _ = api
     job = with_image(speech_job(sample_steps=1, max_clips=1), portrait_png)
-    for field, value, fragment in (("prompt", "a \ud800 b", "'input.prompt' is not valid text"),
-                                   ("x\udfff", 1, "a key in 'input' is not valid text")):
+    for field, value, fragment in (("prompt", "a \ud800 b", "'prompt' is not valid text"),
+                                   ("x\udfff", 1, "a key in the job's 'input' is not valid text")):
         reply = requests.post(f"{base}/runsync", json={"input": {**job["input"], field: value}}, timeout=600)
         assert reply.status_code == 200, reply.text
         assert reply.json()["status"] == "FAILED" and fragment in reply.json()["error"]

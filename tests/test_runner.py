@@ -14,7 +14,7 @@ from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
 from conftest import speech_excerpt
-from s2v_worker.pipeline import DiTSpeed
+from s2v_worker.pipeline import ClipTiming, DiTSpeed
 from s2v_worker.runner import ProgressReporter, Worker
 from s2v_worker.settings import Settings
 
@@ -171,7 +171,10 @@ def test_an_unexpected_error_before_any_model_work_asks_for_no_fresh_worker(work
 def test_an_unexpected_error_once_the_weights_change_asks_for_a_fresh_worker(worker, portrait_png,
                                                                              speech_1s_b64, monkeypatch):
     class BrokenLoras:
-        def apply(self, loras):
+        def load(self, loras):
+            return loras
+
+        def merge(self, loras):
             raise RuntimeError("half-merged weights")
 
     with monkeypatch.context() as patch:
@@ -205,6 +208,118 @@ def test_an_image_the_model_cannot_size_is_a_client_error(worker, tmp_path, spee
     assert not list(Path(worker.settings.work_dir).iterdir())
 
 
+class FakeClock:
+    """JOB_TIMEOUT_S's clock, moved by the test: deadlines without waiting for them."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("when", ["last_step", "encode"])
+def test_past_the_limit_after_sampling_the_video_is_delivered_with_a_warning(
+        worker, portrait_png, speech_1s_b64, monkeypatch, when):
+    """Once the last step is done, only a cancellation stops a job: the limit passed during the
+    last step's check, or while the MP4 is finished, would throw the GPU's work away."""
+    from s2v_worker import runner
+
+    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())  # nothing to refuse it by
+    clock = FakeClock()
+    worker.clock = clock
+    worker.settings = worker.settings.replace(job_timeout_s=60.0)
+    if when == "last_step":
+        send = worker.send_progress
+
+        def progress(job, update):  # the limit passes during the job's only step
+            if update["stage"] == "sampling":
+                clock.now += 120
+            send(job, update)
+
+        worker.send_progress = progress
+    else:
+        finish = runner.Mp4Stream.finish
+
+        def slow_finish(stream):
+            clock.now += 120  # the limit passes while the MP4 is finished
+            return finish(stream)
+
+        monkeypatch.setattr(runner.Mp4Stream, "finish", slow_finish)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1))
+    assert "video_base64" in result, result
+    assert result["warnings"] == ["the job ran past its time limit of 60 s (JOB_TIMEOUT_S) after "
+                                  "its sampling had finished; the video was delivered anyway"]
+
+
+def test_past_the_limit_a_video_that_cannot_be_delivered_is_kept_and_named(
+        worker, portrait_png, speech_1s_b64, monkeypatch, tmp_path):
+    from s2v_worker import runner
+
+    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
+    clock = FakeClock()
+    worker.clock = clock
+    kept = tmp_path / "undelivered"
+    worker.settings = worker.settings.replace(job_timeout_s=60.0, max_inline_video_bytes=1,
+                                              undelivered_dir=str(kept))
+    finish = runner.Mp4Stream.finish
+
+    def slow_finish(stream):
+        clock.now += 120
+        return finish(stream)
+
+    monkeypatch.setattr(runner.Mp4Stream, "finish", slow_finish)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1))
+    assert set(result) == {"error"}, result
+    [video] = kept.iterdir()
+    assert f"The video was kept on the worker at {video} (UNDELIVERED_DIR)" in result["error"]
+
+
+def test_a_cancellation_after_sampling_still_stops_the_job(worker, portrait_png, speech_1s_b64,
+                                                           monkeypatch):
+    import threading
+
+    from s2v_worker import runner
+
+    cancelled = threading.Event()
+    finish = runner.Mp4Stream.finish
+
+    def cancelled_while_finishing(stream):
+        cancelled.set()
+        return finish(stream)
+
+    monkeypatch.setattr(runner.Mp4Stream, "finish", cancelled_while_finishing)
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1), cancelled)
+    assert result == {"error": "the job was cancelled"}
+
+
+def test_the_estimate_after_a_one_step_job_predicts_a_longer_one(worker, portrait_png,
+                                                                 speech_1s_b64, monkeypatch):
+    """A clip's preparation is measured apart from its DiT calls: after a 1-step job (whose
+    preparation once passed for a slow call, and estimated a 30-step job at 2.3x its time) the
+    estimate of a 20-step job is its time within a factor of 2. Sleeps make preparation and calls
+    costly enough to measure on a loaded machine."""
+    engine = worker.pipeline.dit
+    prepare, forward = engine.prepare, engine.forward
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(0.4)
+        return prepare(*args, **kwargs)
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare", slow_prepare)
+    monkeypatch.setattr(engine, "forward", slow_forward)
+    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
+    unguided = {"guidance_scale": 1.0, "max_clips": 1}
+    assert "video_base64" in worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, **unguided))
+    result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=20, **unguided))
+    estimated, took = result["timings"]["estimated_sampling_s"], result["timings"]["sampling_s"]
+    assert took / 2 <= estimated <= took * 2, (estimated, took)
+
+
 def job_tokens(worker, image_png) -> int:
     """The DiT tokens of `job(...)`'s clips (480p, 16 frames a clip) for this image."""
     height, width = worker.pipeline.video_size(image_png, "480p")
@@ -214,35 +329,38 @@ def job_tokens(worker, image_png) -> int:
 def test_progress_carries_the_estimated_sampling_time_left(worker, portrait_png, speech_1s_b64,
                                                            monkeypatch):
     speed = DiTSpeed()
-    speed.record(job_tokens(worker, portrait_png), 0.25)  # as if measured: 0.25 s a call
+    # as if measured: 0.25 s a call, 0.5 s of preparation a clip
+    speed.record(job_tokens(worker, portrait_png), ClipTiming(calls=8, steps_s=2.0, overhead_s=0.5))
     monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3, max_clips=1))
     clips = result["num_clips"]
     calls = clips * 3 * 2  # guided: two calls a step
-    assert result["timings"]["estimated_sampling_s"] == round(calls * 0.25, 1)
+    assert result["timings"]["estimated_sampling_s"] == round(calls * 0.25 + clips * 0.5, 1)
     assert result["timings"]["estimated_s"] >= result["timings"]["estimated_sampling_s"]
     updates = [u for _, u in worker.updates]
     generate = next(u for u in updates if u["stage"] == "generate")
-    assert generate["eta_s"] == round(calls * 0.25, 1)
+    assert generate["eta_s"] == round(calls * 0.25 + clips * 0.5, 1)
     etas = [u["eta_s"] for u in updates if u["stage"] == "sampling"]
-    assert etas == [round((calls - 2 * done) * 0.25, 1) for done in range(1, clips * 3 + 1)]
+    assert etas == [round((calls - 2 * done) * 0.25 + (clips - 1 - (done - 1) // 3) * 0.5, 1)
+                    for done in range(1, clips * 3 + 1)]
 
 
 def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(worker, portrait_png,
                                                                               speech_1s_b64, monkeypatch):
-    speed = DiTSpeed()
-    speed.record(job_tokens(worker, portrait_png), 400.0)  # a very slow GPU, as measured
+    speed = DiTSpeed()  # a very slow GPU, as measured
+    speed.record(job_tokens(worker, portrait_png), ClipTiming(calls=10, steps_s=4000.0, overhead_s=20.0))
     monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
     calls_before = worker.pipeline.dit_calls
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3))
     clips = 2  # 1 s of speech in 16-frame clips
     assert set(result) == {"error"}  # a client error: no refresh_worker
-    match = re.fullmatch(r"the job would take about (\d+) s \((\d+) DiT calls at 400.00 s each, as "
-                         r"measured on this worker\), more than its time limit of 3600 s "
-                         r"\(JOB_TIMEOUT_S\); use fewer sample_steps, a shorter audio or max_clips, "
-                         r"or 480p", result["error"])
+    match = re.fullmatch(r"the job would take about (\d+) s \((\d+) DiT calls at 400.00 s each and "
+                         r"20.00 s of preparation for each of 2 clip\(s\), as measured on this "
+                         r"worker\), more than its time limit of 3600 s \(JOB_TIMEOUT_S\); use fewer "
+                         r"sample_steps, a shorter audio or max_clips, or 480p", result["error"])
     assert match, result["error"]
-    assert int(match.group(2)) == clips * 3 * 2 and int(match.group(1)) >= clips * 3 * 2 * 400
+    assert int(match.group(2)) == clips * 3 * 2
+    assert int(match.group(1)) >= clips * 3 * 2 * 400 + clips * 20
     assert worker.pipeline.dit_calls == calls_before
     assert not any(u["stage"] in ("generate", "sampling") for _, u in worker.updates)
 
@@ -263,8 +381,8 @@ def test_results_serialize_as_runpod_sends_them(worker, portrait_png, speech_1s_
     good = job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1, prompt=text)
     result = asyncio.run(run_job(worker.handle, good))
     assert json.loads(as_runpod_sends(result))["output"]["settings"]["prompt"] == text
-    for bad_input, fragment in (({"prompt": "\ud800"}, "'input.prompt' is not valid text"),
-                                ({"\udc00": 1}, "a key in 'input' is not valid text")):
+    for bad_input, fragment in (({"prompt": "\ud800"}, "'prompt' is not valid text"),
+                                ({"\udc00": 1}, "a key in the job's 'input' is not valid text")):
         bad = job(portrait_png, speech_1s_b64, **bad_input)
         result = asyncio.run(run_job(worker.handle, bad))
         sent = json.loads(as_runpod_sends(result))

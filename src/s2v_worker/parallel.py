@@ -22,11 +22,14 @@ with its reason.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import logging
 import multiprocessing.connection
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -151,6 +154,7 @@ class RankSpec:
     device_type: str  # "cuda" or "cpu"
     compile_dit: bool
     fast_float8: str
+    parent_pid: int  # rank 0's process, which every rank dies with
 
     @property
     def backend(self) -> str:
@@ -213,8 +217,25 @@ class RankWorker:
             torch.cuda.empty_cache()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when rank 0's ends, however that ends: a SIGKILL, or a SIGTERM before
+    any exit hook could stop the ranks, must not leave a rank holding a GPU (and waiting out
+    START_TIMEOUT_S) under PID 1. Linux's parent-death signal does it; it fires when the thread
+    that started the rank ends, which is the worker's main thread (Worker.start)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:  # rank 0 ended before the signal was set
+        os._exit(1)
+
+
 def rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of ranks 1..N-1 (a spawned process): start, say ready, serve rank 0."""
+    die_with_parent(spec.parent_pid)
     configure_logging(spec.settings.log_level, process=f"rank{spec.rank} ")
     if spec.device_type == "cpu":
         # Every rank shares the machine's cores: without this each would start one thread per core.
@@ -280,7 +301,7 @@ class ParallelGroup:
         spec = RankSpec(rank=0, world_size=world_size,
                         init_method=f"tcp://127.0.0.1:{_free_port()}", settings=settings,
                         checkpoint=checkpoint, device_type=device.type, compile_dit=compile_dit,
-                        fast_float8=fast_float8)
+                        fast_float8=fast_float8, parent_pid=os.getpid())
         context = mp.get_context("spawn")
         processes, conns = [], []
         for rank in range(1, world_size):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +39,14 @@ if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads i
 logger = logging.getLogger(__name__)
 
 ProgressSender = Callable[[dict, Any], None]  # runpod.serverless.progress_update's signature
+
+
+def exit_through_hooks_on_sigterm() -> None:
+    """Make SIGTERM end the process as SIGINT does, through its exit hooks (which stop the rank
+    processes), instead of at once. For the moments the SDK's own handler is not installed: the
+    start-up, and `--test_input` runs, which never install one. (Ranks also die with this
+    process however it ends: parallel.die_with_parent.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def choose_device(requested: str) -> torch.device:
@@ -99,22 +109,41 @@ class JobControl:
     """Whether a running job should stop: RunPod cancelled it, or it passed JOB_TIMEOUT_S.
 
     Checked between stages and after every denoising step, so a stop takes effect within one step.
+    Once the last step is done (`sampling_done`), only a cancellation stops the job: the time
+    limit would throw away finished GPU work, so a video past it is delivered with a warning.
     """
 
-    def __init__(self, timeout_s: float, cancelled: threading.Event | None = None) -> None:
-        self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
+    def __init__(self, timeout_s: float, cancelled: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s, self.clock = timeout_s, clock
+        self.deadline = clock() + timeout_s
         self.cancelled = cancelled or threading.Event()
         # Set when the job first changes model state (LoRA merge, then the GPU work): from there an
         # unexpected error may have left the GPU or the resident weights in doubt.
         self.model_work_started = False
+        self.sampling_done = False
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.timeout_s - (self.deadline - self.clock())
+
+    @property
+    def overran(self) -> bool:
+        return self.clock() > self.deadline
 
     def check(self) -> None:
         if self.cancelled.is_set():
             raise JobStopped("the job was cancelled")
-        if time.monotonic() > self.deadline:
+        if self.overran and not self.sampling_done:
             raise JobStopped(f"the job ran past its time limit of {self.timeout_s:g} s "
                              "(JOB_TIMEOUT_S)")
+
+    def overrun_warning(self) -> str | None:
+        """The result's warning for a video delivered although the job ran past its limit."""
+        if not self.overran:
+            return None
+        return (f"the job ran past its time limit of {self.timeout_s:g} s (JOB_TIMEOUT_S) after "
+                "its sampling had finished; the video was delivered anyway")
 
 
 @contextmanager
@@ -128,6 +157,8 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 class Worker:
     """Holds the resident pipeline and runs jobs on it, one at a time."""
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # of JOB_TIMEOUT_S (tests set it)
 
     def __init__(self, settings: Settings, pipeline, send_progress: ProgressSender | None = None):
         self.settings = settings
@@ -192,7 +223,8 @@ class Worker:
     def run(self, job: dict, cancelled: threading.Event | None = None) -> dict:
         """Run one RunPod job; always returns a dict (the result, or {"error": ...})."""
         with self._gpu:
-            return self._run_guarded(job, JobControl(self.settings.job_timeout_s, cancelled))
+            return self._run_guarded(job, JobControl(self.settings.job_timeout_s, cancelled,
+                                                     self.clock))
 
     def _run_guarded(self, job: dict, control: JobControl) -> dict:
         started = time.perf_counter()
@@ -246,6 +278,8 @@ class Worker:
 
         def on_step(clip: int, clips: int, step: int, steps: int) -> None:
             progress.step(clip, clips, step, steps)
+            if clip + 1 == clips and step + 1 == steps:
+                control.sampling_done = True  # what is left (decode, encode, upload) is kept
             control.check()
 
         if reason := pipeline.speed_unavailable(generation.speed):
@@ -304,6 +338,9 @@ class Worker:
             delivered = deliver_video(video.path, settings, request.storage)
 
         warnings += delivered.pop("warnings", [])
+        if overrun := control.overrun_warning():
+            logger.warning("job %s: %s", request.job_id, overrun)
+            warnings.append(overrun)
         return {
             **delivered,
             **({"warnings": warnings} if warnings else {}),
@@ -325,19 +362,19 @@ class Worker:
                         timings: dict[str, float]) -> None:
         """Refuse, before any model work, a job that would run past JOB_TIMEOUT_S: the client learns
         it now rather than after the time limit has cut the job short."""
-        elapsed = control.timeout_s - (control.deadline - time.monotonic())
-        total = elapsed + estimate.seconds
+        total = control.elapsed_s + estimate.seconds
         timings["estimated_sampling_s"] = round(estimate.seconds, 1)
         timings["estimated_s"] = round(total, 1)
-        logger.info("estimate: %d DiT calls of %d tokens at %.3f s: %.1f s of sampling, %.1f s "
-                    "in all", estimate.calls, estimate.tokens, estimate.seconds_per_call,
-                    estimate.seconds, total)
+        logger.info("estimate: %d DiT calls of %d tokens at %.3f s and %.2f s per clip: %.1f s "
+                    "of sampling, %.1f s in all", estimate.calls, estimate.tokens,
+                    estimate.seconds_per_call, estimate.overhead_per_clip_s, estimate.seconds, total)
         if total > control.timeout_s:
             raise JobInputError(
                 f"the job would take about {total:.0f} s ({estimate.calls} DiT calls at "
-                f"{estimate.seconds_per_call:.2f} s each, as measured on this worker), more than "
-                f"its time limit of {control.timeout_s:g} s (JOB_TIMEOUT_S); use fewer "
-                "sample_steps, a shorter audio or max_clips, or 480p")
+                f"{estimate.seconds_per_call:.2f} s each and {estimate.overhead_per_clip_s:.2f} s "
+                f"of preparation for each of {estimate.clips} clip(s), as measured on this "
+                f"worker), more than its time limit of {control.timeout_s:g} s (JOB_TIMEOUT_S); "
+                "use fewer sample_steps, a shorter audio or max_clips, or 480p")
 
     def _lora_manager(self) -> LoraManager:
         if self._loras is None:

@@ -222,8 +222,9 @@ SETTINGS: tuple[Setting, ...] = (
             "<system temp>/wan-s2v-undelivered); the job's error names the file."),
     Setting("JOB_TIMEOUT_S", "job_timeout_s", _parse_positive_float, 3600.0,
             "Longest a job may run. A job whose estimated duration (from this worker's measured "
-            "seconds per DiT call) is longer is refused before any model work; past the limit, "
-            "sampling stops at the next step and the job ends with an error. Keep it below "
+            "seconds per DiT call and per clip) is longer is refused before any model work; past "
+            "the limit, sampling stops at the next step and the job ends with an error, but a job "
+            "whose sampling has finished delivers its video with a warning. Keep it below "
             "RunPod's execution timeout (README, 'Long jobs')."),
     Setting("PROGRESS_INTERVAL_S", "progress_interval_s", float, 2.0,
             "Least time between two progress updates sent during sampling."),
