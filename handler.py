@@ -15,10 +15,11 @@ from s2v_worker.settings import Settings
 def main() -> None:
     exit_through_hooks_on_sigterm()
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    RunPodLogger().set_level(settings.runpod_log_level)
+    configure_logging(settings.logging.log_level)
+    RunPodLogger().set_level(str(settings.logging.runpod_log_level))
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
-    send_progress = runpod.serverless.progress_update if settings.runpod_webhook_post_output else None
+    send_progress = (runpod.serverless.progress_update
+                     if settings.logging.runpod_webhook_post_output else None)
     worker = Worker.start(settings, send_progress=send_progress)
     runpod.serverless.start({"handler": worker.handle})
 

@@ -2,7 +2,7 @@
 
     python -m bench.check_results
 
-Each result file must be the merge of its raw parts, the README's performance section must be the
+Each result file must be the merge of its raw parts, docs/performance.md's measurements must be the
 one the newest result gives, and the newest result must hold what the harness promises. These are
 checks of committed data, not of code, so they are not in the unit suite (tests/test_bench_merge.py
 checks merge.py itself on a synthetic result). Exits 1 and lists the problems when one fails.
@@ -30,7 +30,7 @@ def result_files() -> list[Path]:
 
 def merged_from_parts(result_path: Path) -> list[str]:
     # part-*.json are merged in name order; experiment-*.json are kept as the record of
-    # measurements that decided something (README cites them) and are not merged.
+    # measurements that decided something (docs cite them) and are not merged.
     parts = [json.loads(p.read_text()) for p in sorted(raw_folder(result_path).glob("part-*.json"))]
     if not parts:
         return [f"{result_path.name}: no raw parts in {raw_folder(result_path)}"]
@@ -39,11 +39,11 @@ def merged_from_parts(result_path: Path) -> list[str]:
     return []
 
 
-def readme_from_newest(newest: Path) -> list[str]:
-    section = merge.readme_section(json.loads(newest.read_text()), newest)
-    if section not in merge.README.read_text():
-        return [f"README's performance section is not the one {newest.name} gives "
-                f"(python bench/merge.py --readme-only {newest.relative_to(merge.ROOT)})"]
+def page_from_newest(newest: Path) -> list[str]:
+    section = merge.measurements_section(json.loads(newest.read_text()), newest)
+    if section not in merge.PERFORMANCE_PAGE.read_text():
+        return [f"docs/performance.md's measurements are not the ones {newest.name} gives "
+                f"(python bench/merge.py --page-only {newest.relative_to(merge.ROOT)})"]
     return []
 
 
@@ -86,7 +86,7 @@ def problems() -> list[str]:
     if not files:
         return [f"no result files in {RESULTS}"]
     found = [problem for path in files for problem in merged_from_parts(path)]
-    return (found + readme_from_newest(files[-1]) + harness_promises(files[-1])
+    return (found + page_from_newest(files[-1]) + harness_promises(files[-1])
             + on_record(files))
 
 

@@ -13,15 +13,20 @@ from pathlib import Path
 import torch
 
 from bench import fullsize
-from s2v_worker.checkpoint import read_checkpoint
 from s2v_worker import attention
+from s2v_worker.checkpoint import T5_CHECKPOINT, VAE_CHECKPOINT, read_checkpoint
+from s2v_worker.denoiser import Denoiser
 from s2v_worker.dit import DiTEngine
 from s2v_worker.job import parse_job
-from s2v_worker.official import install_attention, official_architecture
-from s2v_worker.sampling import ClipRequest
-from s2v_worker.pipeline import (OFFICIAL_CONFIG, S2VPipeline, _official, _peek_state_dict,
-                                 infer_t5_architecture, infer_vae_width)
-from s2v_worker.checkpoint import T5_CHECKPOINT, VAE_CHECKPOINT
+from s2v_worker.loading import load_pipeline
+from s2v_worker.official import import_official, install_attention, official_architecture
+from s2v_worker.planning import plan_clips, video_size
+from s2v_worker.sampling import ClipRequest, Role
+from s2v_worker.settings import ModelSettings
+from s2v_worker.weights import infer_t5_architecture, infer_vae_width, peek_state_dict
+
+_official = import_official()
+OFFICIAL_CONFIG = _official.config
 
 WHOLE_JOB_MAX_ABS = 1e-3  # on [-1, 1] pixels
 FORWARD_REL_L2 = 1e-2
@@ -37,8 +42,8 @@ def official_wans2v(checkpoint_dir: Path):
     """The official class, loaded by its own __init__. It builds umt5-xxl and the 96-wide VAE by
     name; for the tiny checkpoint those builders get the checkpoint's sizes (as the worker's loader
     does), everything else is upstream's code path."""
-    t5_arch = infer_t5_architecture(_peek_state_dict(checkpoint_dir / T5_CHECKPOINT))
-    vae_dim = infer_vae_width(_peek_state_dict(checkpoint_dir / VAE_CHECKPOINT))
+    t5_arch = infer_t5_architecture(peek_state_dict(checkpoint_dir / T5_CHECKPOINT))
+    vae_dim = infer_vae_width(peek_state_dict(checkpoint_dir / VAE_CHECKPOINT))
     with official_architecture(_official.t5, "umt5_xxl", **t5_arch), \
             official_architecture(_official.vae, "_video_vae", dim=vae_dim):
         return _official.speech2video.WanS2V(config=OFFICIAL_CONFIG, checkpoint_dir=str(checkpoint_dir),
@@ -67,17 +72,23 @@ def worker_tiny_video(checkpoint_dir: Path, image: Path, audio_wav: Path, seed: 
                       compile_dit: bool = True, audio_encoder_on_gpu: bool = True) -> torch.Tensor:
     """The worker's pipeline on the same job (defaults: as served, compiled DiT and wav2vec2 on
     the GPU; both off: WAN_S2V_COMPILE=false WAN_S2V_AUDIO_ENCODER_DEVICE=cpu)."""
-    pipeline = S2VPipeline.load(read_checkpoint(checkpoint_dir), torch.device("cuda"),
-                                attention="sdpa", compile_dit=compile_dit,
-                                audio_encoder_on_cpu=not audio_encoder_on_gpu)
+    model = ModelSettings(attention="sdpa", compile=compile_dit,
+                          audio_encoder_device="gpu" if audio_encoder_on_gpu else "cpu")
+    pipeline = load_pipeline(read_checkpoint(checkpoint_dir), torch.device("cuda"), model)
     settings = parse_job({"input": {"image_url": "https://x/i", "audio_url": "https://x/a",
                                     "prompt": prompt, "resolution": "480p", "sample_steps": steps,
                                     "guidance_scale": 4.5, "shift": 3.0, "max_clips": clips,
                                     "seed": seed}}).generation
     import soundfile
     seconds = soundfile.info(str(audio_wav)).duration
-    plan = pipeline.plan(image, seconds, settings)
-    return pipeline.generate(image, audio_wav, plan, settings, seed=seed).video.float()
+    from PIL import Image
+
+    with Image.open(image) as opened:
+        size = video_size(*opened.size, pipeline.checkpoint.max_area["480p"], "480p")
+    plan = plan_clips(size, seconds, settings)
+    frames = []
+    pipeline.generate(image, audio_wav, plan, settings, seed, on_frames=frames.append)
+    return torch.cat(frames, dim=1).float()
 
 
 def compare_videos(got: torch.Tensor, expected: torch.Tensor) -> dict:
@@ -168,14 +179,15 @@ def fullsize_three_steps(dit, resolution: str = "480p", guidance: float = 4.5) -
                                         return_dict=False, generator=generator)[0].squeeze(0)
     expected = latents[0]
 
-    pipeline = S2VPipeline.from_components(None, device, text_encoder=None, vae=None,
-                                           noise_model=dit, audio_encoder=None, attention="auto",
-                                           compile_dit=True)
+    from s2v_worker.denoiser import install_attentions
+
+    install_attentions("auto", device)
+    denoiser = Denoiser(dit, device, compile=True)
     request = ClipRequest(latents=noise.clone(),
                           generator_state=torch.Generator(device=device).manual_seed(0).get_state(),
                           solver="unipc", steps=30, shift=3.0, guidance_scale=guidance, cond=arg_c,
                           uncond=arg_null)
-    got = pipeline.sampler.sample(request, stop_after=3)
+    got = denoiser.sampler.sample(request, Role(), stop_after=3)
     error = rel_l2(got, expected)
     return {"passed": error <= THREE_STEPS_REL_L2, "rel_l2": error, "bound": THREE_STEPS_REL_L2,
             "resolution": resolution, "steps": 3, "guidance_scale": guidance}

@@ -16,9 +16,15 @@ from typing import Iterator
 import torch
 
 from builder import make_tiny_checkpoint as tiny  # same file layout, smaller sizes
-from s2v_worker.checkpoint import (OFFICIAL_MAX_AREA, T5_CHECKPOINT, T5_TOKENIZER_DIR,
-                                   VAE_CHECKPOINT, WAV2VEC_DIR, Checkpoint)
-from s2v_worker.pipeline import OFFICIAL_CONFIG, S2VPipeline, _official, _VideoVAE
+from s2v_worker.checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
+                                   Checkpoint)
+from s2v_worker.denoiser import Denoiser
+from s2v_worker.official import import_official
+from s2v_worker.pipeline import S2VPipeline
+from s2v_worker.vae import VideoVAE
+
+_official = import_official()
+OFFICIAL_CONFIG = _official.config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,13 +84,13 @@ def build_dit(device: torch.device, num_layers: int | None = None, seed: int = 0
 
 
 def bench_rank_main(spec, conn) -> None:
-    """Entry of a benchmark's other ranks (s2v_worker.parallel): the worker's rank, whose DiT is
+    """Entry of a benchmark's other ranks (s2v_worker.ranks): the worker's rank, whose DiT is
     build_dit()'s random full-size weights (same seed, so the same weights as rank 0's) instead of
     a checkpoint read from disk."""
-    import s2v_worker.pipeline as pipeline_module
-    from s2v_worker.parallel import rank_main
+    from s2v_worker import weights
+    from s2v_worker.ranks import rank_main
 
-    pipeline_module.load_noise_model = lambda checkpoint, device, dtype: build_dit(device)
+    weights.load_dit = lambda checkpoint, device, dtype: build_dit(device)
     rank_main(spec, conn)
 
 
@@ -129,17 +135,26 @@ def build_pipeline(device: torch.device, workdir: Path, attention: str = "auto",
                                                     seq_len=OFFICIAL_CONFIG.text_len,
                                                     clean="whitespace"))
     torch.save(build_vae_state(device), workdir / VAE_CHECKPOINT)
-    vae = _VideoVAE(vae_pth=str(workdir / VAE_CHECKPOINT), device=device)
+    vae = VideoVAE(vae_pth=str(workdir / VAE_CHECKPOINT), device=device)
     audio_encoder = _official.audio_encoder.AudioEncoder(model_id=str(workdir / WAV2VEC_DIR))
     audio_encoder.model = build_wav2vec2()[0]  # on the CPU, as upstream (the worker's: see below)
-    noise_model = build_dit(device)
+    denoiser = build_denoiser(device, attention, compile_dit)
     timings["build_s"] = time.perf_counter() - start
-    pipeline = S2VPipeline.from_components(
-        Checkpoint(path=workdir, max_area=dict(OFFICIAL_MAX_AREA)), device,
-        text_encoder=text_encoder, vae=vae, noise_model=noise_model, audio_encoder=audio_encoder,
-        attention=attention, compile_dit=compile_dit)
+    pipeline = S2VPipeline(Checkpoint(path=workdir), device, text_encoder=text_encoder, vae=vae,
+                           audio_encoder=audio_encoder, denoiser=denoiser)
     pipeline.build_timings = timings
     return pipeline
+
+
+def build_denoiser(device: torch.device, attention: str = "auto", compile_dit: bool = True,
+                   num_layers: int | None = None) -> Denoiser:
+    """The worker's Denoiser around build_dit()'s random full-size DiT, with the attention kernels
+    a worker would install (WAN_S2V_ATTENTION=`attention`)."""
+    from s2v_worker.denoiser import install_attentions
+    from s2v_worker.settings import Attention
+
+    install_attentions(Attention(attention), device)
+    return Denoiser(build_dit(device, num_layers), device, compile=compile_dit)
 
 
 def official_view(pipeline: S2VPipeline):
@@ -152,7 +167,7 @@ def official_view(pipeline: S2VPipeline):
         device=pipeline.device, config=OFFICIAL_CONFIG, rank=0, t5_cpu=False, init_on_cpu=False,
         num_train_timesteps=OFFICIAL_CONFIG.num_train_timesteps,
         param_dtype=OFFICIAL_CONFIG.param_dtype, text_encoder=pipeline.text_encoder, vae=vae,
-        noise_model=pipeline.noise_model, audio_encoder=pipeline.audio_encoder, sp_size=1,
+        noise_model=pipeline.denoiser.model, audio_encoder=pipeline.audio_encoder, sp_size=1,
         sample_neg_prompt=OFFICIAL_CONFIG.sample_neg_prompt,
         motion_frames=OFFICIAL_CONFIG.transformer.motion_frames,
         drop_first_motion=OFFICIAL_CONFIG.drop_first_motion, fps=OFFICIAL_CONFIG.sample_fps,

@@ -5,7 +5,7 @@
     python -m bench.harness --sections coldstart --out $OUT/part-c.json
     python -m bench.harness --sections job --paths worker --job-steps 4 --job-guidance 1 \
         --job-lora-rank 64 --out $OUT/part-d.json   # -> job_s.480p_1clip_4steps_lora
-    python bench/merge.py $OUT/part-*.json   # -> bench/results/<date>-<gpu>.json + README table
+    python bench/merge.py $OUT/part-*.json   # -> bench/results/<date>-<gpu>.json + docs/performance.md
 
 "Official" is the official modules with their attention sent to PyTorch SDPA through the official
 fallback (`wan.modules.attention.attention`), which is what a FlashAttention-free deployment of the
@@ -107,7 +107,7 @@ def section_forward(args) -> dict:
     from bench.faithfulness import rel_l2
     from s2v_worker import attention
     from s2v_worker.dit import DiTEngine
-    from s2v_worker.pipeline import FAST_MODE_FLOAT8
+    from s2v_worker.float8 import FAST_MODE_FLOAT8
 
     dit = fullsize.build_dit(DEVICE)
     engine = DiTEngine(dit, compile=True)
@@ -229,14 +229,10 @@ def section_fastmode(args) -> dict:
     from exact mode's. Through the pipeline's ClipSampler.sample, attention as WAN_S2V_ATTENTION=auto picks."""
     from bench.faithfulness import rel_l2
     from s2v_worker import attention
-    from s2v_worker.pipeline import S2VPipeline
     from s2v_worker.sampling import ClipRequest
 
-    dit = fullsize.build_dit(DEVICE)
-    pipeline = S2VPipeline.from_components(None, DEVICE, text_encoder=None, vae=None,
-                                           noise_model=dit, audio_encoder=None, attention="auto",
-                                           compile_dit=True)
-    pipeline.sampler.fast_float8 = args.fast_float8
+    denoiser = fullsize.build_denoiser(DEVICE)
+    denoiser.sampler.fast_float8 = args.fast_float8
     height, width = fullsize.SIZES_16X9["480p"]
     inputs = fullsize.dit_inputs(height, width, DEVICE)
     noise, t = inputs.pop("x")[0], inputs.pop("t")
@@ -250,13 +246,13 @@ def section_fastmode(args) -> dict:
     if attention.ATTENTION.name == "fa3" and "fastest" in args.loop_speeds:
         speeds["fastest"] = (True, True, True)
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
-        conditioning = pipeline.dit.prepare(**arg_c)
-        exact = pipeline.dit.forward([noise], t, conditioning)[0]
+        conditioning = denoiser.engine.prepare(**arg_c)
+        exact = denoiser.engine.forward([noise], t, conditioning)[0]
         forward_speeds = {"fast": False, "fastest": True} if attention.ATTENTION.name == "fa3" \
             else {"fast": False}
         for name, float8_attention in forward_speeds.items():
-            got = pipeline.dit.forward([noise], t, conditioning, float8=args.fast_float8,
-                                       float8_attention=float8_attention)[0]
+            got = denoiser.engine.forward([noise], t, conditioning, float8=args.fast_float8,
+                                          float8_attention=float8_attention)[0]
             out.setdefault(name, {})["forward_rel_l2_vs_exact"] = rel_l2(got, exact)
         del conditioning, exact
     finals = {}
@@ -265,14 +261,14 @@ def section_fastmode(args) -> dict:
                               generator_state=torch.Generator(device=DEVICE).get_state(),
                               solver="unipc", steps=args.loop_steps, shift=3.0, guidance_scale=4.5,
                               cond=arg_c, uncond=arg_null, fast=fast, step_cache=cache,
-                              attention_float8=float8_attention)
-        calls = pipeline.dit_calls
+                              float8_attention=float8_attention)
+        calls = denoiser.dit_calls
         sync()
         start = time.perf_counter()
-        finals[name] = pipeline.sample_clip(request)
+        finals[name] = denoiser.sample(request)
         sync()
         seconds = time.perf_counter() - start
-        calls = pipeline.dit_calls - calls
+        calls = denoiser.dit_calls - calls
         out.setdefault(name, {}).update(
             loop_s=round(seconds, 2), dit_calls=calls,
             s_per_requested_forward=round(seconds / (2 * args.loop_steps), 3),
@@ -305,12 +301,12 @@ def section_tinyjob(args) -> dict:
 
 
 def section_vae(args) -> dict:
-    from s2v_worker.pipeline import _VideoVAE, _official
+    from s2v_worker.vae import VideoVAE
 
     state_path = Path(tempfile.mkdtemp()) / "vae.pth"
     torch.save(fullsize.build_vae_state(DEVICE), state_path)
-    worker_vae = _VideoVAE(vae_pth=str(state_path), device=DEVICE)
-    official_vae = _official.vae.Wan2_1_VAE(vae_pth=str(state_path), device=DEVICE)
+    worker_vae = VideoVAE(vae_pth=str(state_path), device=DEVICE)
+    official_vae = fullsize._official.vae.Wan2_1_VAE(vae_pth=str(state_path), device=DEVICE)
     out = {}
     for resolution in args.resolutions:
         height, width = fullsize.SIZES_16X9[resolution]
@@ -487,10 +483,9 @@ def section_job(args) -> dict:
     if "worker" in args.paths:
         import base64
 
-        from s2v_worker.lora import LoraManager
         from s2v_worker.runner import Worker
 
-        # As S2VPipeline.load places it: wav2vec2 on the GPU (the official view above ran it on
+        # As load_pipeline places it: wav2vec2 on the GPU (the official view above ran it on
         # the CPU, as upstream does).
         pipeline.audio_encoder.model.to(DEVICE)
         # Worker start-up does this before it takes jobs (counted in the cold start).
@@ -500,19 +495,19 @@ def section_job(args) -> dict:
         worker = Worker(settings, pipeline)
         lora_path = None
         if args.job_lora_rank:
-            lora_path, out["lora"] = _write_job_lora(pipeline.noise_model, args.job_lora_rank, work)
+            lora_path, out["lora"] = _write_job_lora(pipeline.denoiser.model, args.job_lora_rank,
+                                                     work)
         media = {f"{name}_base64": base64.b64encode(path.read_bytes()).decode()
                  for name, path in (("image", image), ("audio", audio))}
         job = {"id": "bench", "input": _job_fields(steps, guidance, seed, lora_path, **media)}
-        # The runner's LoRA manager, made here so that its parse and merge can be timed apart.
-        worker._loras = LoraManager(pipeline.noise_model, on_change=pipeline.dit.forget_float8)
+        # The Denoiser's LoRA manager, its parse and merge timed apart.
         lora_parts: dict[str, float] = {}
-        _timed_methods(worker._loras, ["_parse", "_merge"], lora_parts)
+        _timed_methods(pipeline.denoiser.loras, ["_parse", "_merge"], lora_parts)
         runs = ("worker", "worker_second_job") if args.job_lora_rank else ("worker",)
         for run in runs:
             out[run] = _worker_job(worker, lora_parts, job)
             print("job", run, out[run], flush=True)
-        worker._loras.restore()
+        pipeline.denoiser.loras.restore()
     return {"job_s": {key: out}}
 
 
@@ -581,8 +576,8 @@ def section_parallel(args) -> dict:
     World size N starts N-1 rank processes (parallel.py) whose DiTs are the same random full-size
     weights (fullsize.bench_rank_main)."""
     from s2v_worker.parallel import ParallelGroup
-    from s2v_worker.pipeline import FAST_MODE_FLOAT8
-    from s2v_worker.settings import Settings
+    from s2v_worker.planning import plan_clips
+    from s2v_worker.settings import LogLevel, ModelSettings, ParallelSettings
 
     work = Path(tempfile.mkdtemp())
     pipeline = fullsize.build_pipeline(DEVICE, work / "components")
@@ -593,41 +588,43 @@ def section_parallel(args) -> dict:
     for world_size in _world_sizes(args):
         group = None
         if world_size > 1:
-            settings = Settings.from_env({}).replace(world_size=world_size, rank_timeout_s=900.0)
             start = time.perf_counter()
-            group = ParallelGroup.launch(settings, pipeline.checkpoint, world_size, DEVICE,
-                                         compile_dit=True, fast_float8=FAST_MODE_FLOAT8,
-                                         entry=fullsize.bench_rank_main)
+            group = ParallelGroup.launch(pipeline.checkpoint, world_size, DEVICE, ModelSettings(),
+                                         ParallelSettings(world_size=world_size,
+                                                          rank_timeout_s=900.0),
+                                         LogLevel.INFO, entry=fullsize.bench_rank_main)
             group.wait_ready()
-            pipeline.group = group
+            pipeline.denoiser.attach(group)
             out.setdefault("start_s", {})[world_size] = round(time.perf_counter() - start, 1)
         try:
             for resolution in args.resolutions:
                 height, width = fullsize.SIZES_16X9[resolution]
-                pipeline.sample_clip(_clip_request(height, width, 1))  # compile, pick kernels
+                pipeline.denoiser.sample(_clip_request(height, width, 1))  # compile, pick kernels
                 seconds = {}
                 for steps in (1, 3):
                     sync()
                     start = time.perf_counter()
-                    pipeline.sample_clip(_clip_request(height, width, steps))
+                    pipeline.denoiser.sample(_clip_request(height, width, steps))
                     sync()
                     seconds[steps] = time.perf_counter() - start
                 row = out.setdefault(resolution, {}).setdefault(world_size, {})
                 row["step_s"] = round((seconds[3] - seconds[1]) / 2, 4)
-                row["layout"] = pipeline.layout(True).as_dict()
+                row["layout"] = pipeline.denoiser.layout(True).as_dict()
                 print(f"parallel {resolution} world {world_size}: step {row['step_s']:.3f} s",
                       flush=True)
             if "job" in args.parallel_parts:
                 sync()
                 start = time.perf_counter()
-                plan = pipeline.plan(image, 4.5, request.generation)
-                pipeline.generate(image, audio, plan, request.generation, seed=42)
+                size = fullsize.SIZES_16X9["480p"]
+                plan = plan_clips(size, 4.5, request.generation)
+                pipeline.generate(image, audio, plan, request.generation, 42,
+                                  on_frames=lambda frames: None)
                 sync()
                 job = out.setdefault("480p_1clip_job", {}).setdefault(world_size, {})
                 job["generate_s"] = round(time.perf_counter() - start, 2)
                 print(f"parallel job world {world_size}: {job['generate_s']} s", flush=True)
         finally:
-            pipeline.group = None
+            pipeline.denoiser.group = None
             if group is not None:
                 group.close()
     for part, metric in [*((r, "step_s") for r in args.resolutions),
@@ -664,7 +661,7 @@ def main() -> None:
                         help="forward: GPU time by kernel family (torch.profiler)")
     parser.add_argument("--fast-float8", default="all_tensorwise",
                         help="fastmode: the FP8 layer set of the loop (dit.FLOAT8_LAYER_SETS); the "
-                             "default is fast mode's as served (pipeline.FAST_MODE_FLOAT8)")
+                             "default is fast mode's as served (float8.FAST_MODE_FLOAT8)")
     parser.add_argument("--static-too", action="store_true",
                         help="forward: also time the engine compiled for static shapes")
     parser.add_argument("--sdpa-too", action="store_true",

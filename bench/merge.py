@@ -1,10 +1,10 @@
-"""Merge harness parts into one result file and write the README's performance section from it.
+"""Merge harness parts into one result file and write docs/performance.md's measurements from it.
 
     python bench/merge.py bench/results/2026-11-27-nvidia-h100-80gb-hbm3.json PART.json [PART.json ...]
-    python bench/merge.py --readme-only bench/results/<file>.json
+    python bench/merge.py --page-only bench/results/<file>.json
 
 Every part must come from the same device model; each section keeps the commit it was measured at.
-The README section between the `bench:start` and `bench:end` markers is replaced.
+The section of docs/performance.md between the `bench:start` and `bench:end` markers is replaced.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"  # its measurements section is generated
 SECTION_KEYS = ("faithfulness", "dit_forward_s", "vae_s", "job_s", "cold_start_s", "fast_mode_480p")
 FAITHFULNESS_KEYS = ("tiny_whole_job", "fullsize_forward_480p", "fullsize_forward_720p",
                      "fullsize_three_steps_480p")
@@ -75,7 +75,7 @@ def _speed(row: dict, key: str) -> str:
             f"{row[f'{key}_rel_l2']:.1e})")
 
 
-def readme_section(result: dict, result_path: Path) -> str:
+def measurements_section(result: dict, result_path: Path) -> str:
     f = result.get("faithfulness", {})
     lines = [
         f"Measured on one **{result['device']}** (torch {result['torch']}), {result['date']}, at "
@@ -188,30 +188,30 @@ def readme_section(result: dict, result_path: Path) -> str:
     return "\n".join(lines)
 
 
-def update_readme(result: dict, result_path: Path) -> None:
-    text = README.read_text()
-    block = f"<!-- bench:start -->\n{readme_section(result, result_path)}\n<!-- bench:end -->"
+def update_performance_page(result: dict, result_path: Path) -> None:
+    text = PERFORMANCE_PAGE.read_text()
+    block = f"<!-- bench:start -->\n{measurements_section(result, result_path)}\n<!-- bench:end -->"
     pattern = re.compile(r"<!-- bench:start -->.*?<!-- bench:end -->", re.S)
     if not pattern.search(text):
-        raise SystemExit("README.md has no bench:start/bench:end markers")
-    README.write_text(pattern.sub(lambda _: block, text))
+        raise SystemExit(f"{PERFORMANCE_PAGE.name} has no bench:start/bench:end markers")
+    PERFORMANCE_PAGE.write_text(pattern.sub(lambda _: block, text))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("result", type=Path)
     parser.add_argument("parts", type=Path, nargs="*")
-    parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--page-only", action="store_true")
     args = parser.parse_args()
     result_path = args.result.resolve()
-    if args.readme_only:
+    if args.page_only:
         result = json.loads(result_path.read_text())
     else:
         result = merge([json.loads(p.read_text()) for p in args.parts])
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    update_readme(result, result_path)
-    print(readme_section(result, result_path))
+    update_performance_page(result, result_path)
+    print(measurements_section(result, result_path))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,22 @@ def file_server(tmp_path) -> Iterator[FileServer]:
         yield FileServer(server.url, folder)
 
 
+def with_settings(loader):
+    """A media loader called as the runner calls it, from a whole `Settings` (its media limits and
+    network policy): `load_image = with_settings(media.load_image)`."""
+    def load(source, work_dir, settings):
+        return loader(source, work_dir, settings.media, settings.network)
+
+    return load
+
+
+def deliver(path: Path, settings, override=None) -> dict:
+    """storage.deliver_video as the runner calls it, from a whole `Settings`."""
+    from s2v_worker.storage import deliver_video
+
+    return deliver_video(path, override, settings.storage, settings.network, settings.folders)
+
+
 def closed_port_url() -> str:
     """An http:// URL on loopback where nothing listens: a port the system just handed out and
     took back (connections are refused at once)."""
@@ -127,12 +143,43 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint):
     """The worker's pipeline on the tiny checkpoint, on the CPU, loaded once per session."""
+    return load_tiny_pipeline(tiny_checkpoint)
+
+
+def load_tiny_pipeline(folder: Path):
+    """A pipeline as the worker loads one, from a checkpoint folder, on the CPU."""
     import torch
 
     from s2v_worker.checkpoint import read_checkpoint
-    from s2v_worker.pipeline import S2VPipeline
+    from s2v_worker.loading import load_pipeline
+    from s2v_worker.settings import ModelSettings
 
-    return S2VPipeline.load(read_checkpoint(tiny_checkpoint), torch.device("cpu"))
+    return load_pipeline(read_checkpoint(folder), torch.device("cpu"), ModelSettings())
+
+
+def plan_job(pipeline, image_path: Path, audio_seconds: float, generation):
+    """The job's ClipPlan as the runner makes it: the video's size from the image's header."""
+    from PIL import Image
+
+    from s2v_worker.planning import plan_clips, video_size
+
+    with Image.open(image_path) as image:
+        width, height = image.size
+    size = video_size(width, height, pipeline.checkpoint.max_area[generation.resolution],
+                      generation.resolution)
+    return plan_clips(size, audio_seconds, generation)
+
+
+def generate_video(pipeline, image_path: Path, audio_path: Path, plan, generation, seed: int,
+                   **options):
+    """`pipeline.generate`'s frames collected into one tensor [3, frames, H, W] (the worker
+    streams them to the MP4 encoder instead)."""
+    import torch
+
+    pieces = []
+    pipeline.generate(image_path, audio_path, plan, generation, seed, on_frames=pieces.append,
+                      **options)
+    return torch.cat(pieces, dim=1)
 
 
 @pytest.fixture(scope="session")

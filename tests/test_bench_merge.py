@@ -1,6 +1,6 @@
-"""bench/merge.py on a small synthetic result: parts merge into one result, and the README's
+"""bench/merge.py on a small synthetic result: parts merge into one result, and docs/performance.md's
 performance section is written from it between its markers. (Whether the committed GPU records
-agree with each other and with README is `python -m bench.check_results`, run after a merge.)"""
+agree with each other and with docs/performance.md is `python -m bench.check_results`, run after a merge.)"""
 import pytest
 
 from bench import merge
@@ -38,7 +38,7 @@ def test_parts_merge_section_by_section_and_the_later_check_wins():
     assert (job["official"], job["worker"]) == (120.0, 60.0)
     assert job["worker_detail"] == {"generate_s": 60.0, "commit": "aaa1111"}
     assert {k: v for k, v in result["cold_start_s"].items() if not k.endswith("_detail")} == {
-        "official": 300.0, "worker": 150.0}  # runs the README does not know are left out
+        "official": 300.0, "worker": 150.0}  # runs the page does not know are left out
 
 
 def test_parts_from_two_device_models_are_refused():
@@ -47,10 +47,10 @@ def test_parts_from_two_device_models_are_refused():
         merge.merge([FIRST, other])
 
 
-def test_readme_section_is_written_between_the_markers_from_the_result(tmp_path, monkeypatch):
+def test_the_measurements_are_written_between_the_markers_from_the_result(tmp_path, monkeypatch):
     result = merge.merge([FIRST, SECOND])
     result_path = merge.ROOT / "bench" / "results" / "2030-01-02-nvidia-h100-80gb-hbm3.json"
-    section = merge.readme_section(result, result_path)
+    section = merge.measurements_section(result, result_path)
     assert "`bench/results/2030-01-02-nvidia-h100-80gb-hbm3.json`" in section
     assert ("| DiT call, 480p (448x832, 29,120 tokens) | 4.00 s | 2.50 s (1.60x, 5.0e-03) | "
             "2.00 s (2.00x, 5.0e-02) | - |") in section
@@ -59,14 +59,14 @@ def test_readme_section_is_written_between_the_markers_from_the_result(tmp_path,
     assert "(page cache dropped: yes) | 300 s | 150 s | - | - |" in section
     assert "max |diff| on pixels: 0.00e+00 (bound 0.001) - passed" in section
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## Next\n")
-    monkeypatch.setattr(merge, "README", readme)
-    merge.update_readme(result, result_path)
-    written = readme.read_text()
+    page = tmp_path / "performance.md"
+    page.write_text("# Title\n\n<!-- bench:start -->\nold table\n<!-- bench:end -->\n\n## Next\n")
+    monkeypatch.setattr(merge, "PERFORMANCE_PAGE", page)
+    merge.update_performance_page(result, result_path)
+    written = page.read_text()
     assert written == f"# Title\n\n<!-- bench:start -->\n{section}\n<!-- bench:end -->\n\n## Next\n"
-    merge.update_readme(result, result_path)  # again: the same file
-    assert readme.read_text() == written
-    readme.write_text("# no markers\n")
+    merge.update_performance_page(result, result_path)  # again: the same file
+    assert page.read_text() == written
+    page.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="no bench:start/bench:end markers"):
-        merge.update_readme(result, result_path)
+        merge.update_performance_page(result, result_path)

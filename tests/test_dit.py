@@ -7,16 +7,19 @@ import torch
 
 from bench import fullsize  # the random-weight builders
 from builder import make_tiny_checkpoint as tiny
-from s2v_worker.dit import FLOAT8_LAYER_SETS, BlockWeights, DiTEngine, Float8Weight, rope_table
-from s2v_worker.official import install_attention
-from s2v_worker.pipeline import _official
+from s2v_worker.dit import BlockWeights, DiTEngine, rope_table
+from s2v_worker.float8 import FLOAT8_LAYER_SETS, Float8Weight
+from s2v_worker.official import import_official, install_attention
 from s2v_worker.sampling import reused_steps
+
+_official = import_official()
 
 LAT_H, LAT_W = 8, 12
 
 
 @pytest.fixture(scope="module")
 def dit():
+    install_attention("sdpa")  # the official modules' attention without flash_attn, for every test
     model = _official.model_s2v.WanModel_S2V(**tiny.DIT_CONFIG).eval().requires_grad_(False)
     return fullsize.randomize_(model, seed=5)
 

@@ -18,10 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2v_worker import media
+from s2v_worker import decoders, media
 from s2v_worker.job import (JobInput, JobInputError, JobRequest, MediaSource, StorageOverride,
                             parse_job)
-from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
+from s2v_worker.media import MediaError
+from conftest import with_settings
+
+load_image, load_audio = with_settings(media.load_image), with_settings(media.load_audio)
+load_pose_video = with_settings(media.load_pose_video)
 from s2v_worker.settings import Settings
 
 SETTINGS = Settings.from_env({})
@@ -187,7 +191,7 @@ def short_decode_limit():
     # A decoder child that runs this long is stopped and reported as MediaError: that is the
     # behaviour under test, and it keeps a pathological example from eating the whole budget.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(media, "DECODE_TIMEOUT_S", 8.0)
+        patch.setattr(decoders, "DECODE_TIMEOUT_S", 8.0)
         yield
 
 

@@ -308,10 +308,11 @@ def test_text_with_no_utf8_form_gets_a_clear_error_not_an_http_500(api, portrait
         assert reply.json()["status"] == "FAILED" and fragment in reply.json()["error"]
 
 
-def readme_run_job():
-    """The README's `run_job`, taken from the README itself so that the documented code is the tested code."""
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in readme.split("```python")[1:] if "def run_job(" in b).split("```")[0]
+def documented_run_job():
+    """docs/job.md's `run_job`, taken from the page itself so that the documented code is the
+    tested code."""
+    page = (ROOT / "docs" / "job.md").read_text()
+    block = next(b for b in page.split("```python")[1:] if "def run_job(" in b).split("```")[0]
     namespace: dict = {}
     exec(block.split("runpod.api_key")[0], namespace)  # the imports and definitions only
     return namespace["run_job"]
@@ -359,12 +360,12 @@ def sdk_endpoint(api, monkeypatch):
         yield runpod.Endpoint("local-endpoint")
 
 
-def test_the_readme_sdk_pattern_surfaces_the_workers_error(sdk_endpoint, portrait_png):
+def test_the_documented_sdk_pattern_surfaces_the_workers_error(sdk_endpoint, portrait_png):
     bad = {**with_image(speech_job(), portrait_png)["input"], "resolution": "4k"}
-    # What the README showed before: run_sync gives None for a failed job, so result["video_url"]
-    # was a TypeError and the worker's message was lost.
+    # The SDK's run_sync gives None for a failed job (result["video_url"] is then a TypeError and
+    # the worker's message is lost): the documented run_job polls the status instead.
     assert sdk_endpoint.run_sync(bad, timeout=600) is None
-    run_job = readme_run_job()
+    run_job = documented_run_job()
     with pytest.raises(RuntimeError, match=r"^job test-[0-9a-f-]+ FAILED: 'resolution' must be one of "):
         run_job(sdk_endpoint, bad, timeout_s=600, poll_s=0.5)
     assert ("GET", "/local-endpoint/status/") in {(m, p.rsplit("/", 1)[0] + "/") for m, p in SdkLayout.seen}

@@ -1,14 +1,15 @@
 """Job validation: every rule of the schema with its whole message, as a pure function (no model, no
-network); the order rules are reported in; the published JSON Schema and the README's table."""
+network); the order rules are reported in; the published JSON Schema (docs are
+tests/test_reference.py's)."""
 import json
 
 import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from s2v_worker.job import (MAX_SEED, SEED_RANGE, GenerationSettings,
-                            JobInputError, job_json_schema, job_schema_text, job_table_markdown,
-                            parse_job, unipc_max_shift)
+from s2v_worker.job import (MAX_SEED, SEED_RANGE, GenerationSettings, JobInputError, parse_job,
+                            unipc_max_shift)
+from s2v_worker.reference import job_json_schema
 
 GOOD_INPUT = {"image_url": "https://example.com/face.png", "audio_base64": "UklGRg=="}
 S3 = {"accessId": "AK", "accessSecret": "SK", "bucketName": "b", "endpointUrl": "https://s3.example.com"}
@@ -296,16 +297,6 @@ def test_text_outside_the_basic_plane_and_deep_nesting_are_fine():
 
 
 # --- the published schema ---------------------------------------------------------------------------
-
-def test_the_committed_schema_is_the_models():
-    committed = (ROOT / "schema" / "job.schema.json").read_text(encoding="utf-8")
-    assert committed == job_schema_text(), "run: python -m s2v_worker.job --write-schema"
-
-
-def test_readme_job_table_is_generated_from_the_schema():
-    assert job_table_markdown() in (ROOT / "README.md").read_text(encoding="utf-8"), (
-        "paste the output of `python -m s2v_worker.job` into README's 'The job'")
-
 
 def test_every_field_of_the_schema_is_described():
     models = job_json_schema()["$defs"]

@@ -12,12 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import speech_excerpt
-from s2v_worker.checkpoint import read_checkpoint
+from conftest import generate_video, load_tiny_pipeline, plan_job, speech_excerpt
 from s2v_worker.job import JobInputError, parse_job
-from s2v_worker.lora import (LoraError, LoraManager, ResolvedLora, file_identity, parse_lora,
-                             resolve_loras)
-from s2v_worker.pipeline import S2VPipeline
+from s2v_worker.lora import LoraError, ResolvedLora, file_identity, parse_lora, resolve_loras
+from s2v_worker.lora_merge import LoraManager
 from s2v_worker.runner import Worker
 from s2v_worker.settings import Settings
 
@@ -132,7 +130,7 @@ def assert_base(model, base):
 @pytest.fixture
 def manager(tiny_pipeline):
     """A LoraManager on the shared pipeline's DiT, restored to the base weights afterwards."""
-    manager = LoraManager(tiny_pipeline.noise_model)
+    manager = LoraManager(tiny_pipeline.denoiser.model)
     yield manager
     manager.restore()
 
@@ -173,27 +171,27 @@ def test_merged_lora_equals_offline_merge(tiny_pipeline, tiny_checkpoint, manage
     the modulations' .diff_m: the same weights, and the same video, as the checkpoint merged
     offline."""
     strength = 0.75
-    tensors, deltas = make_layout_lora(tiny_pipeline.noise_model,
+    tensors, deltas = make_layout_lora(tiny_pipeline.denoiser.model,
                                        "diffusion_model. lora_down/lora_up + alpha")
     lora = resolved(write_lora(tmp_path / "lora.safetensors", tensors), strength)
-    offline = S2VPipeline.load(read_checkpoint(merged_offline(
-        tiny_checkpoint, tmp_path / "merged", deltas, strength)), torch.device("cpu"))
+    offline = load_tiny_pipeline(merged_offline(tiny_checkpoint, tmp_path / "merged", deltas,
+                                                strength))
 
     gen = gen_settings()
-    plan = tiny_pipeline.plan(portrait_png, 1.0, gen)
+    plan = plan_job(tiny_pipeline, portrait_png, 1.0, gen)
     assert manager.apply([lora])
     for param in deltas:  # the merged weights are the offline ones
-        assert torch.equal(tiny_pipeline.noise_model.get_parameter(param),
-                           offline.noise_model.get_parameter(param)), param
-    ours = tiny_pipeline.generate(portrait_png, speech_1s, plan, gen, seed=3).video
-    theirs = offline.generate(portrait_png, speech_1s, plan, gen, seed=3).video
+        assert torch.equal(tiny_pipeline.denoiser.model.get_parameter(param),
+                           offline.denoiser.model.get_parameter(param)), param
+    ours = generate_video(tiny_pipeline, portrait_png, speech_1s, plan, gen, 3)
+    theirs = generate_video(offline, portrait_png, speech_1s, plan, gen, 3)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_merges_as_computed_offline_and_restores_exactly(tiny_pipeline, manager,
                                                                       tmp_path, layout):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     strength = -1.25
     tensors, deltas = make_layout_lora(model, layout, seed=7)
@@ -227,7 +225,7 @@ def test_a_kohya_name_that_two_layers_share_is_refused(tmp_path):
 # --- (b) unmerge, (c) no re-merge ----------------------------------------------------------------
 
 def test_unmerge_restores_bit_identical_base_weights(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     first = resolved(write_lora(tmp_path / "a.safetensors", make_lora(model, "down_up")[0]), 1.5)
     second = resolved(write_lora(tmp_path / "b.safetensors",
@@ -243,7 +241,7 @@ def test_unmerge_restores_bit_identical_base_weights(tiny_pipeline, manager, tmp
 
 
 def test_same_set_is_not_merged_again(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     lora = resolved(write_lora(tmp_path / "a.safetensors", make_lora(model, "a_b")[0]), 0.5)
     assert manager.apply([lora]) and manager.merges == 1
     version = model.blocks[0].self_attn.q.weight._version
@@ -254,7 +252,7 @@ def test_same_set_is_not_merged_again(tiny_pipeline, manager, tmp_path):
 
 
 def test_two_loras_on_one_layer_add_up(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = model.blocks[0].self_attn.q.weight.detach().clone()
     a_tensors, a = make_lora(model, "down_up", seed=4)
     b_tensors, b = make_lora(model, "a_b", seed=5)
@@ -286,7 +284,7 @@ I2V_WARNING = ("loras[0]: skipped 11 key(s) for layers this model does not have 
 
 
 def test_keys_for_layers_the_model_lacks_are_skipped_and_reported(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     tensors, deltas = make_lora(model, "down_up", "diffusion_model.")
     lora = resolved(write_lora(tmp_path / "i2v.safetensors", {**tensors, **i2v_branch(model)}))
@@ -368,7 +366,7 @@ def bad_loras(model):
 
 
 def test_a_lora_that_does_not_fit_is_refused_and_changes_nothing(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     good = resolved(write_lora(tmp_path / "good.safetensors", make_lora(model, "a_b")[0]))
     manager.apply([good])
@@ -439,10 +437,11 @@ def test_volume_paths_must_stay_inside_the_volume(tmp_path):
                           ("missing.safetensors", "is not a file on the network volume")):
         request = parse_job(job_input(loras=[{"path": path}]))
         with pytest.raises(LoraError, match=r"'loras\[0\]\.path' " + message):
-            resolve_loras(request.loras, settings)
+            resolve_loras(request.loras, settings.media, settings.network, settings.folders)
     request = parse_job(job_input(loras=[{"path": "a.safetensors"}]))
     with pytest.raises(LoraError, match="none is mounted"):
-        resolve_loras(request.loras, settings.replace(network_volume_dir=str(tmp_path / "no")))
+        missing = settings.replace(network_volume_dir=str(tmp_path / "no"))
+        resolve_loras(request.loras, missing.media, missing.network, missing.folders)
 
 
 # --- (e) through the worker ----------------------------------------------------------------------
@@ -462,8 +461,7 @@ def lora_worker(tiny_pipeline, tmp_path, file_server):
     worker.volume, worker.served, worker.base_url = volume, served, base_url
     worker.cache = tmp_path / "cache"
     yield worker
-    if worker._loras is not None:
-        worker._loras.restore()
+    worker.pipeline.denoiser.loras.restore()
 
 
 def lora_job(portrait_png, speech_1s, **fields):
@@ -482,9 +480,9 @@ def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, lo
                                                               portrait_png, speech_1s, monkeypatch):
     worker, volume = lora_worker, lora_worker.volume
     forgotten = []  # fast mode's FP8 copies must be dropped whenever the weights may have changed
-    forget = tiny_pipeline.dit.forget_float8
-    monkeypatch.setattr(tiny_pipeline.dit, "forget_float8", lambda: (forgotten.append(1), forget()))
-    model = tiny_pipeline.noise_model
+    forget = tiny_pipeline.denoiser.engine.forget_float8
+    monkeypatch.setattr(tiny_pipeline.denoiser.engine, "forget_float8", lambda: (forgotten.append(1), forget()))
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     write_lora(volume / "loras" / "distill.safetensors", make_lora(model, "down_up", "diffusion_model.")[0])
     write_lora(worker.served / "style.safetensors", make_lora(model, "a_b", seed=9)[0])
@@ -516,7 +514,7 @@ def test_worker_merges_job_loras_and_restores_for_the_next_job(tiny_pipeline, lo
 
 def test_skipped_keys_reach_the_job_result(tiny_pipeline, lora_worker, portrait_png, speech_1s,
                                            monkeypatch):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     tensors = {**make_lora(model, "down_up", "diffusion_model.")[0], **i2v_branch(model)}
     write_lora(lora_worker.volume / "loras" / "i2v.safetensors", tensors)
     job = lora_job(portrait_png, speech_1s, loras=[{"path": "loras/i2v.safetensors"}])
@@ -538,7 +536,7 @@ def test_skipped_keys_reach_the_job_result(tiny_pipeline, lora_worker, portrait_
 @pytest.mark.parametrize("name", ["nan_up", "inf_diff", "nan_alpha", "rank_0", "shape", "no_layer"])
 def test_a_bad_lora_is_a_clear_client_error(tiny_pipeline, lora_worker, portrait_png, speech_1s,
                                             name):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     tensors, message = bad_loras(model)[name]
     write_lora(lora_worker.volume / "loras" / "bad.safetensors", tensors)
@@ -553,7 +551,7 @@ def test_the_url_cache_keeps_only_files_that_load(tiny_pipeline, lora_worker, po
     """Whatever the URL served before, the same URL works as soon as it serves a LoRA."""
     from safetensors.torch import save
 
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     served = lora_worker.served / "lora.safetensors"
     job = lora_job(portrait_png, speech_1s, loras=[{"url": f"{lora_worker.base_url}/lora.safetensors"}])
     bad = bad_loras(model)
@@ -598,7 +596,7 @@ def test_the_benchmark_lora_has_lightx2v_layout_and_applies_whole(tiny_pipeline,
     """Written, parsed as a job, resolved and merged the worker's way on the tiny DiT: every key
     applies, every Wan-core tensor changes as the file says (read here independently), and
     nothing else."""
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     lora_path, info = harness._write_job_lora(model, 4, tmp_path)
     state = load_file(str(tmp_path / lora_path))
@@ -613,7 +611,8 @@ def test_the_benchmark_lora_has_lightx2v_layout_and_applies_whole(tiny_pipeline,
 
     request = harness._job_request(4, 1.0, 42, lora_path)
     assert (request.generation.sample_steps, request.generation.guidance_scale) == (4, 1.0)
-    loras = resolve_loras(request.loras, Settings.from_env({}).replace(network_volume_dir=str(tmp_path)))
+    settings = Settings.from_env({}).replace(network_volume_dir=str(tmp_path))
+    loras = resolve_loras(request.loras, settings.media, settings.network, settings.folders)
     assert manager.apply(loras) and manager.warnings == ()
 
     expected = {}
@@ -637,7 +636,9 @@ def test_the_benchmark_lora_has_lightx2v_layout_and_applies_whole(tiny_pipeline,
 def test_no_kohya_name_of_the_full_size_dit_is_ambiguous(harness):
     """Every layer of the real S2V DiT keeps a unique name with dots as underscores, so every
     kohya LoRA key maps back to one layer."""
-    from s2v_worker.pipeline import _official
+    from s2v_worker.official import import_official
+
+    _official = import_official()
 
     with torch.device("meta"):
         model = _official.model_s2v.WanModel_S2V(**harness.fullsize.DIT_CONFIG)

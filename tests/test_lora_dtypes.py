@@ -37,7 +37,7 @@ def pair(model, dtype, alpha=None, alpha_dtype=None, seed=0):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_every_float_dtype_merges_its_exact_float32_values(tiny_pipeline, manager, tmp_path, dtype):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     tensors, change = pair(model, dtype, alpha=3.0)
     assert manager.apply([resolved(write_lora(tmp_path / "lora.safetensors", tensors), 0.5)])
@@ -49,7 +49,7 @@ def test_every_float_dtype_merges_its_exact_float32_values(tiny_pipeline, manage
 
 @pytest.mark.parametrize("part", ["alpha", "diff"])
 def test_an_fp8_alpha_or_diff_alone_loads(tiny_pipeline, manager, tmp_path, part):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     if part == "alpha":
         tensors, change = pair(model, torch.float32, alpha=4.0, alpha_dtype=torch.float8_e4m3fn)
@@ -62,7 +62,7 @@ def test_an_fp8_alpha_or_diff_alone_loads(tiny_pipeline, manager, tmp_path, part
 
 
 def test_an_integer_alpha_loads_as_loaders_read_it(tiny_pipeline, manager, tmp_path):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     tensors, change = pair(model, torch.float16, alpha=4, alpha_dtype=torch.int64)
     assert manager.apply([resolved(write_lora(tmp_path / "lora.safetensors", tensors))])
@@ -78,7 +78,7 @@ def test_an_integer_alpha_loads_as_loaders_read_it(tiny_pipeline, manager, tmp_p
     (torch.complex64, "C64", "alpha"),
 ])
 def test_other_dtypes_are_refused_naming_the_dtype(tiny_pipeline, manager, tmp_path, dtype, name, part):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     tensors, _ = pair(model, torch.float32, alpha=1.0)
     key = f"{KEY}.alpha" if part == "alpha" else f"{KEY}.lora_{part}.weight"
@@ -119,7 +119,7 @@ def overflowing_loras(model):
                                   "float32_1e20_alpha_1e-30"])
 def test_values_whose_merge_is_not_finite_are_refused_and_change_nothing(
         tiny_pipeline, lora_worker, portrait_png, speech_1s, name):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     base = snapshot(model)
     write_lora(lora_worker.volume / "loras" / "bad.safetensors", overflowing_loras(model)[name])
     result = lora_worker.run(lora_job(portrait_png, speech_1s,
@@ -133,7 +133,7 @@ def test_values_whose_merge_is_not_finite_are_refused_and_change_nothing(
 def test_an_fp8_lora_by_url_merges_and_stays_cached(tiny_pipeline, lora_worker, portrait_png,
                                                      speech_1s):
     """The issue's first case: an F8_E4M3 LoRA given by URL restarted the worker on every job."""
-    write_lora(lora_worker.served / "fp8.safetensors", pair(tiny_pipeline.noise_model,
+    write_lora(lora_worker.served / "fp8.safetensors", pair(tiny_pipeline.denoiser.model,
                                                              torch.float8_e4m3fn, alpha=2.0)[0])
     job = lora_job(portrait_png, speech_1s, loras=[{"url": f"{lora_worker.base_url}/fp8.safetensors"}])
     result = lora_worker.run(job)
@@ -144,7 +144,7 @@ def test_an_fp8_lora_by_url_merges_and_stays_cached(tiny_pipeline, lora_worker, 
 @pytest.mark.parametrize("content", ["complex64", "overflow"])
 def test_the_url_cache_never_keeps_a_file_that_failed(tiny_pipeline, lora_worker, portrait_png,
                                                       speech_1s, content):
-    model = tiny_pipeline.noise_model
+    model = tiny_pipeline.denoiser.model
     if content == "complex64":  # refused from the header: never enters the cache
         tensors, _ = pair(model, torch.float32)
         tensors[f"{KEY}.lora_up.weight"] = tensors[f"{KEY}.lora_up.weight"].to(torch.complex64)
@@ -161,14 +161,14 @@ def test_an_unexpected_parse_failure_is_no_worker_restart_and_leaves_the_cache(
         tiny_pipeline, lora_worker, portrait_png, speech_1s, monkeypatch):
     """A bug in parsing (here: one injected) happens before any weight changes: an internal error
     without refresh_worker, and the file leaves the cache like any file that failed to load."""
-    from s2v_worker import lora
+    from s2v_worker import lora_merge
 
-    write_lora(lora_worker.served / "lora.safetensors", pair(tiny_pipeline.noise_model, torch.float16)[0])
+    write_lora(lora_worker.served / "lora.safetensors", pair(tiny_pipeline.denoiser.model, torch.float16)[0])
 
     def broken(*args, **kwargs):
         raise NotImplementedError("a parsing bug")
 
-    monkeypatch.setattr(lora, "parse_lora", broken)
+    monkeypatch.setattr(lora_merge, "parse_lora", broken)
     result = lora_worker.run(lora_job(portrait_png, speech_1s,
                                       loras=[{"url": f"{lora_worker.base_url}/lora.safetensors"}]))
     assert result == {"error": "internal error (NotImplementedError); the worker's logs have the "

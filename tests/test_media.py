@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SPEECH_7S3, closed_port_url
+from conftest import SPEECH_7S3, closed_port_url, with_settings
+from s2v_worker import decoders, media
 from s2v_worker.job import MediaSource
-from s2v_worker.media import MediaError, load_audio, load_image, load_pose_video
+from s2v_worker.media import MediaError
 from s2v_worker.settings import Settings
+
+load_image, load_audio = with_settings(media.load_image), with_settings(media.load_audio)
+load_pose_video = with_settings(media.load_pose_video)
 
 SETTINGS = Settings.from_env({})
 # The fixture server is on loopback, which media URLs may not reach unless allowed.
@@ -216,7 +220,8 @@ def status(key):
 
 settings = Settings.from_env({})
 warm, big, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-load_audio(MediaSource("audio_base64", base64=base64.b64encode(warm.read_bytes()).decode()), work, settings)
+load_audio(MediaSource("audio_base64", base64=base64.b64encode(warm.read_bytes()).decode()), work,
+           settings.media, settings.network)
 source = MediaSource("audio_base64", base64=base64.b64encode(big.read_bytes()).decode())
 for f in work.iterdir():
     f.unlink()
@@ -230,7 +235,7 @@ before = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 watcher.start()
 started = time.monotonic()
-audio = load_audio(source, work, settings)
+audio = load_audio(source, work, settings.media, settings.network)
 elapsed = time.monotonic() - started
 done.set(); watcher.join()
 print(json.dumps({"peak_growth": status("VmHWM") - before, "largest_folder": largest[0],
@@ -263,8 +268,7 @@ def test_8_channel_192khz_silence_decodes_in_bounded_memory_and_disk(tmp_path):
 
 
 def test_audio_decode_time_is_limited(tmp_path, monkeypatch):
-    from s2v_worker import media
-    monkeypatch.setattr(media, "DECODE_TIMEOUT_S", 0.001)
+    monkeypatch.setattr(decoders, "DECODE_TIMEOUT_S", 0.001)
     with pytest.raises(MediaError, match="'audio_base64' took longer than 0.001 s to decode"):
         load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path, SETTINGS)
 

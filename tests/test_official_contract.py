@@ -1,15 +1,16 @@
 """The worker's contract with the official Wan2.2 code it subclasses (pipeline.S2VPipeline is an
-official `wan.WanS2V` built without its __init__, see S2VPipeline.from_components): every
-attribute that the official methods the worker calls read on `self` is one the worker sets, so a
-future wan22 that reads one more fails here, not at job time."""
+official `wan.WanS2V` built without the official __init__): every attribute that the official
+methods the worker calls read on `self` is one the worker sets, so a future wan22 that reads one
+more fails here, not at job time. The sizing (planning.video_size) calls the official method
+without an instance: it must read nothing of `self`."""
 import ast
 import inspect
 import textwrap
 
 from s2v_worker.pipeline import WanS2V
 
-# The official methods the worker calls on itself (pipeline.py: planning, warm-up, audio).
-CALLED = ("get_gen_size", "encode_audio")
+# The official methods the worker calls on itself (pipeline.py: the speech encoding).
+CALLED = ("encode_audio",)
 
 
 def attributes_read(method_name: str, seen: set[str] | None = None) -> set[str]:
@@ -35,6 +36,10 @@ def test_every_attribute_the_official_methods_read_is_set(tiny_pipeline):
         missing = {name for name in attributes_read(method)
                    if not hasattr(type(tiny_pipeline), name) and name not in vars(tiny_pipeline)}
         assert not missing, f"WanS2V.{method} reads {sorted(missing)}, which from_components never sets"
+
+
+def test_the_official_sizing_reads_nothing_of_its_instance():
+    assert attributes_read("get_size_less_than_area") == set()
 
 
 def test_the_check_sees_what_the_official_methods_read():

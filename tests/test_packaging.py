@@ -199,7 +199,7 @@ def test_image_can_compile_the_dit():
     """torch.compile is on by default; Triton needs a C compiler and Python's headers at run time."""
     from s2v_worker.settings import Settings
 
-    assert Settings.from_env({}).compile
+    assert Settings.from_env({}).model.compile
     apt = " ".join(args for kw, args in INSTRUCTIONS if kw == "RUN" and "apt-get install" in args)
     for package in ("gcc", "libc6-dev", "python3-dev"):
         assert re.search(rf"(^|\s){re.escape(package)}(\s|$)", apt), package

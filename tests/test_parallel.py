@@ -14,11 +14,10 @@ import torch
 
 from builder import make_tiny_checkpoint as tiny
 from conftest import speech_excerpt
-from s2v_worker.parallel import (Layout, ParallelGroup, RankFailure, RankWorker, check_world_size,
-                                 plan_layout, rank_main, resolve_world_size)
-from s2v_worker.pipeline import FAST_MODE_FLOAT8
+from s2v_worker.parallel import ParallelGroup, RankFailure, check_world_size, resolve_world_size
+from s2v_worker.ranks import RankWorker, rank_main
 from s2v_worker.runner import Worker
-from s2v_worker.sampling import ClipRequest
+from s2v_worker.sampling import ClipRequest, Layout, plan_layout
 from s2v_worker.settings import Settings
 
 CPU = torch.device("cpu")
@@ -27,8 +26,8 @@ LATENTS_ATOL = 1e-5
 
 def launch(pipeline, world_size: int, entry=rank_main, **settings) -> ParallelGroup:
     config = Settings.from_env({}).replace(world_size=world_size, **settings)
-    group = ParallelGroup.launch(config, pipeline.checkpoint, world_size, CPU, compile_dit=False,
-                                 fast_float8=FAST_MODE_FLOAT8, entry=entry)
+    group = ParallelGroup.launch(pipeline.checkpoint, world_size, CPU, config.model,
+                                 config.parallel, config.logging.log_level, entry=entry)
     group.wait_ready()
     return group
 
@@ -37,11 +36,11 @@ def launch(pipeline, world_size: int, entry=rank_main, **settings) -> ParallelGr
 def attached(pipeline, world_size: int, **settings):
     """The session's tiny pipeline as rank 0 of a group of `world_size` ranks."""
     group = launch(pipeline, world_size, **settings)
-    pipeline.group = group
+    pipeline.denoiser.attach(group)
     try:
         yield group
     finally:
-        pipeline.group = None
+        pipeline.denoiser.group = None
         group.close()
 
 
@@ -76,18 +75,25 @@ def clip_request(seed: int, guidance_scale: float = 4.5, steps: int = 3, **field
                        uncond=uncond if guidance_scale > 1 else None, **fields)
 
 
-def alone(pipeline, request: ClipRequest) -> torch.Tensor:
-    group, pipeline.group = pipeline.group, None
+@contextmanager
+def without_ranks(pipeline):
+    """The pipeline's Denoiser on its own for a while (as a worker of one GPU)."""
+    group, pipeline.denoiser.group = pipeline.denoiser.group, None
     try:
-        return pipeline.sample_clip(request)
+        yield
     finally:
-        pipeline.group = group
+        pipeline.denoiser.group = group
+
+
+def alone(pipeline, request: ClipRequest) -> torch.Tensor:
+    with without_ranks(pipeline):
+        return pipeline.denoiser.sample(request)
 
 
 def assert_same_latents(pipeline, request: ClipRequest, layout: Layout) -> None:
-    assert pipeline.layout(request.guided) == layout
+    assert pipeline.denoiser.layout(request.guided) == layout
     expected = alone(pipeline, request)
-    got = pipeline.sample_clip(request)
+    got = pipeline.denoiser.sample(request)
     assert got.dtype == expected.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max().item() <= LATENTS_ATOL
     assert expected.abs().max() > 0.1
@@ -109,7 +115,7 @@ def test_world_sizes_must_divide_the_heads():
     with pytest.raises(ValueError, match=r"40 attention heads cannot be split 3 ways; use one of "
                                          r"1, 2, 4, 5, 8"):
         check_world_size(3, 40)
-    assert resolve_world_size("auto", CPU, 40) == 1  # no GPU: one process unless a number is set
+    assert resolve_world_size(None, CPU, 40) == 1  # no GPU: one process unless a number is set
     assert resolve_world_size(4, CPU, 4) == 4
 
 
@@ -192,11 +198,8 @@ class TestTwoRanks:
         worker = make_worker(tiny_pipeline, tmp_path)
         result = worker.run(job(portrait_png, speech_1s_b64))
         assert result["parallel"] == {"world_size": 2, "cfg_parallel": True, "sequence_parallel": 1}
-        group, tiny_pipeline.group = tiny_pipeline.group, None
-        try:
+        with without_ranks(tiny_pipeline):
             single = worker.run(job(portrait_png, speech_1s_b64))
-        finally:
-            tiny_pipeline.group = group
         assert single["parallel"] == {"world_size": 1, "cfg_parallel": False, "sequence_parallel": 1}
         assert result["video_base64"] == single["video_base64"]
 
@@ -206,7 +209,7 @@ class TestTwoRanks:
         """A job's LoRA set reaches rank 1 too (it computes the unconditional branch: a rank
         without it would change the video), and the next job without LoRAs is the base one."""
         volume = tmp_path / "volume"
-        lora = {"loras": [{"path": write_volume_lora(tiny_pipeline.noise_model, volume)}]}
+        lora = {"loras": [{"path": write_volume_lora(tiny_pipeline.denoiser.model, volume)}]}
         worker = make_worker(tiny_pipeline, tmp_path, network_volume_dir=str(volume),
                              max_inline_video_bytes=50 * 2**20)
 
@@ -216,11 +219,8 @@ class TestTwoRanks:
 
         with_lora, base = videos()
         assert with_lora != base
-        group, tiny_pipeline.group = tiny_pipeline.group, None
-        try:
+        with without_ranks(tiny_pipeline):
             assert videos() == (with_lora, base)  # one process, the same LoRA, the same videos
-        finally:
-            tiny_pipeline.group = group
 
     def test_the_estimate_after_a_short_job_predicts_a_longer_one(self, tiny_pipeline, two_ranks,
                                                                   portrait_png, speech_1s_b64,
@@ -229,9 +229,9 @@ class TestTwoRanks:
         world size 2 estimates ran 2x high after 2-step jobs): after a 2-step job, a 16-step
         job's estimate is its time within a factor of 2. Sleeps in rank 0's preparation and
         calls make both costly enough to measure on a loaded machine."""
-        from s2v_worker.pipeline import DiTSpeed
+        from s2v_worker.estimate import DiTSpeed
 
-        engine = tiny_pipeline.dit
+        engine = tiny_pipeline.denoiser.engine
         prepare, forward = engine.prepare, engine.forward
 
         def slow_prepare(*args, **kwargs):
@@ -244,7 +244,7 @@ class TestTwoRanks:
 
         monkeypatch.setattr(engine, "prepare", slow_prepare)
         monkeypatch.setattr(engine, "forward", slow_forward)
-        monkeypatch.setattr(tiny_pipeline, "dit_speed", DiTSpeed())
+        monkeypatch.setattr(tiny_pipeline.denoiser, "speed", DiTSpeed())
         worker = make_worker(tiny_pipeline, tmp_path)
         assert "video_base64" in worker.run(job(portrait_png, speech_1s_b64, sample_steps=2))
         result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=16))
@@ -319,11 +319,11 @@ def rank_main_failing_to_sample(spec, conn):
 def test_a_rank_that_raises_ends_the_job_with_its_reason(tiny_pipeline, portrait_png,
                                                          speech_1s_b64, tmp_path):
     group = launch(tiny_pipeline, 2, entry=rank_main_failing_to_sample)
-    tiny_pipeline.group = group
+    tiny_pipeline.denoiser.attach(group)
     try:
         result = make_worker(tiny_pipeline, tmp_path).run(job(portrait_png, speech_1s_b64))
     finally:
-        tiny_pipeline.group = None
+        tiny_pipeline.denoiser.group = None
         group.close()
     assert result["refresh_worker"] is True
     assert "rank 1: sample failed: OutOfMemoryError" in result["error"], result

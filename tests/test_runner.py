@@ -14,7 +14,8 @@ from runpod.serverless.modules.rp_job import run_job
 from runpod.serverless.modules.rp_scale import JobScaler
 
 from conftest import speech_excerpt
-from s2v_worker.pipeline import ClipTiming, DiTSpeed
+from s2v_worker.estimate import ClipTiming, DiTSpeed
+from s2v_worker.planning import dit_tokens, video_size
 from s2v_worker.runner import ProgressReporter, Worker
 from s2v_worker.settings import Settings
 
@@ -55,7 +56,7 @@ def assert_ready_for_the_next_job(worker, portrait_png, audio_b64):
     # One clip and one step: any finished job shows the worker still works.
     result = worker.run(job(portrait_png, audio_b64, job_id="next", max_clips=1, sample_steps=1))
     assert "video_base64" in result and "error" not in result, result
-    assert not list(Path(worker.settings.work_dir).iterdir()), "a job folder was left behind"
+    assert not list(Path(worker.settings.folders.work_dir).iterdir()), "a job folder was left behind"
 
 
 def test_progress_reports_stages_and_every_step(worker, portrait_png, speech_1s_b64):
@@ -106,7 +107,7 @@ def test_runpod_per_job_stop_ends_sampling_within_one_step(worker, portrait_png,
 def test_job_time_limit_ends_the_job_cleanly(worker, portrait_png, speech_1s_b64, monkeypatch):
     # No measured DiT speed: the worker cannot refuse the job up front (see the estimate tests
     # below), so the limit must stop it during sampling.
-    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", DiTSpeed())
     worker.settings = worker.settings.replace(job_timeout_s=0.5)
     deadline = time.monotonic() + 0.5
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=100))
@@ -170,15 +171,11 @@ def test_an_unexpected_error_before_any_model_work_asks_for_no_fresh_worker(work
 
 def test_an_unexpected_error_once_the_weights_change_asks_for_a_fresh_worker(worker, portrait_png,
                                                                              speech_1s_b64, monkeypatch):
-    class BrokenLoras:
-        def load(self, loras):
-            return loras
-
-        def merge(self, loras):
-            raise RuntimeError("half-merged weights")
+    def half_merged(lora_set):
+        raise RuntimeError("half-merged weights")
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker, "_lora_manager", lambda: BrokenLoras())
+        patch.setattr(worker.pipeline.denoiser, "merge_loras", half_merged)
         result = worker.run(job(portrait_png, speech_1s_b64, job_id="merge-bug"))
     assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
                                "for job merge-bug", "refresh_worker": True}
@@ -205,7 +202,7 @@ def test_an_image_the_model_cannot_size_is_a_client_error(worker, tmp_path, spee
         patch.setattr(runner, "load_audio", lambda *a, **k: audio_loads.append(a))
         result = worker.run(job(path, speech_1s_b64))
     assert result == {"error": message} and audio_loads == []
-    assert not list(Path(worker.settings.work_dir).iterdir())
+    assert not list(Path(worker.settings.folders.work_dir).iterdir())
 
 
 class FakeClock:
@@ -225,7 +222,7 @@ def test_past_the_limit_after_sampling_the_video_is_delivered_with_a_warning(
     last step's check, or while the MP4 is finished, would throw the GPU's work away."""
     from s2v_worker import runner
 
-    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())  # nothing to refuse it by
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", DiTSpeed())  # nothing to refuse it by
     clock = FakeClock()
     worker.clock = clock
     worker.settings = worker.settings.replace(job_timeout_s=60.0)
@@ -256,7 +253,7 @@ def test_past_the_limit_a_video_that_cannot_be_delivered_is_kept_and_named(
         worker, portrait_png, speech_1s_b64, monkeypatch, tmp_path):
     from s2v_worker import runner
 
-    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", DiTSpeed())
     clock = FakeClock()
     worker.clock = clock
     kept = tmp_path / "undelivered"
@@ -299,7 +296,7 @@ def test_the_estimate_after_a_one_step_job_predicts_a_longer_one(worker, portrai
     preparation once passed for a slow call, and estimated a 30-step job at 2.3x its time) the
     estimate of a 20-step job is its time within a factor of 2. Sleeps make preparation and calls
     costly enough to measure on a loaded machine."""
-    engine = worker.pipeline.dit
+    engine = worker.pipeline.denoiser.engine
     prepare, forward = engine.prepare, engine.forward
 
     def slow_prepare(*args, **kwargs):
@@ -312,7 +309,7 @@ def test_the_estimate_after_a_one_step_job_predicts_a_longer_one(worker, portrai
 
     monkeypatch.setattr(engine, "prepare", slow_prepare)
     monkeypatch.setattr(engine, "forward", slow_forward)
-    monkeypatch.setattr(worker.pipeline, "dit_speed", DiTSpeed())
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", DiTSpeed())
     unguided = {"guidance_scale": 1.0, "max_clips": 1}
     assert "video_base64" in worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, **unguided))
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=20, **unguided))
@@ -322,8 +319,11 @@ def test_the_estimate_after_a_one_step_job_predicts_a_longer_one(worker, portrai
 
 def job_tokens(worker, image_png) -> int:
     """The DiT tokens of `job(...)`'s clips (480p, 16 frames a clip) for this image."""
-    height, width = worker.pipeline.video_size(image_png, "480p")
-    return worker.pipeline.dit_tokens(height, width, 16)
+    from PIL import Image
+
+    with Image.open(image_png) as image:
+        height, width = video_size(*image.size, worker.pipeline.checkpoint.max_area["480p"], "480p")
+    return dit_tokens(height, width, 16)
 
 
 def test_progress_carries_the_estimated_sampling_time_left(worker, portrait_png, speech_1s_b64,
@@ -331,7 +331,7 @@ def test_progress_carries_the_estimated_sampling_time_left(worker, portrait_png,
     speed = DiTSpeed()
     # as if measured: 0.25 s a call, 0.5 s of preparation a clip
     speed.record(job_tokens(worker, portrait_png), ClipTiming(calls=8, steps_s=2.0, overhead_s=0.5))
-    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", speed)
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3, max_clips=1))
     clips = result["num_clips"]
     calls = clips * 3 * 2  # guided: two calls a step
@@ -349,8 +349,8 @@ def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(wo
                                                                               speech_1s_b64, monkeypatch):
     speed = DiTSpeed()  # a very slow GPU, as measured
     speed.record(job_tokens(worker, portrait_png), ClipTiming(calls=10, steps_s=4000.0, overhead_s=20.0))
-    monkeypatch.setattr(worker.pipeline, "dit_speed", speed)
-    calls_before = worker.pipeline.dit_calls
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", speed)
+    calls_before = worker.pipeline.denoiser.dit_calls
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=3))
     clips = 2  # 1 s of speech in 16-frame clips
     assert set(result) == {"error"}  # a client error: no refresh_worker
@@ -361,7 +361,7 @@ def test_a_job_estimated_past_the_time_limit_is_refused_before_any_model_work(wo
     assert match, result["error"]
     assert int(match.group(2)) == clips * 3 * 2
     assert int(match.group(1)) >= clips * 3 * 2 * 400 + clips * 20
-    assert worker.pipeline.dit_calls == calls_before
+    assert worker.pipeline.denoiser.dit_calls == calls_before
     assert not any(u["stage"] in ("generate", "sampling") for _, u in worker.updates)
 
 

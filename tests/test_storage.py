@@ -15,11 +15,11 @@ import pytest
 import requests
 from boto3.s3.transfer import TransferConfig
 
-from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, s3_admin
-from s2v_worker import storage
+from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, deliver, s3_admin
+from s2v_worker import bucket as bucket_module
 from s2v_worker.job import StorageOverride, parse_job
 from s2v_worker.settings import Settings
-from s2v_worker.storage import StorageError, deliver_video
+from s2v_worker.storage import StorageError
 
 JOB_SECRET = "job-secret-key-never-shown-9876543210"
 SETTINGS_BUCKET = "worker-videos"
@@ -30,8 +30,8 @@ KEY_PATTERN = re.compile(r"^wan-s2v/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.mp4$")
 
 @pytest.fixture(scope="module")
 def s3_endpoint(s3_server: str) -> str:
-    for bucket in (SETTINGS_BUCKET, JOB_BUCKET):
-        s3_admin(s3_server).create_bucket(Bucket=bucket)
+    for name in (SETTINGS_BUCKET, JOB_BUCKET):
+        s3_admin(s3_server).create_bucket(Bucket=name)
     return s3_server
 
 
@@ -78,7 +78,7 @@ def job_override(endpoint: str, bucket: str = JOB_BUCKET) -> StorageOverride:
 
 def test_settings_bucket_gets_the_video_and_a_working_presigned_link(
         bucket_settings: Settings, video: Path, admin) -> None:
-    out = deliver_video(video, bucket_settings, None)
+    out = deliver(video, bucket_settings, None)
     assert out["storage"] == "s3"
     key = out["object_key"]
     assert KEY_PATTERN.match(key)
@@ -94,13 +94,13 @@ def test_settings_bucket_gets_the_video_and_a_working_presigned_link(
 
 
 def test_every_upload_gets_its_own_key(bucket_settings: Settings, video: Path) -> None:
-    keys = {deliver_video(video, bucket_settings, None)["object_key"] for _ in range(3)}
+    keys = {deliver(video, bucket_settings, None)["object_key"] for _ in range(3)}
     assert len(keys) == 3
 
 
 def test_s3config_override_goes_to_the_jobs_bucket(bucket_settings: Settings, video: Path,
                                                    s3_endpoint: str, admin) -> None:
-    out = deliver_video(video, bucket_settings, job_override(s3_endpoint))
+    out = deliver(video, bucket_settings, job_override(s3_endpoint))
     assert out["storage"] == "s3"
     assert JOB_ID not in out["object_key"]
     assert admin.get_object(Bucket=JOB_BUCKET, Key=out["object_key"])["Body"].read() == \
@@ -112,19 +112,19 @@ def test_s3config_override_goes_to_the_jobs_bucket(bucket_settings: Settings, vi
 
 def test_s3config_override_works_without_bucket_settings(base_settings: Settings, video: Path,
                                                           s3_endpoint: str, admin) -> None:
-    out = deliver_video(video, base_settings, job_override(s3_endpoint))
+    out = deliver(video, base_settings, job_override(s3_endpoint))
     assert out["storage"] == "s3"
     assert admin.head_object(Bucket=JOB_BUCKET, Key=out["object_key"])["ContentType"] == "video/mp4"
 
 
 def test_large_video_goes_up_in_parts(bucket_settings: Settings, tmp_path: Path, admin,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "TRANSFER_CONFIG",
+    monkeypatch.setattr(bucket_module, "TRANSFER_CONFIG",
                         TransferConfig(multipart_threshold=5 * 1024 * 1024,
                                        multipart_chunksize=5 * 1024 * 1024))
     path = tmp_path / "large.mp4"
     path.write_bytes(bytes(range(256)) * (11 * 4096))  # 11 MiB: three parts
-    out = deliver_video(path, bucket_settings, None)
+    out = deliver(path, bucket_settings, None)
     head = admin.head_object(Bucket=SETTINGS_BUCKET, Key=out["object_key"])
     assert head["ContentType"] == "video/mp4"
     assert head["ContentLength"] == path.stat().st_size
@@ -136,7 +136,7 @@ def kept_file(message: str, settings: Settings) -> Path:
     match = re.search(r"kept on the worker at (\S+\.mp4)", message)
     assert match, message
     kept = Path(match.group(1))
-    assert kept.parent == Path(settings.undelivered_dir)
+    assert kept.parent == settings.folders.undelivered_dir
     assert re.fullmatch(r"[0-9a-f]{32}\.mp4", kept.name)
     return kept
 
@@ -144,14 +144,14 @@ def kept_file(message: str, settings: Settings) -> Path:
 # --- without a bucket --------------------------------------------------------------------------
 
 def test_small_video_comes_back_inline(base_settings: Settings, video: Path) -> None:
-    out = deliver_video(video, base_settings, None)
+    out = deliver(video, base_settings, None)
     assert out["storage"] == "inline"
     assert base64.b64decode(out["video_base64"]) == video.read_bytes()
 
 
 def test_video_exactly_at_the_cap_is_inline(base_settings: Settings, video: Path) -> None:
     settings = base_settings.replace(max_inline_video_bytes=video.stat().st_size)
-    assert deliver_video(video, settings, None)["storage"] == "inline"
+    assert deliver(video, settings, None)["storage"] == "inline"
 
 
 def test_large_video_goes_to_the_network_volume(base_settings: Settings, video: Path,
@@ -159,7 +159,7 @@ def test_large_video_goes_to_the_network_volume(base_settings: Settings, video: 
     volume = tmp_path / "volume"
     volume.mkdir()
     settings = base_settings.replace(max_inline_video_bytes=1000, network_volume_dir=str(volume))
-    out = deliver_video(video, settings, None)
+    out = deliver(video, settings, None)
     assert out["storage"] == "network_volume"
     saved = Path(out["video_path"])
     assert saved.parent == volume / "wan-s2v-outputs"
@@ -173,7 +173,7 @@ def test_large_video_without_bucket_or_volume_says_how_to_configure(base_setting
     settings = base_settings.replace(max_inline_video_bytes=1000)
     content = video.read_bytes()
     with pytest.raises(StorageError) as caught:
-        deliver_video(video, settings, None)
+        deliver(video, settings, None)
     message = str(caught.value)
     assert str(len(content)) in message and "1000" in message
     for name in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
@@ -194,7 +194,7 @@ def test_volume_that_refuses_the_copy_keeps_the_video_on_the_volume(base_setting
                                      undelivered_dir=None)
     content = video.read_bytes()
     with pytest.raises(StorageError) as caught:
-        deliver_video(video, settings, None)
+        deliver(video, settings, None)
     message = str(caught.value)
     assert "copying the video to the network volume" in message
     kept = kept_file(message, settings.replace(undelivered_dir=str(volume / "wan-s2v-undelivered")))
@@ -203,7 +203,7 @@ def test_volume_that_refuses_the_copy_keeps_the_video_on_the_volume(base_setting
 
 def test_incomplete_bucket_settings_are_not_a_bucket(base_settings: Settings, video: Path) -> None:
     settings = base_settings.replace(bucket_name=SETTINGS_BUCKET, bucket_access_key_id=ACCESS_KEY)
-    assert deliver_video(video, settings, None)["storage"] == "inline"
+    assert deliver(video, settings, None)["storage"] == "inline"
 
 
 # --- client configuration ------------------------------------------------------------------------
@@ -217,9 +217,9 @@ def test_incomplete_bucket_settings_are_not_a_bucket(base_settings: Settings, vi
     ("http://127.0.0.1:9000", "path"),
 ])
 def test_auto_addressing_style(base_settings: Settings, endpoint: str | None, style: str) -> None:
-    assert storage._addressing_style(base_settings, endpoint) == style
+    assert bucket_module._addressing_style(base_settings.storage, endpoint) == style
     forced = base_settings.replace(bucket_addressing_style="virtual")
-    assert storage._addressing_style(forced, endpoint) == "virtual"
+    assert bucket_module._addressing_style(forced.storage, endpoint) == "virtual"
 
 
 @pytest.mark.parametrize("endpoint, region", [
@@ -231,11 +231,11 @@ def test_auto_addressing_style(base_settings: Settings, endpoint: str | None, st
     ("http://127.0.0.1:9000", None),
 ])
 def test_region_of_an_s3config_endpoint(endpoint: str, region: str | None) -> None:
-    assert storage._region_from_endpoint(endpoint) == region
+    assert bucket_module._region_from_endpoint(endpoint) == region
 
 
 def test_bucket_target_repr_hides_keys(bucket_settings: Settings) -> None:
-    target = storage.bucket_target(bucket_settings, None)
+    target = bucket_module.bucket_target(bucket_settings.storage, None)
     assert target is not None and SECRET_KEY not in repr(target) and ACCESS_KEY not in repr(target)
 
 
@@ -294,7 +294,7 @@ def test_a_loopback_endpoint_is_refused_before_any_connection_and_the_video_come
         override, bucket = None, SETTINGS_BUCKET
         settings = settings.replace(bucket_endpoint_url=listener.url, bucket_name=SETTINGS_BUCKET,
                                     bucket_access_key_id=ACCESS_KEY, bucket_secret_access_key=SECRET_KEY)
-    out = deliver_video(video, settings, override)
+    out = deliver(video, settings, override)
     listener.close()
     assert listener.accepted == 0  # not even a TCP handshake
     assert out["storage"] == "inline" and base64.b64decode(out["video_base64"]) == video.read_bytes()
@@ -307,7 +307,7 @@ def test_a_refused_endpoint_with_a_large_video_goes_to_the_volume(base_settings:
     volume.mkdir()
     settings = base_settings.replace(allowed_private_networks="", max_inline_video_bytes=1000,
                                      network_volume_dir=str(volume))
-    out = deliver_video(video, settings, job_override(listener.url))
+    out = deliver(video, settings, job_override(listener.url))
     listener.close()
     assert listener.accepted == 0
     assert out["storage"] == "network_volume" and Path(out["video_path"]).read_bytes() == video.read_bytes()
@@ -336,7 +336,7 @@ def test_a_name_that_turns_private_after_the_check_is_refused_at_the_connection(
     monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
     settings = base_settings.replace(allowed_private_networks="", bucket_max_attempts=2)
-    out = deliver_video(video, settings, job_override(f"http://bucket.rebind.test:{port}"))
+    out = deliver(video, settings, job_override(f"http://bucket.rebind.test:{port}"))
     listener.close()
     assert listener.accepted == 0 and len(lookups) >= 2
     assert out["storage"] == "inline"
@@ -347,7 +347,7 @@ def test_a_name_that_turns_private_after_the_check_is_refused_at_the_connection(
 def test_the_allow_list_admits_a_private_endpoint(base_settings: Settings, video: Path, s3_endpoint: str,
                                                   admin) -> None:
     """What a private MinIO needs: ALLOWED_PRIVATE_NETWORKS covering its address (here loopback)."""
-    assert base_settings.allowed_private_networks == "127.0.0.0/8"
-    out = deliver_video(video, base_settings, job_override(s3_endpoint))
+    assert [str(n) for n in base_settings.network.allowed_private_networks] == ["127.0.0.0/8"]
+    out = deliver(video, base_settings, job_override(s3_endpoint))
     assert out["storage"] == "s3" and "warnings" not in out
     assert admin.get_object(Bucket=JOB_BUCKET, Key=out["object_key"])["Body"].read() == video.read_bytes()

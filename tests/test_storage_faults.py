@@ -23,12 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY
+from conftest import S3_ACCESS_KEY as ACCESS_KEY, S3_SECRET_KEY as SECRET_KEY, deliver
 from conftest import LoopbackHTTPServer, closed_port_url
-from s2v_worker import storage
+from s2v_worker import bucket, storage
 from s2v_worker.job import parse_job
 from s2v_worker.settings import Settings
-from s2v_worker.storage import StorageError, deliver_video
+from s2v_worker.storage import StorageError
 
 BUCKET = "fault-videos"
 TIMEOUT_S = 0.5
@@ -178,12 +178,12 @@ def deliver_timed(path: Path, settings: Settings, fault: Fault):
     settings = settings.replace(bucket_endpoint_url=fault.endpoint)
     started = time.monotonic()
     try:
-        out, error = deliver_video(path, settings, None), None
+        out, error = deliver(path, settings, None), None
     except StorageError as exc:
         out, error = None, str(exc)
     elapsed = time.monotonic() - started
     # The documented worst case, and in practice far less: one timeout per attempt at most.
-    assert elapsed < storage.failing_request_bound_s(settings)
+    assert elapsed < bucket.failing_request_bound_s(settings.storage)
     assert elapsed < ATTEMPTS * TIMEOUT_S + 2.5
     if fault.code == "ReadTimeoutError":
         assert elapsed >= ATTEMPTS * TIMEOUT_S * 0.9  # every attempt waited for its timeout
@@ -264,7 +264,7 @@ def test_one_transient_503_is_retried_and_the_upload_succeeds(settings: Settings
     server = FakeS3(flaky)
     try:
         path = write_video(tmp_path, LARGE)
-        out = deliver_video(path, settings.replace(bucket_endpoint_url=server.url), None)
+        out = deliver(path, settings.replace(bucket_endpoint_url=server.url), None)
         assert server.count("PUT") == 2
         assert [m for m, _ in server.requests] == ["PUT", "PUT"]
         first, second = (p for _, p in server.requests)
@@ -279,7 +279,7 @@ def test_one_transient_503_is_retried_and_the_upload_succeeds(settings: Settings
 
 def test_bound_of_a_failing_request_with_the_defaults() -> None:
     # 3 attempts * (30 s connect + 30 s read + 1 s "100 Continue") + backoffs (1 + 5) + (2 + 5).
-    assert storage.failing_request_bound_s(Settings.from_env({})) == 196
+    assert bucket.failing_request_bound_s(Settings.from_env({}).storage) == 196
 
 
 def test_default_undelivered_folder_is_in_the_temp_folder(settings: Settings, tmp_path: Path,
@@ -290,7 +290,7 @@ def test_default_undelivered_folder_is_in_the_temp_folder(settings: Settings, tm
     settings = settings.replace(undelivered_dir=None, bucket_endpoint_url=closed_port_url())
     path = write_video(tmp_path, LARGE)
     with pytest.raises(StorageError) as caught:
-        deliver_video(path, settings, None)
+        deliver(path, settings, None)
     message = str(caught.value)
     kept = Path(re.search(r"kept on the worker at (\S+\.mp4)", message)[1])
     assert kept.parent == temp / "wan-s2v-undelivered"
@@ -307,7 +307,7 @@ def test_kept_across_file_systems_by_copying(settings: Settings, tmp_path: Path,
     monkeypatch.setattr(storage.os, "rename", cross_device)
     path = write_video(tmp_path, LARGE)
     with pytest.raises(StorageError) as caught:
-        deliver_video(path, settings.replace(bucket_endpoint_url=closed_port_url()), None)
+        deliver(path, settings.replace(bucket_endpoint_url=closed_port_url()), None)
     kept = Path(re.search(r"kept on the worker at (\S+\.mp4)", str(caught.value))[1])
     assert kept.read_bytes() == LARGE
     assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # no partial copy left
@@ -323,7 +323,7 @@ def test_when_nothing_can_keep_the_video_the_error_says_it_is_lost(
                                 bucket_endpoint_url=closed_port_url())
     path = write_video(tmp_path, LARGE)
     with pytest.raises(StorageError) as caught:
-        deliver_video(path, settings, None)
+        deliver(path, settings, None)
     message = str(caught.value)
     assert "EndpointConnectionError" in message
     assert "Keeping the video failed too" in message and "it is lost" in message
@@ -339,7 +339,7 @@ def test_a_failing_s3config_bucket_is_named_as_the_jobs_and_its_keys_are_not_sho
                      "s3Config": {"accessId": ACCESS_KEY, "accessSecret": job_secret,
                                   "bucketName": "job-videos", "endpointUrl": endpoint}})
     with pytest.raises(StorageError) as caught:
-        deliver_video(write_video(tmp_path, LARGE), settings, job.storage)
+        deliver(write_video(tmp_path, LARGE), settings, job.storage)
     message = str(caught.value)
     assert (f"uploading the video to bucket 'job-videos' at {endpoint} (from s3Config) failed: "
             "EndpointConnectionError") in message
@@ -352,11 +352,11 @@ def test_endpoint_credentials_in_the_url_are_not_shown(settings: Settings, tmp_p
     host = urlsplit(endpoint).netloc
     password = "url-password-5551212"
     settings = settings.replace(bucket_endpoint_url=f"http://proxy-user:{password}@{host}")
-    out = deliver_video(write_video(tmp_path, SMALL), settings, None)
+    out = deliver(write_video(tmp_path, SMALL), settings, None)
     assert out["storage"] == "inline"
     assert password not in json.dumps(out) and "proxy-user" not in json.dumps(out)
     assert f"at {endpoint} failed" in out["warnings"][0]
     with pytest.raises(StorageError) as caught:
-        deliver_video(write_video(tmp_path / "large", LARGE), settings, None)
+        deliver(write_video(tmp_path / "large", LARGE), settings, None)
     message = str(caught.value)
     assert password not in message and f"at {endpoint} (from settings)" in message

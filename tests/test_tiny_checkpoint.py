@@ -20,7 +20,7 @@ from s2v_worker.checkpoint import (DIT_INDEX as INDEX, T5_CHECKPOINT as T5_FILE,
                                    T5_TOKENIZER_DIR as TOKENIZER_DIR, VAE_CHECKPOINT as VAE_FILE,
                                    WAV2VEC_DIR)
 from s2v_worker.official import import_official, sdpa_attention
-from s2v_worker.pipeline import infer_t5_architecture
+from s2v_worker.weights import infer_t5_architecture
 
 SHARDS = [f"diffusion_pytorch_model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
 EXPECTED_FILES = [
@@ -159,7 +159,7 @@ def test_tokenizer_is_umt5_like(ckpt):
 def test_t5_loads_strict_and_encodes(ckpt, official):
     state = torch.load(ckpt / T5_FILE, map_location="cpu", weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
-    # The official builder with the sizes the worker reads from the checkpoint (pipeline.load).
+    # The official builder with the sizes the worker reads from the checkpoint (loading.load_pipeline).
     arch = infer_t5_architecture(state)
     model = official.t5.umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16,
                                  device="cpu", **arch)

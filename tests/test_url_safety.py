@@ -17,12 +17,19 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import LoopbackHTTPServer
-from s2v_worker import media
+from conftest import LoopbackHTTPServer, with_settings
+from s2v_worker import media, net
 from s2v_worker.job import MediaSource
-from s2v_worker.media import (MediaError, address_is_allowed, download, load_audio, load_image,
-                              parse_allowed_networks)
+from s2v_worker.media import MediaError
+from s2v_worker.net import address_is_allowed
 from s2v_worker.settings import Settings, SettingsError
+
+load_image, load_audio = with_settings(media.load_image), with_settings(media.load_audio)
+
+
+def allowed_networks(text: str):
+    """ALLOWED_PRIVATE_NETWORKS as the worker reads it."""
+    return Settings.from_env({"ALLOWED_PRIVATE_NETWORKS": text}).network.allowed_private_networks
 
 NOWHERE = Settings.from_env({})  # the default: no private network allowed
 LOCAL = NOWHERE.replace(allowed_private_networks="127.0.0.0/8")
@@ -237,7 +244,7 @@ def fetch_url(tmp_path):
     def fetch(url: str, settings: Settings = LOCAL, field: str = "image_url",
               max_bytes: int = 1 << 20) -> bytes:
         dest = tmp_path / "download"
-        download(field, url, dest, max_bytes, settings)
+        net.download(field, url, dest, max_bytes, settings.network)
         return dest.read_bytes()
     return fetch
 
@@ -285,16 +292,16 @@ def test_public_addresses_are_allowed(address, connections):
     ("8.8.8.8", "10.0.0.0/8", True),  # the allow list adds to the public internet, not replaces it
 ])
 def test_allowed_private_networks(address, networks, allowed):
-    assert address_is_allowed(address, parse_allowed_networks(networks)) is allowed
+    assert address_is_allowed(address, allowed_networks(networks)) is allowed
 
 
 def test_parse_allowed_networks():
-    assert parse_allowed_networks("") == ()
-    assert parse_allowed_networks(" , ") == ()
-    assert [str(n) for n in parse_allowed_networks("127.0.0.0/8, ::1, 10.1.2.3/8")] == [
+    assert allowed_networks("") == ()
+    assert allowed_networks(" , ") == ()
+    assert [str(n) for n in allowed_networks("127.0.0.0/8, ::1, 10.1.2.3/8")] == [
         "127.0.0.0/8", "::1/128", "10.0.0.0/8"]
     with pytest.raises(SettingsError, match="ALLOWED_PRIVATE_NETWORKS: 'localhost' is not a CIDR"):
-        parse_allowed_networks("127.0.0.0/8,localhost")
+        allowed_networks("127.0.0.0/8,localhost")
 
 
 def test_non_addresses_are_errors_not_allowed():
@@ -563,7 +570,7 @@ def tls_server(tmp_path_factory):
 def test_https_keeps_sni_and_certificate_check_on_the_host_name(tls_server, dns, fetch_url,
                                                                  monkeypatch, connections):
     port, ca, server_names = tls_server
-    monkeypatch.setattr(media, "_ca_bundle", lambda: str(ca))
+    monkeypatch.setattr(net, "_ca_bundle", lambda: str(ca))
     dns.set("media.test", ["127.0.0.1"])
     dns.set("other.test", ["127.0.0.1"])
     assert fetch_url(f"https://media.test:{port}/file") == PAYLOAD

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from s2v_worker.settings import Settings
-from s2v_worker.video import EncodedVideo, VideoEncodingError, encode_mp4
+from s2v_worker.video import EncodedVideo, Mp4Stream, VideoEncodingError
 
 FFPROBE = shutil.which("ffprobe")
 SYSTEM_FFMPEG = shutil.which("ffmpeg")
@@ -22,6 +22,18 @@ pytestmark = pytest.mark.skipif(FFPROBE is None, reason="ffprobe is needed to ch
 NATIVE_FPS = 16
 SAMPLE_RATE = 16000
 SETTINGS = Settings.from_env({})
+
+
+def encode_mp4(frames: torch.Tensor, native_fps: int, output_fps: int, audio_path: Path,
+               duration_s: float, out_path: Path, settings: Settings) -> EncodedVideo:
+    """Frames [3, N, H, W] in [-1, 1] all at hand, encoded with the audio: `Mp4Stream` with one
+    chunk (the worker adds each clip's frames as they are decoded)."""
+    if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] < 1:
+        raise ValueError(f"expected frames shaped [3, N, H, W], got {list(frames.shape)}")
+    with Mp4Stream(int(frames.shape[3]), int(frames.shape[2]), native_fps, output_fps,
+                   frames.shape[1], audio_path, duration_s, out_path, settings.video) as stream:
+        stream.add(frames)
+        return stream.finish()
 
 
 def write_wav(path: Path, seconds: float) -> Path:

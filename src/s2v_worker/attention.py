@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .float8 import FLOAT8_MAX
+
 logger = logging.getLogger(__name__)
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # `wan.modules.attention.flash_attention` casts fp32 inputs to this before the kernel.
 ATTENTION_DTYPE = torch.bfloat16
-FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
 FA3_CAPABILITY = (9, 0)  # the fa3-fwd wheel's kernels are built for sm90 (H100, H200)
 
 

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import Settings
+from .resolutions import RESOLUTIONS
+from .settings import FolderSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIT_SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-# Official maximum pixel areas per resolution (wan/configs MAX_AREA_CONFIGS '832*480', '1024*704').
-OFFICIAL_MAX_AREA = {"480p": 832 * 480, "720p": 1024 * 704}
 REQUIRED_ENTRIES = (DIT_CONFIG, T5_CHECKPOINT, VAE_CHECKPOINT, T5_TOKENIZER_DIR, WAV2VEC_DIR)
 
 
@@ -45,7 +44,9 @@ class CheckpointNotFound(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    max_area: dict[str, int] = field(default_factory=lambda: dict(OFFICIAL_MAX_AREA))
+    # The largest pixel area of each resolution: the official ones, unless a tiny test checkpoint
+    # declares its own (its videos are a few latent patches wide).
+    max_area: dict[str, int] = field(default_factory=lambda: dict(RESOLUTIONS))
     random_weights: bool = False
 
     @property
@@ -77,9 +78,9 @@ def _hf_cache_snapshots(hf_cache_dir: Path) -> list[Path]:
     return ordered
 
 
-def candidate_dirs(settings: Settings) -> list[Path]:
-    volume = Path(settings.network_volume_dir)
-    return [*_hf_cache_snapshots(Path(settings.hf_cache_dir)),
+def candidate_dirs(model: ModelSettings, folders: FolderSettings) -> list[Path]:
+    volume = folders.network_volume_dir
+    return [*_hf_cache_snapshots(model.hf_cache_dir),
             volume / "models" / "Wan2.2-S2V-14B", volume / "Wan2.2-S2V-14B", IMAGE_CHECKPOINT_DIR]
 
 
@@ -90,13 +91,13 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         return Checkpoint(path=folder)
     declared = json.loads(marker.read_text())
     logger.warning("checkpoint %s holds random weights (%s): its videos are noise", folder, TINY_MARKER)
-    return Checkpoint(path=folder, max_area={**OFFICIAL_MAX_AREA, **declared.get("max_area", {})},
+    return Checkpoint(path=folder, max_area={**RESOLUTIONS, **declared.get("max_area", {})},
                       random_weights=bool(declared.get("random_weights", True)))
 
 
-def find_checkpoint(settings: Settings) -> Checkpoint:
-    if settings.ckpt_dir:
-        folder = Path(settings.ckpt_dir)
+def find_checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint:
+    if model.ckpt_dir:
+        folder = model.ckpt_dir
         missing = missing_entries(folder)
         if missing:
             raise CheckpointNotFound(
@@ -105,7 +106,7 @@ def find_checkpoint(settings: Settings) -> Checkpoint:
         return read_checkpoint(folder)
 
     looked = []
-    for folder in candidate_dirs(settings):
+    for folder in candidate_dirs(model, folders):
         missing = missing_entries(folder)
         if not missing:
             logger.info("checkpoint found at %s", folder)

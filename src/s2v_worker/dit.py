@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import FLOAT8_MAX, SequenceParallel, attention, forward_state, self_attention
+from .attention import SequenceParallel, attention, forward_state, self_attention
+from .float8 import FLOAT8_LAYER_SETS, Float8Weight, float8_linear
 from .official import import_official
 
 logger = logging.getLogger(__name__)
@@ -97,56 +98,13 @@ class AudioWeights(NamedTuple):
     norm_q: torch.Tensor
 
 
-class Float8Weight(NamedTuple):
-    """A linear weight [N, K] in float8 (e4m3) with one scale per output row ("rowwise", the
-    activations then get one per token) or one for the whole tensor ("tensorwise", one for the
-    whole activation too; cuBLAS's FP8 GEMM, faster, coarser)."""
-    weight: torch.Tensor  # float8_e4m3fn [N, K]
-    scale: torch.Tensor   # float32 [1, N] (rowwise) or [1, 1] (tensorwise)
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, rowwise: bool = True) -> "Float8Weight":
-        magnitude = weight.detach().abs().float()
-        amax = magnitude.amax(dim=1, keepdim=True) if rowwise else magnitude.amax().reshape(1, 1)
-        scale = amax.clamp(min=1e-12) / FLOAT8_MAX
-        return cls((weight.float() / scale).to(torch.float8_e4m3fn), scale.t().contiguous())
-
-    @property
-    def rowwise(self) -> bool:
-        return self.scale.numel() > 1
-
-
 # --- the per-step math (functional copies of the official modules' forwards) -----------------------
 
 def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(weight, Float8Weight):
-        return _float8_linear(x, weight, bias)
+        return float8_linear(x, weight, bias)
     # What CUDA autocast does to nn.Linear in the official code: both operands in the weight dtype.
     return F.linear(x.to(weight.dtype), weight, bias)
-
-
-def _float8_linear(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """Fast mode: the activation scaled as the weight is (per token for per-row weights, one scale
-    for per-tensor ones), one FP8 tensor-core GEMM with a bfloat16 result. Under torch.compile the
-    activation scaling fuses into the kernel that produces the activation."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    if weight.rowwise:
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
-    else:
-        scale = rows.abs().amax().clamp(min=1e-12).reshape(1, 1) / FLOAT8_MAX
-    quantized = (rows / scale).to(torch.float8_e4m3fn)
-    if not x.is_cuda:
-        # On the CPU (the tests) torch's _scaled_mm is a reference loop, about 1000x a float32
-        # GEMM (0.29 s for 1000x64x128, torch 2.14.1): the same products of the same FP8 values
-        # (exact in float32), accumulated in float32 as cuBLAS does, rounded once to bfloat16.
-        out = (quantized.float() * scale) @ (weight.weight.float() * weight.scale.t()).t()
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(torch.bfloat16).reshape(*x.shape[:-1], out.shape[-1])
-    out = torch._scaled_mm(quantized, weight.weight.t(), scale_a=scale, scale_b=weight.scale,
-                           bias=None if bias is None else bias.to(torch.bfloat16),
-                           out_dtype=torch.bfloat16)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -281,15 +239,6 @@ def rope_table(freqs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch
     (cos, sin) table [S, 1, D/2, 2], without the head copies. float64: the official numbers."""
     freqs = freqs.reshape(-1, *freqs.shape[-2:])[:, :1]
     return torch.view_as_real(freqs).to(dtype).contiguous()
-
-
-_ALL_LINEARS = ("q_w", "k_w", "v_w", "o_w", "cross_q_w", "cross_o_w", "ffn1_w", "ffn2_w")
-# name -> (block linears in FP8, rowwise scales). Fast mode uses one of them (pipeline.py).
-FLOAT8_LAYER_SETS = {
-    "all": (_ALL_LINEARS, True),
-    "all_tensorwise": (_ALL_LINEARS, False),
-    "ffn": (("ffn1_w", "ffn2_w"), True),
-}
 
 
 class DiTEngine:

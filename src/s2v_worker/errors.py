@@ -1,7 +1,7 @@
 """What a job can end with, told apart by what the worker should do about it.
 
-Every stage raises a subclass of `JobError` (job.JobInputError, media.MediaError, lora.LoraError,
-storage.StorageError, parallel.RankFailure, JobStopped) with a message that is safe to return to
+Every stage raises a subclass of `JobError` (job.JobInputError, MediaError, lora.LoraError,
+StorageError, parallel.RankFailure, JobStopped) with a message that is safe to return to
 the client: it names the job field and the rule, never a path, a key or a traceback. The runner
 catches `JobError` once and answers RunPod with `{"error": message}`, adding
 `"refresh_worker": true` when the error's `refresh_worker` says the GPU may be in doubt, which makes
@@ -20,6 +20,15 @@ class JobError(Exception):
     def result(self) -> dict:
         """RunPod's answer for this job."""
         return {"error": str(self), **({"refresh_worker": True} if self.refresh_worker else {})}
+
+
+class MediaError(JobError, ValueError):
+    """An input (media, or a LoRA file's download) could not be fetched or decoded. The message
+    is safe to return to the client."""
+
+
+class StorageError(JobError, RuntimeError):
+    """The video could not be delivered. The message is safe to return to the client."""
 
 
 class JobStopped(JobError):

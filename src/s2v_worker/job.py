@@ -1,14 +1,13 @@
 """The job schema, declared once as pydantic models, and `parse_job`: RunPod's job JSON to a `JobRequest`.
 
-The models are the schema: `schema/job.schema.json` and the README's job-field table are generated
-from them (`python -m s2v_worker.job`), and tests keep both in sync. Nothing here touches the
+The models are the schema: `schema/job.schema.json` and the job-field table of docs/job.md are
+generated from them (`python -m s2v_worker.reference`), and tests keep both in sync. Nothing here touches the
 network, the disk or the GPU, so every rule is tested directly (and by property-based tests)
 without a model. A job that breaks a rule raises `JobInputError`, whose message names the field and
 the rule in the worker's own words (never pydantic's); the runner returns it as `{"error": ...}`.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from typing import Annotated, Any, Literal, Mapping, get_args
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import JobError
+from .resolutions import Resolution
 
 # Seeds. Clip r's noise generator is seeded with seed + r, as in the official code, and that must
 # stay within torch's 64-bit generator seed: a job may give any seed up to MAX_SEED, which leaves
@@ -192,7 +191,7 @@ class GenerationSettings(_Model):
     """What the video shows."""
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """What the video avoids. null or empty: the official model's default."""
-    resolution: Literal["480p", "720p"] = "720p"
+    resolution: Resolution = "720p"
     """`"480p"` (max area 832x480) or `"720p"` (1024x704). The image's aspect ratio is kept and the
     sides are multiples of 64, as the official code sizes it; an image so wide or tall that this
     sizing leaves a side at 0 (from about 5,800:1 at 480p and 10,500:1 at 720p) is refused."""
@@ -220,9 +219,9 @@ class GenerationSettings(_Model):
     """Use the image as the first frame (official option)."""
     speed: Literal["exact", "fast", "fastest"] = "exact"
     """`"exact"`: the official model's numbers within bfloat16 noise; `"fast"`: FP8 matrix
-    multiplies and step reuse, about 1.9x faster sampling, visibly different output (README: Speed
-    modes); `"fastest"`: fast with FP8 self-attention too, which moves the result further. The fast
-    modes need an FP8 GPU (Ada, Hopper or newer)."""
+    multiplies and step reuse, about 1.9x faster sampling, visibly different output
+    (docs/performance.md, Speed modes); `"fastest"`: fast with FP8 self-attention too, which moves
+    the result further. The fast modes need an FP8 GPU (Ada, Hopper or newer)."""
     step_cache: bool = Field(default_factory=lambda fields: fields.get("speed", "exact") != "exact")
     """Reuse of the guided prediction on alternate middle steps, part of the fast modes. Default:
     true with `"speed": "fast"` or `"fastest"` (false keeps FP8 but computes every step), false with
@@ -275,7 +274,7 @@ class JobInput(GenerationSettings, _MediaFields):
         {"not": {"allOf": [_present("pose_video_url"), _present("pose_video_base64")]}}]})
 
     loras: list[LoraEntry] | None = Field(None, max_length=MAX_LORAS)
-    """LoRAs merged into the model for this job, in order (README: LoRA)."""
+    """LoRAs merged into the model for this job, in order (docs/job.md, LoRA)."""
 
 
 class StorageOverride(_Model):
@@ -498,83 +497,3 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
         loras=tuple(LoraSource(f"loras[{i}]", url=entry.url, path=entry.path, strength=entry.strength)
                     for i, entry in enumerate(payload.loras or ())),
     )
-
-
-# --- the published schema and the README's table -------------------------------------------------
-
-class _SchemaGenerator(GenerateJsonSchema):
-    def field_title_should_be_set(self, schema: Any) -> bool:
-        return False  # "Sample Steps" above `sample_steps` tells a reader nothing
-
-    def generate(self, schema: Any, mode: Any = "validation") -> dict:
-        def one_line(node: Any) -> Any:  # the docstrings' line breaks are not the text's
-            if isinstance(node, dict):
-                return {key: " ".join(value.split()) if key == "description" and isinstance(value, str)
-                        else one_line(value) for key, value in node.items()}
-            return [one_line(item) for item in node] if isinstance(node, list) else node
-
-        return {"$schema": self.schema_dialect, **one_line(super().generate(schema, mode))}
-
-
-def job_json_schema() -> dict:
-    return Job.model_json_schema(schema_generator=_SchemaGenerator)
-
-
-def job_schema_text() -> str:
-    """schema/job.schema.json, as committed: stable key order, two-space indent, final newline."""
-    return json.dumps(job_json_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _table_row(name: str, prop: dict, required: bool) -> str:
-    """One field: its type, its default, and its rule (the schema's limits, then its description)."""
-    of = next((p for p in prop.get("anyOf", ()) if p.get("type") != "null"), prop)  # X of X | None
-    if "enum" in of:
-        kind = " or ".join(f"`{json.dumps(choice)}`" for choice in of["enum"])
-    elif of["type"] == "array":
-        kind = "list of objects"
-    else:
-        kind = of["type"] + (" (URL)" if of.get("format") == "uri" else "")
-    if required:
-        default = "required"
-    else:
-        default = f"`{json.dumps(prop['default'], ensure_ascii=False)}`" if "default" in prop else "see rule"
-    limits = []
-    if "minimum" in of:
-        high = "2^62" if of["maximum"] == MAX_SEED else f"{of['maximum']:g}"
-        limits.append(f"{of['minimum']:g}..{high}")
-    if "multipleOf" in of:
-        limits.append(f"a multiple of {of['multipleOf']}")
-    if "maxLength" in of:
-        limits.append(f"at most {of['maxLength']} characters")
-    if of.get("minLength"):
-        limits.append("not empty")
-    if "maxItems" in of:
-        limits.append(f"at most {of['maxItems']}")
-    rule = ". ".join(filter(None, ["; ".join(limits), prop["description"]])).replace("|", "\\|")
-    return f"| `{name}` | {kind} | {default} | {rule} |"
-
-
-def job_table_markdown() -> str:
-    """The README's job-field table, from the JSON Schema: `input`'s fields, a LoRA's, s3Config's."""
-    models = job_json_schema()["$defs"]
-    rows = ["| field | type | default | rule |", "| --- | --- | --- | --- |"]
-    for prefix, model in (("", "JobInput"), ("loras[i].", "LoraEntry"), ("s3Config.", "StorageOverride")):
-        schema = models[model]
-        rows += [_table_row(prefix + name, prop, name in schema.get("required", ()))
-                 for name, prop in schema["properties"].items()]
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":  # python -m s2v_worker.job [--write-schema [PATH]]
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description="Print the README's job-field table; with "
-                                                 "--write-schema, write the job's JSON Schema.")
-    parser.add_argument("--write-schema", nargs="?", const="schema/job.schema.json", metavar="PATH")
-    args = parser.parse_args()
-    if args.write_schema:
-        Path(args.write_schema).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_schema).write_text(job_schema_text(), encoding="utf-8")
-    else:
-        print(job_table_markdown())

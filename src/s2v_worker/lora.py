@@ -1,12 +1,6 @@
-"""LoRA stage, between media intake and generation: fetch the job's LoRA files, check them against
-the DiT, and keep that set merged into the resident weights.
-
-Merging (W += strength * scale * up @ down) costs one pass over the touched layers, while sampling
-with a separate LoRA branch would cost every step of every job; so the set stays merged for as long
-as the following jobs ask for the same set. The base weights of every touched tensor are kept as
-exact copies taken before its first change (on the GPU when it has memory to spare, else in pinned
-host memory); restoring copies them back, so the base model is bit-identical whatever was merged
-before.
+"""LoRA files, between media intake and generation: fetch the job's LoRA files (URL cache or the
+network volume), read them, and check what they change against the DiT, before any weight changes.
+Merging the checked set into the resident weights is lora_merge.py's.
 
 Key layouts: those that ComfyUI's and LightX2V's Wan LoRA loaders read. A key is PREFIX X SUFFIX:
   PREFIX  none, `diffusion_model.`, `model.diffusion_model.`, `model.` or `transformer.`, with X a
@@ -51,14 +45,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .errors import JobError
 from .job import LORA_STRENGTH_LIMIT, MAX_LORAS, LoraSource
-from .media import download
-from .settings import Settings
+from .net import download
+from .settings import FolderSettings, MediaSettings, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +133,7 @@ class ParsedLora:
         """The line for the job result's `warnings`, None when nothing was skipped."""
         if not self.skipped_keys:
             return None
-        shown = [_short(name) for name in self.skipped_layers[:SKIPPED_NAMES_SHOWN]]
+        shown = [short(name) for name in self.skipped_layers[:SKIPPED_NAMES_SHOWN]]
         if len(self.skipped_layers) > SKIPPED_NAMES_SHOWN:
             shown.append("...")
         return (f"{field}: skipped {self.skipped_keys} key(s) for layers this model does not have "
@@ -148,14 +142,15 @@ class ParsedLora:
 
 # --- fetch ---------------------------------------------------------------------------------------
 
-def lora_cache_dir(settings: Settings) -> Path:
+def lora_cache_dir(folders: FolderSettings) -> Path:
     """LORA_CACHE_DIR; else wan-s2v-loras on the network volume if mounted, else in temp."""
-    return settings.worker_folder(settings.lora_cache_dir, LORA_CACHE_SUBDIR)
+    return folders.lasting(folders.lora_cache_dir, LORA_CACHE_SUBDIR)
 
 
-def _download_cached(source: LoraSource, settings: Settings) -> Path:
+def _download_cached(source: LoraSource, max_bytes: int, network: NetworkSettings,
+                     folders: FolderSettings) -> Path:
     # Named by the URL's hash: no client text in paths, and the same URL is downloaded once.
-    folder = lora_cache_dir(settings)
+    folder = lora_cache_dir(folders)
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{hashlib.sha256(source.url.encode()).hexdigest()}.safetensors"
     if dest.is_file():
@@ -165,8 +160,7 @@ def _download_cached(source: LoraSource, settings: Settings) -> Path:
     handle, partial = tempfile.mkstemp(dir=folder, suffix=".part")
     os.close(handle)
     try:
-        size = download(f"{source.field}.url", source.url, Path(partial), settings.max_lora_bytes,
-                        settings)
+        size = download(f"{source.field}.url", source.url, Path(partial), max_bytes, network)
         # Only what reads as a LoRA enters the cache, so a URL that served something else (an
         # error page, a model) is fetched again as soon as it serves a LoRA; what needs the model
         # to check is checked at merge time, which drops a cached file that fails (forget_cached).
@@ -185,8 +179,8 @@ def forget_cached(lora: ResolvedLora) -> None:
         logger.info("%s: removed from the LoRA cache (it does not load)", lora.field)
 
 
-def _volume_file(source: LoraSource, settings: Settings) -> Path:
-    volume = Path(settings.network_volume_dir)
+def _volume_file(source: LoraSource, max_bytes: int, folders: FolderSettings) -> Path:
+    volume = folders.network_volume_dir
     if not volume.is_dir():
         raise LoraError(f"'{source.field}.path' needs a network volume, and none is mounted")
     try:
@@ -202,8 +196,8 @@ def _volume_file(source: LoraSource, settings: Settings) -> Path:
         reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "a symlink loop"
         raise LoraError(f"'{source.field}.path' cannot be read on the network volume "
                         f"({reason.lower()})") from None
-    if size > settings.max_lora_bytes:
-        raise LoraError(f"'{source.field}.path' is larger than {settings.max_lora_bytes} bytes "
+    if size > max_bytes:
+        raise LoraError(f"'{source.field}.path' is larger than {max_bytes} bytes "
                         "(MAX_LORA_BYTES)")
     return path
 
@@ -225,11 +219,13 @@ def file_identity(path: Path) -> str:
     return _identity_cache[key]
 
 
-def resolve_loras(sources: Sequence[LoraSource], settings: Settings) -> list[ResolvedLora]:
-    """Each LoRA as a local file with its identity (downloads go through media.download's policy)."""
+def resolve_loras(sources: Sequence[LoraSource], media: MediaSettings, network: NetworkSettings,
+                  folders: FolderSettings) -> list[ResolvedLora]:
+    """Each LoRA as a local file with its identity (downloads go through net.download's policy)."""
     resolved = []
     for source in sources:
-        path = _download_cached(source, settings) if source.url else _volume_file(source, settings)
+        path = (_download_cached(source, media.max_lora_bytes, network, folders) if source.url
+                else _volume_file(source, media.max_lora_bytes, folders))
         resolved.append(ResolvedLora(source.field, path, file_identity(path), source.strength,
                                      cached=source.url is not None))
     return resolved
@@ -237,7 +233,7 @@ def resolve_loras(sources: Sequence[LoraSource], settings: Settings) -> list[Res
 
 # --- parse ---------------------------------------------------------------------------------------
 
-def _short(text: str, limit: int = 80) -> str:
+def short(text: str, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
 
 
@@ -273,7 +269,7 @@ def _key(field: str, raw_key: str) -> _Key:
         return _split_key(raw_key)
     except ValueError:
         raise LoraError(f"'{field}' has a key of no LoRA layout this worker reads: "
-                        f"{_short(raw_key)}") from None
+                        f"{short(raw_key)}") from None
 
 
 class _LayerNames:
@@ -292,8 +288,8 @@ class _LayerNames:
             return key.layer if key.layer in self.modules else None
         names = self.kohya.get(key.layer, [])
         if len(names) > 1:  # underscores lose where the dots were: never guess between layers
-            raise LoraError(f"{misfit} the kohya name {_short(key.layer)} could mean any of "
-                            f"{', '.join(_short(n) for n in names)}")
+            raise LoraError(f"{misfit} the kohya name {short(key.layer)} could mean any of "
+                            f"{', '.join(short(n) for n in names)}")
         return names[0] if names else None
 
 
@@ -315,7 +311,7 @@ def check_lora_file(path: Path, field: str) -> None:
         accepted = ALPHA_DTYPES if key.suffix == ALPHA_SUFFIX else MERGEABLE_DTYPES
         if dtype not in accepted:
             raise LoraError(
-                f"'{field}' stores {_short(raw_key)} as {dtype}, which a LoRA merge cannot use; "
+                f"'{field}' stores {short(raw_key)} as {dtype}, which a LoRA merge cannot use; "
                 "LoRA tensors load in float8 (F8_E4M3, F8_E5M2), F16, BF16, F32 or F64")
 
 
@@ -349,8 +345,8 @@ def parse_lora(lora: ResolvedLora, noise_model: torch.nn.Module) -> ParsedLora:
             continue
         parts = groups.setdefault(layer, {})
         if key.suffix in parts:  # e.g. the same layer with and without a prefix
-            raise LoraError(f"{misfit} its keys {_short(parts[key.suffix][0])} and "
-                            f"{_short(raw_key)} are the same tensor of layer {_short(layer)}")
+            raise LoraError(f"{misfit} its keys {short(parts[key.suffix][0])} and "
+                            f"{short(raw_key)} are the same tensor of layer {short(layer)}")
         parts[key.suffix] = (raw_key, tensor)
 
     deltas = []
@@ -360,7 +356,7 @@ def parse_lora(lora: ResolvedLora, noise_model: torch.nn.Module) -> ParsedLora:
         for name in absent:
             skipped[name] = skipped.get(name, 0) + 1
     if not deltas:
-        examples = ", ".join(_short(name) for name in list(skipped)[:SKIPPED_NAMES_SHOWN])
+        examples = ", ".join(short(name) for name in list(skipped)[:SKIPPED_NAMES_SHOWN])
         raise LoraError(f"{misfit} none of its {len(state)} keys is for a layer this model has "
                         f"(e.g. {examples})")
     parsed = ParsedLora(tuple(deltas), sum(skipped.values()), tuple(skipped))
@@ -377,10 +373,10 @@ def _layer_deltas(field: str, misfit: str, layer: str, module: torch.nn.Module,
         if suffix in parts:
             pairs.setdefault(layout, {})[role] = parts[suffix][1]
     if len(pairs) > 1:
-        raise LoraError(f"{misfit} layer {_short(layer)} mixes the layouts {' and '.join(sorted(pairs))}")
+        raise LoraError(f"{misfit} layer {short(layer)} mixes the layouts {' and '.join(sorted(pairs))}")
     alpha = parts[ALPHA_SUFFIX][1] if ALPHA_SUFFIX in parts else None
     if alpha is not None and not pairs:
-        raise LoraError(f"{misfit} layer {_short(layer)} has an alpha but no low-rank pair")
+        raise LoraError(f"{misfit} layer {short(layer)} has an alpha but no low-rank pair")
     deltas = [_low_rank(field, misfit, layer, module, roles, alpha) for roles in pairs.values()]
     absent = []
     for suffix, param in FULL_SUFFIXES.items():
@@ -402,12 +398,12 @@ def _max_abs(field: str, layer: str, part: str, tensor: torch.Tensor) -> float:
     peak = float(tensor.float().abs().max())  # max propagates NaN, so one reduction checks both
     if not math.isfinite(peak):
         raise LoraError(f"'{field}' has non-finite values (NaN or infinity) in layer "
-                        f"{_short(layer)} ({part})")
+                        f"{short(layer)} ({part})")
     return peak
 
 
 def _too_large(field: str, layer: str) -> LoraError:
-    return LoraError(f"'{field}' has values too large to merge in layer {_short(layer)}: the "
+    return LoraError(f"'{field}' has values too large to merge in layer {short(layer)}: the "
                      "change could overflow float32")
 
 
@@ -416,10 +412,10 @@ def _low_rank_weight(misfit: str, layer: str, module: torch.nn.Module) -> torch.
         return module.weight
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
         if module.groups != 1:
-            raise LoraError(f"{misfit} {_short(layer)} is a grouped convolution, which a low-rank "
+            raise LoraError(f"{misfit} {short(layer)} is a grouped convolution, which a low-rank "
                             "LoRA cannot change")
         return module.weight
-    raise LoraError(f"{misfit} {_short(layer)} is not a Linear or convolution layer")
+    raise LoraError(f"{misfit} {short(layer)} is not a Linear or convolution layer")
 
 
 def _as_matrices(up: torch.Tensor, down: torch.Tensor,
@@ -440,22 +436,22 @@ def _as_matrices(up: torch.Tensor, down: torch.Tensor,
 def _low_rank(field: str, misfit: str, layer: str, module: torch.nn.Module,
               roles: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> ParamDelta:
     if set(roles) != {"down", "up"}:
-        raise LoraError(f"{misfit} layer {_short(layer)} lacks its {'up' if 'down' in roles else 'down'}"
+        raise LoraError(f"{misfit} layer {short(layer)} lacks its {'up' if 'down' in roles else 'down'}"
                         " matrix")
     weight = _low_rank_weight(misfit, layer, module)
     down, up = roles["down"], roles["up"]
     if (down.dim() >= 1 and down.shape[0] == 0) or (up.dim() >= 2 and up.shape[1] == 0):
-        raise LoraError(f"'{field}' has rank 0 in layer {_short(layer)}")
+        raise LoraError(f"'{field}' has rank 0 in layer {short(layer)}")
     matrices = _as_matrices(up, down, weight)
     if matrices is None:
-        raise LoraError(f"{misfit} layer {_short(layer)} has a weight of shape {tuple(weight.shape)}, "
+        raise LoraError(f"{misfit} layer {short(layer)} has a weight of shape {tuple(weight.shape)}, "
                         f"the LoRA gives up {tuple(up.shape)} and down {tuple(down.shape)}")
     up, down = matrices
     rank = down.shape[0]
     scale = 1.0
     if alpha is not None:
         if alpha.numel() != 1:
-            raise LoraError(f"{misfit} layer {_short(layer)} has an alpha that is not one number")
+            raise LoraError(f"{misfit} layer {short(layer)} has an alpha that is not one number")
         _max_abs(field, layer, "alpha", alpha)
         scale = float(alpha.float()) / rank
     # |up @ down| <= rank * max|up| * max|down|, entry by entry.
@@ -468,136 +464,8 @@ def _low_rank(field: str, misfit: str, layer: str, module: torch.nn.Module,
 def _full(field: str, misfit: str, layer: str, param: str, target: torch.Tensor,
           delta: torch.Tensor) -> ParamDelta:
     if target.shape != delta.shape:
-        raise LoraError(f"{misfit} layer {_short(layer)} has a {param} of shape "
+        raise LoraError(f"{misfit} layer {short(layer)} has a {param} of shape "
                         f"{tuple(target.shape)}, the LoRA's delta is {tuple(delta.shape)}")
     if _max_abs(field, layer, f"{param} delta", delta) > MAX_CHANGE:
         raise _too_large(field, layer)
     return ParamDelta(f"{layer}.{param}", 1.0, tuple(target.shape), full=delta)
-
-
-# --- merge ---------------------------------------------------------------------------------------
-
-# GPU memory a merge leaves free when it keeps base copies on the GPU: the activations of a 720p
-# job, fast mode's FP8 copies and the VAE's decode fit in it (H200: the 26.6 GB of base copies of
-# a full LoRA stay on the GPU; an 80 GB GPU keeps them in host memory).
-GPU_RESERVE_BYTES = 40 * 2**30
-
-
-def _base_copy(weight: torch.Tensor) -> torch.Tensor:
-    """An exact copy of a weight before its first change. On a GPU with memory to spare it stays
-    there (a device copy: the first LoRA merge of the 14B DiT measured 27 s with its copies
-    going to pageable host memory); else it goes to pinned host memory, asynchronously (the
-    change that follows is queued behind it on the same stream)."""
-    if not weight.is_cuda:
-        return weight.detach().clone()
-    free, _ = torch.cuda.mem_get_info(weight.device)
-    if free - weight.nbytes >= GPU_RESERVE_BYTES:
-        return weight.detach().clone()
-    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    return host.copy_(weight.detach(), non_blocking=True)
-
-
-@dataclass(frozen=True)
-class LoraSet:
-    """A job's LoRAs, parsed and checked against the DiT (`LoraManager.load`), ready to merge."""
-
-    wanted: tuple[tuple[str, float], ...]  # (identity, strength) of each, in order
-    parsed: tuple[tuple[ResolvedLora, ParsedLora], ...]
-
-
-class LoraManager:
-    """Keeps one LoRA set merged into `noise_model`; restores the exact base weights on a change."""
-
-    def __init__(self, noise_model: torch.nn.Module,
-                 on_change: Callable[[], None] | None = None) -> None:
-        self.noise_model = noise_model
-        # Called whenever the weights may have changed (e.g. to drop copies derived from them).
-        self.on_change = on_change
-        self.base: dict[str, torch.Tensor] = {}  # exact copies, taken on first touch
-        self.current: tuple[tuple[str, float], ...] = ()
-        self.warnings: tuple[str, ...] = ()  # the merged set's skipped keys, one line per LoRA
-        self.merges = 0  # sets merged so far (tests check that a repeated set is not re-merged)
-
-    def load(self, loras: Sequence[ResolvedLora]) -> LoraSet | None:
-        """Parse and check `loras` against the DiT without changing any weight; None when that
-        set is merged already. A file that fails here leaves the URL cache."""
-        wanted = tuple((lora.identity, lora.strength) for lora in loras)
-        if wanted == self.current:
-            return None
-        return LoraSet(wanted, tuple((lora, self._parse(lora)) for lora in loras))
-
-    def merge(self, loras: LoraSet | None) -> bool:
-        """Make a loaded set the merged one; False when there was nothing to do (None)."""
-        if loras is None:
-            return False
-        try:
-            self.restore()
-            self._merge(loras.parsed)
-        except BaseException:
-            self.restore()  # never leave half a set merged
-            raise
-        finally:
-            if self.on_change is not None:
-                self.on_change()
-        self.current = loras.wanted
-        self.warnings = tuple(line for lora, result in loras.parsed
-                              if (line := result.warning(lora.field)) is not None)
-        self.merges += 1
-        logger.info("merged %d LoRA(s): %s", len(loras.parsed),
-                    ", ".join(f"{lora.field} {lora.identity[:12]} x{lora.strength:g}"
-                              for lora, _ in loras.parsed))
-        return True
-
-    def apply(self, loras: Sequence[ResolvedLora]) -> bool:
-        """`load`, then `merge`: make `loras` (in order) the merged set; False when it already was."""
-        return self.merge(self.load(loras))
-
-    def restore(self) -> None:
-        """Copy every touched tensor's base value back (bit-identical)."""
-        with torch.no_grad():
-            for name, base in self.base.items():
-                target = self.noise_model.get_parameter(name)
-                target.copy_(base.to(target.device))
-        if self.current:
-            logger.info("restored the base weights of %d tensor(s)", len(self.base))
-        self.current, self.warnings = (), ()
-
-    def _parse(self, lora: ResolvedLora) -> ParsedLora:
-        try:
-            return parse_lora(lora, self.noise_model)
-        except BaseException:  # a LoraError, or a bug: either way the file did not load
-            forget_cached(lora)
-            raise
-
-    def _merge(self, parsed: Sequence[tuple[ResolvedLora, ParsedLora]]) -> None:
-        # Deltas of one tensor are summed in float32 and added once, so a bf16 weight is rounded
-        # once, whatever the number of LoRAs. One tensor at a time: float32 sums for every layer
-        # of the 14B DiT at once would take about 56 GB of GPU memory.
-        by_param: dict[str, list[tuple[ParamDelta, float, ResolvedLora]]] = {}
-        for lora, result in parsed:
-            for delta in result.deltas:
-                by_param.setdefault(delta.param, []).append((delta, lora.strength, lora))
-        finite: list[torch.Tensor] = []  # per tensor, whether every merged value is finite
-        with torch.no_grad():
-            for name, changes in by_param.items():
-                target = self.noise_model.get_parameter(name)
-                total = changes[0][0].tensor(target.device) * changes[0][1]
-                for delta, strength, _ in changes[1:]:
-                    total += delta.tensor(target.device) * strength
-                if name not in self.base:
-                    self.base[name] = _base_copy(target)
-                target.copy_((target.float() + total).to(target.dtype))
-                # Checked on what was written (after the products, the sum and the cast), with no
-                # wait for the GPU per tensor: the flags are read once, below.
-                finite.append(torch.isfinite(target).all())
-            if finite and not bool(torch.stack(finite).all()):
-                name = next(n for n, ok in zip(by_param, torch.stack(finite).tolist()) if not ok)
-                involved = list(dict.fromkeys(lora for _, _, lora in by_param[name]))
-                for lora in involved:
-                    forget_cached(lora)
-                fields = " and ".join(f"'{lora.field}'" for lora in involved)
-                raise LoraError(f"{fields} {'has' if len(involved) == 1 else 'have'} values too "
-                                f"large to merge in layer {_short(name.rsplit('.', 1)[0])}: the "
-                                "merged weights would not be finite")
-            if any(t.is_pinned() for t in self.base.values()):
-                torch.cuda.synchronize()  # the copies to pinned host memory have landed

@@ -6,30 +6,21 @@ video through decord. A bad input raises `MediaError`, whose message names the j
 what is wrong; it is safe to return to the client. Files are written inside the job's own
 temporary folder only, under fixed names: nothing in a path comes from the job.
 
-URLs are fetched so that no job can make the worker reach inside its own network (SSRF): see
-`download` for how every address is checked, and pinned, before it is connected to.
+URLs are fetched through net.py, so that no job can make the worker reach inside its own network
+(SSRF); decoders run in child processes (decoders.py).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import functools
-import http.client
-import ipaddress
 import json
 import logging
-import os
-import selectors
-import socket
 import struct
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence, Union
-from urllib.parse import urljoin, urlsplit
 
 import imageio_ffmpeg
 import librosa
@@ -37,27 +28,16 @@ import numpy as np
 import soundfile
 import soxr
 from PIL import Image, ImageOps
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, LocationParseError,
-                                NewConnectionError, ProtocolError, ReadTimeoutError, SSLError)
-from urllib3.util import Timeout, make_headers, parse_url
-from urllib3.util.url import Url
 
-from .errors import JobError
+from .decoders import DecoderOutputEnded, DecoderPipe, error_summary, run_decoder
+from .errors import MediaError
 from .job import MediaSource
-from .settings import Settings, SettingsError
+from .net import download
+from .settings import MediaSettings, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 16
-# ffmpeg and the decord probe run in child processes with this limit: a hostile file can make a
-# decoder crawl (or crash), and neither may hold or take down the job.
-DECODE_TIMEOUT_S = 120.0
-DEADLINE_FACTOR = 3  # a whole download, redirects included, may take this many DOWNLOAD_TIMEOUT_S
-USER_AGENT = "wan-s2v-worker"
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_DOWNLOAD_CHUNK = 1 << 16
 
 # Pillow formats refused although Pillow knows them: EPS is rendered by running Ghostscript.
 _REFUSED_IMAGE_FORMATS = frozenset({"EPS"})
@@ -69,21 +49,13 @@ AUDIO_MODEL_RATE = 16_000
 # resampler's upsampling ratio sane.
 MIN_AUDIO_SAMPLE_RATE = 4_000
 _AUDIO_BLOCK_FRAMES = 1 << 16  # source frames downmixed and resampled at a time
-_PIPE_READ_BYTES = 1 << 20
 _WAV_CHUNK_LIMIT = 1 << 16  # ffmpeg's header chunks (fmt, LIST) are far smaller
-_STDERR_KEPT_BYTES = 1 << 14
 
 # Demuxers ffmpeg may use for the audio. Playlist and script formats (hls, concat, ...) are left
 # out: they make ffmpeg open further files or URLs named inside the input.
 AUDIO_DEMUXERS = ("wav", "w64", "mp3", "flac", "ogg", "mov", "matroska", "aac", "aiff", "caf",
                   "amr", "asf", "avi", "mpegts", "ac3", "eac3", "wv", "au")
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-
-class MediaError(JobError, ValueError):
-    """An input could not be fetched or decoded. The message is safe to return to the client."""
 
 
 @dataclass(frozen=True)
@@ -100,79 +72,6 @@ class AudioInput:
     duration_s: float
     sample_rate: int  # the source's
     channels: int  # the source's
-
-
-# --- address policy ------------------------------------------------------------------------------
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d form
-
-
-@functools.lru_cache(maxsize=8)
-def parse_allowed_networks(text: str) -> tuple[IPNetwork, ...]:
-    """ALLOWED_PRIVATE_NETWORKS ("127.0.0.0/8, ::1/128") as networks; empty text: none."""
-    networks = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise SettingsError(f"ALLOWED_PRIVATE_NETWORKS: {part!r} is not a CIDR range") from None
-    return tuple(networks)
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address that 6to4, NAT64 and Teredo addresses are translated to on the way."""
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    return None
-
-
-def _is_public(ip: IPAddress) -> bool:
-    # `is_global` alone is not enough: Python counts multicast (224.0.0.1) as global.
-    if (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified):
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.is_site_local or ip in _IPV4_COMPATIBLE:
-            return False
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None and not _is_public(embedded):
-            return False
-    return True
-
-
-def address_is_allowed(address: str | IPAddress, allowed: Sequence[IPNetwork] = ()) -> bool:
-    """Whether the worker may connect to `address`: public unicast, or inside `allowed`.
-
-    Pure: no connection and no DNS. A string that is not an IP address raises ValueError.
-    """
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is a socket to 127.0.0.1 itself
-    if any(ip.version == net.version and ip in net for net in allowed):
-        return True
-    return _is_public(ip)
-
-
-def refused_address(infos: Sequence[tuple[Any, ...]], allowed: Sequence[IPNetwork]) -> str | None:
-    """The first address among `socket.getaddrinfo` answers that the policy refuses; None when
-    every one is allowed. One bad answer refuses the host: which answer a connection would use is
-    not the checker's to choose."""
-    for info in infos:
-        address = str(info[4][0])
-        try:
-            if not address_is_allowed(address, allowed):
-                return address
-        except ValueError:
-            return address
-    return None
 
 
 # --- fetching ------------------------------------------------------------------------------------
@@ -195,300 +94,10 @@ def _decode_base64(source: MediaSource, max_bytes: int) -> bytes:
     return data
 
 
-class _Deadline:
-    """The overall time limit of one download, redirects included.
-
-    Socket timeouts bound each single read only, so a server that drips a byte now and then
-    could hold a job for ever. A timer shuts down the download's sockets when the limit passes,
-    which wakes whatever read, TLS handshake or header parse is blocked on them; host name
-    look-ups, which no socket timeout covers, are waited for until the limit only
-    (`_getaddrinfo_by`). tests/test_url_safety.py drips the status line, header lines, a single
-    endless header, endless "100 Continue" answers and the body, and delays the look-up.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._end = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._fired = False
-        self._socks: list[socket.socket] = []
-        self._timer = threading.Timer(seconds, self.expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
-
-    @property
-    def expired(self) -> bool:
-        return self._fired or self.remaining() <= 0
-
-    def watch(self, sock: socket.socket) -> None:
-        # A duplicate descriptor stays valid whatever urllib3 later does with the original, so the
-        # timer can never shut down a descriptor number meanwhile reused by another connection.
-        duplicate = sock.dup()
-        with self._lock:
-            if self._fired:
-                duplicate.close()
-                raise socket.timeout("download deadline passed")
-            self._socks.append(duplicate)
-
-    def expire(self) -> None:
-        """The limit has passed (the timer's call, or a wait that ran to it)."""
-        with self._lock:
-            self._fired = True
-            for sock in self._socks:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by the peer
-
-    def close(self) -> None:
-        self._timer.cancel()
-        with self._lock:
-            for sock in self._socks:
-                sock.close()
-            self._socks.clear()
-
-
-@dataclass(frozen=True)
-class _Hop:
-    """One request of a download: the addresses its host resolved to, every one already checked."""
-
-    addresses: tuple[tuple[Any, ...], ...]  # getaddrinfo entries: family, type, proto, _, sockaddr
-    deadline: _Deadline
-
-
-def _connect_checked(conn: HTTPConnection, hop: _Hop) -> socket.socket:
-    """Open a TCP socket to one of the hop's checked addresses (never to a fresh DNS answer)."""
-    connect_timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else None
-    last_error: OSError | None = None
-    for family, type_, proto, _, sockaddr in hop.addresses:
-        remaining = hop.deadline.remaining()
-        if remaining <= 0:
-            break
-        sock = socket.socket(family, type_, proto)
-        try:
-            for option in conn.socket_options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(min(connect_timeout or remaining, remaining))
-            sock.connect(sockaddr)
-            hop.deadline.watch(sock)
-        except OSError as exc:
-            sock.close()
-            last_error = exc
-            continue
-        return sock
-    if last_error is None or isinstance(last_error, socket.timeout):
-        raise ConnectTimeoutError(conn, "connection timed out")
-    raise NewConnectionError(conn, f"could not connect: {last_error.strerror or last_error}")
-
-
-class _CheckedConnection:
-    """Mixed into urllib3's connections: connect to the hop's checked addresses instead of
-    resolving `host`.
-
-    `host` stays the URL's host name, so the Host header is unchanged; for HTTPS urllib3 also keeps
-    TLS SNI and the certificate check on the host name, as it does them after `_new_conn` from
-    `self.host`.
-    """
-
-    def __init__(self, *args: Any, hop: _Hop, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._hop = hop
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_checked(self, self._hop)
-
-
-class _CheckedHTTPConnection(_CheckedConnection, HTTPConnection):
-    pass
-
-
-class _CheckedHTTPSConnection(_CheckedConnection, HTTPSConnection):
-    pass
-
-
-class _CheckedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _CheckedHTTPConnection
-
-
-class _CheckedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _CheckedHTTPSConnection
-
-
-def _ca_bundle() -> str | None:
-    try:
-        import certifi  # what requests verifies against; else the system store
-    except ImportError:
-        return None
-    return certifi.where()
-
-
-def _parse_http_url(field: str, url: str, hop: int) -> Url:
-    where = "points to" if hop == 0 else "redirected to"
-    try:
-        scheme = urlsplit(url).scheme.lower()  # first: parse_url balks at some other schemes
-        parsed = parse_url(url) if scheme in ("http", "https") else None
-    except (LocationParseError, ValueError):
-        raise MediaError(f"'{field}' {where} an invalid URL") from None
-    if parsed is None:
-        raise MediaError(f"'{field}' {where} a URL that is not http or https (not allowed)")
-    if not parsed.host:
-        raise MediaError(f"'{field}' {where} a URL without a host")
-    return parsed
-
-
-def _getaddrinfo_by(deadline: "_Deadline", host: str, port: int) -> list[tuple[Any, ...]]:
-    """socket.getaddrinfo, given up at the deadline: a look-up has no timeout of its own, and a
-    name server that answers slowly (the URL's owner may run it) must not outlast the download's
-    limit. The look-up thread is left to finish on its own."""
-    outcome: dict[str, Any] = {}
-
-    def resolve() -> None:
-        try:
-            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=resolve, name="media-dns", daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline.remaining()))
-    if thread.is_alive():
-        deadline.expire()
-        raise socket.timeout("the host name look-up outlasted the download deadline")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["infos"]
-
-
-def _resolve_checked(field: str, url: Url, hop: int, allowed: Sequence[IPNetwork],
-                     deadline: "_Deadline") -> tuple[tuple[Any, ...], ...]:
-    """Resolve the URL's host once and check every answer: one bad address refuses the host."""
-    where = "points to" if hop == 0 else "redirected to"
-    host = url.host.strip("[]")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        infos = _getaddrinfo_by(deadline, host, port)
-    except (socket.gaierror, UnicodeError, ValueError):
-        raise MediaError(f"'{field}' {where} a host name that could not be resolved") from None
-    refused = refused_address(infos, allowed)
-    if refused is not None:
-        logger.warning("%s: refused address %s of %s", field, refused, host)
-        raise MediaError(f"'{field}' {where} a private or local address (not allowed)")
-    if not infos:
-        raise MediaError(f"'{field}' {where} a host name that could not be resolved")
-    return tuple(dict.fromkeys(tuple(i) for i in infos))
-
-
-def _failure_reason(exc: BaseException) -> str:
-    if isinstance(exc, NewConnectionError):  # before ConnectTimeoutError: it is a subclass
-        return "could not connect"
-    if isinstance(exc, ConnectTimeoutError):
-        return "connection timed out"
-    if isinstance(exc, ReadTimeoutError):
-        return "timed out waiting for data"
-    if isinstance(exc, SSLError):
-        return "TLS handshake or certificate check failed"
-    # urllib3 wraps what http.client raised while reading the answer: ProtocolError(text, cause).
-    cause = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
-    if isinstance(cause, http.client.LineTooLong):
-        return "the server sent a response line or header longer than 64 kB"
-    if type(cause) is http.client.HTTPException and "headers" in str(cause):
-        return "the server sent more than 100 response headers"
-    if isinstance(cause, http.client.BadStatusLine) and not isinstance(cause, ConnectionError):
-        return "the server's answer is not HTTP"
-    if isinstance(exc, ProtocolError):
-        return "the connection broke off"
-    return type(exc).__name__
-
-
-def _stream_body(field: str, response: Any, out: BinaryIO, max_bytes: int,
-                 deadline: _Deadline) -> int:
-    declared = response.headers.get("Content-Length")
-    if declared and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise MediaError(f"'{field}' is larger than the {max_bytes} byte limit")
-    received = 0
-    for chunk in response.stream(_DOWNLOAD_CHUNK, decode_content=True):
-        received += len(chunk)
-        if received > max_bytes:  # counted as it arrives: Content-Length may be absent or a lie
-            raise MediaError(f"'{field}' is larger than the {max_bytes} byte limit")
-        if deadline.expired:
-            break
-        out.write(chunk)
-    return received
-
-
-def download(field: str, url: str, dest: Path, max_bytes: int, settings: Settings) -> int:
-    """GET `url` into `dest`, at most `max_bytes`; returns the byte count.
-
-    Address policy (no URL reaches inside the network): each hop's host is resolved once, every
-    address it resolves to must be public unicast (or inside ALLOWED_PRIVATE_NETWORKS), and the
-    socket is then opened to those very addresses by `_CheckedHTTPConnection`; nothing resolves the
-    name a second time, so a DNS answer that changes between check and connect (rebinding) cannot
-    slip through. Redirects are followed here, not by urllib3, so every hop is checked the same way.
-    Environment proxies are ignored on purpose: through a proxy the check would be meaningless.
-    """
-    allowed = parse_allowed_networks(settings.allowed_private_networks)
-    timeout = Timeout(connect=settings.download_timeout_s, read=settings.download_timeout_s)
-    deadline = _Deadline(settings.download_timeout_s * DEADLINE_FACTOR)
-    max_redirects = max(0, settings.max_redirects)
-    try:
-        with open(dest, "wb") as out:
-            for hop in range(max_redirects + 1):
-                parsed = _parse_http_url(field, url, hop)
-                checked = _Hop(_resolve_checked(field, parsed, hop, allowed, deadline), deadline)
-                pool_cls, tls = ((_CheckedHTTPSPool, {"cert_reqs": "CERT_REQUIRED",
-                                                      "ca_certs": _ca_bundle()})
-                                 if parsed.scheme == "https" else (_CheckedHTTPPool, {}))
-                headers = {"User-Agent": USER_AGENT}
-                if parsed.auth:
-                    headers.update(make_headers(basic_auth=parsed.auth))
-                with pool_cls(parsed.host, parsed.port, timeout=timeout, maxsize=1, retries=False,
-                              hop=checked, **tls) as pool:
-                    response = pool.urlopen("GET", parsed.request_uri, headers=headers,
-                                            redirect=False, retries=False, preload_content=False,
-                                            assert_same_host=False)
-                    try:
-                        if response.status in REDIRECT_STATUSES:
-                            location = response.headers.get("Location")
-                            if not location:
-                                raise MediaError(f"'{field}' redirected without a Location")
-                            try:
-                                url = urljoin(parsed.url, location.strip())
-                            except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
-                                raise MediaError(f"'{field}' redirected to an invalid URL") from None
-                            continue
-                        if response.status != 200:
-                            raise MediaError(f"'{field}' could not be downloaded: HTTP "
-                                             f"{response.status}")
-                        received = _stream_body(field, response, out, max_bytes, deadline)
-                    finally:
-                        response.release_conn()
-                if deadline.expired:  # a body cut short by the timer must not pass as complete
-                    break
-                if not received:
-                    raise MediaError(f"'{field}' is empty")
-                return received
-            else:
-                raise MediaError(f"'{field}' redirected too many times (more than "
-                                 f"{max_redirects}, MAX_REDIRECTS)")
-    except MediaError:
-        if not deadline.expired:
-            raise
-    except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
-        if not deadline.expired:
-            raise MediaError(f"'{field}' could not be downloaded: {_failure_reason(exc)}") from None
-    finally:
-        deadline.close()
-    raise MediaError(f"'{field}' took longer than {deadline.seconds:g} s to download "
-                     f"({DEADLINE_FACTOR} x DOWNLOAD_TIMEOUT_S)")
-
-
-def fetch(source: MediaSource, dest: Path, max_bytes: int, settings: Settings) -> Path:
+def fetch(source: MediaSource, dest: Path, max_bytes: int, network: NetworkSettings) -> Path:
     """Write the source's bytes (downloaded or base64-decoded) to `dest`, at most `max_bytes`."""
     if source.url:
-        size = download(source.field, source.url, dest, max_bytes, settings)
+        size = download(source.field, source.url, dest, max_bytes, network)
     else:
         data = _decode_base64(source, max_bytes)
         dest.write_bytes(data)
@@ -529,10 +138,6 @@ def _unreadable(field: str, what: str, path: Path, expected: str, detail: str = 
     return MediaError(f"'{field}' is not a readable {what}{f' ({detail})' if detail else ''}")
 
 
-def _error_summary(stderr: bytes) -> str:
-    lines = [line for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "no error text"
-
 
 # --- decoding ------------------------------------------------------------------------------------
 
@@ -542,9 +147,10 @@ def _image_formats() -> tuple[str, ...]:
     return tuple(sorted(set(Image.OPEN) - _REFUSED_IMAGE_FORMATS))
 
 
-def load_image(source: MediaSource, work_dir: Path, settings: Settings) -> ImageInput:
-    raw = fetch(source, work_dir / "image.input", settings.max_image_bytes, settings)
-    max_pixels = settings.max_image_pixels
+def load_image(source: MediaSource, work_dir: Path, limits: MediaSettings,
+               network: NetworkSettings) -> ImageInput:
+    raw = fetch(source, work_dir / "image.input", limits.max_image_bytes, network)
+    max_pixels = limits.max_image_pixels
     try:
         with Image.open(raw, formats=_image_formats()) as probe:
             width, height = probe.size
@@ -571,98 +177,6 @@ def load_image(source: MediaSource, work_dir: Path, settings: Settings) -> Image
     image.save(path)
     raw.unlink()
     return ImageInput(path=path, width=image.width, height=image.height)
-
-
-def _run_decoder(field: str, command: list[str], what: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:  # run() has killed the child already
-        raise MediaError(f"'{field}' took longer than {DECODE_TIMEOUT_S:g} s to {what}") from None
-
-
-class DecoderOutputEnded(Exception):
-    """A decoder's output ended before what the reader needed."""
-
-
-class DecoderPipe:
-    """A decoding child's stdout, read within DECODE_TIMEOUT_S (from the start, or from the last
-    `restart_clock`). Its stderr is read in the same wait (only the end is kept), so that the child
-    can never block on a full stderr pipe, without a thread. Used for ffmpeg's audio and for the
-    pose frames."""
-
-    def __init__(self, process: subprocess.Popen, field: str, what: str = "decode") -> None:
-        self.process, self.field, self.what = process, field, what
-        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
-        self.stderr = bytearray()
-        self._stdout, self._stderr = process.stdout.fileno(), process.stderr.fileno()
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._stdout, selectors.EVENT_READ)
-        self._selector.register(self._stderr, selectors.EVENT_READ)
-        self._closed = False
-
-    def restart_clock(self) -> None:
-        self.deadline = time.monotonic() + DECODE_TIMEOUT_S
-
-    def _keep_stderr(self) -> bool:
-        """Read what stderr has; False once it has ended."""
-        piece = os.read(self._stderr, 4096)
-        if not piece:
-            self._selector.unregister(self._stderr)
-            return False
-        self.stderr += piece
-        del self.stderr[:-_STDERR_KEPT_BYTES]
-        return True
-
-    def read(self, size: int = _PIPE_READ_BYTES) -> bytes:
-        """Up to `size` bytes; b"" at the end of the output."""
-        while True:
-            remaining = self.deadline - time.monotonic()
-            ready = self._selector.select(remaining) if remaining > 0 else []
-            if not ready:
-                raise MediaError(f"'{self.field}' took longer than {DECODE_TIMEOUT_S:g} s to "
-                                 f"{self.what}")
-            for key, _ in ready:
-                if key.fd == self._stderr:
-                    self._keep_stderr()
-            if any(key.fd == self._stdout for key, _ in ready):
-                return os.read(self._stdout, size)
-
-    def read_exact(self, size: int) -> bytes:
-        data = bytearray(size)
-        self.read_into(memoryview(data))
-        return bytes(data)
-
-    def read_into(self, buffer: memoryview) -> None:
-        """Fill `buffer` (bytes) from the output, without an intermediate copy of it all."""
-        filled = 0
-        while filled < len(buffer):
-            piece = self.read(min(len(buffer) - filled, _PIPE_READ_BYTES))
-            if not piece:
-                raise DecoderOutputEnded()
-            buffer[filled:filled + len(piece)] = piece
-            filled += len(piece)
-
-    def close(self) -> int:
-        """Stop the child if it still runs; its exit status (stderr read to its end, for the
-        log). Safe to call again."""
-        if self.process.poll() is None:
-            self.process.kill()
-        returncode = self.process.wait()
-        if not self._closed:
-            self._closed = True
-            # The child is gone: its stderr holds what it wrote, then ends.
-            while self._stderr in self._selector.get_map() and self._keep_stderr():
-                pass
-            self._selector.close()
-            self.process.stdout.close()
-            self.process.stderr.close()
-        return returncode
-
-    def close_for_log(self) -> str:
-        """`close`, then why the child failed, for the log: its exit status and stderr's end."""
-        returncode = self.close()
-        return f"exit status {returncode}: {_error_summary(bytes(self.stderr))}"
 
 
 def _wav_stream_format(pipe: DecoderPipe) -> tuple[int, int]:
@@ -727,7 +241,8 @@ class _ModelAudioWriter:
         self._out.close()
 
 
-def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> AudioInput:
+def load_audio(source: MediaSource, work_dir: Path, limits: MediaSettings,
+               network: NetworkSettings) -> AudioInput:
     """The audio as received (for the MP4) and as the model reads it, decoded in bounded memory.
 
     ffmpeg decodes the file to float32 WAV on a pipe, at the source's own rate and channels, and
@@ -738,11 +253,11 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
     MAX_AUDIO_SECONDS.
     """
     field = source.field
-    original = fetch(source, work_dir / "audio.input", settings.max_audio_bytes, settings)
+    original = fetch(source, work_dir / "audio.input", limits.max_audio_bytes, network)
     model_path = work_dir / "audio.wav"
     model_path.unlink(missing_ok=True)
     # Decode at most a second past the limit: enough to tell that the audio is too long.
-    cap_s = settings.max_audio_seconds + 1.0
+    cap_s = limits.max_audio_seconds + 1.0
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error",
                "-protocol_whitelist", "file", "-format_whitelist", ",".join(AUDIO_DEMUXERS),
                "-i", str(original), "-t", f"{cap_s:g}",
@@ -757,7 +272,7 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
         except DecoderOutputEnded:
             logger.info("%s: audio decode failed (%s)", field, pipe.close_for_log())
             raise _unreadable(field, "audio file", original, "audio") from None
-        _check_audio_format(field, channels, rate, settings)
+        _check_audio_format(field, channels, rate, limits)
         writer = _ModelAudioWriter(model_path, field, channels, rate)
         block_bytes = _AUDIO_BLOCK_FRAMES * channels * 4
         pending = bytearray()
@@ -776,28 +291,28 @@ def load_audio(source: MediaSource, work_dir: Path, settings: Settings) -> Audio
         if writer is not None:
             writer.close()
     duration = writer.frames_in / rate
-    if duration < settings.min_audio_seconds:
+    if duration < limits.min_audio_seconds:
         raise MediaError(f"'{field}' is {duration:.2f} s long; the minimum is "
-                         f"{settings.min_audio_seconds} s (MIN_AUDIO_SECONDS)")
-    if duration > settings.max_audio_seconds:
+                         f"{limits.min_audio_seconds} s (MIN_AUDIO_SECONDS)")
+    if duration > limits.max_audio_seconds:
         length = f"{duration:.1f} s" if duration < cap_s - 0.01 else f"more than {cap_s:g} s"
         raise MediaError(f"'{field}' is {length} long; the maximum is "
-                         f"{settings.max_audio_seconds} s (MAX_AUDIO_SECONDS)")
+                         f"{limits.max_audio_seconds} s (MAX_AUDIO_SECONDS)")
     logger.info("%s: %.2f s of audio, %d channel(s) at %d Hz, decoded for the model", field,
                 duration, channels, rate)
     return AudioInput(original_path=original, model_path=model_path, duration_s=duration,
                       sample_rate=rate, channels=channels)
 
 
-def _check_audio_format(field: str, channels: int, rate: int, settings: Settings) -> None:
+def _check_audio_format(field: str, channels: int, rate: int, limits: MediaSettings) -> None:
     if channels < 1:
         raise MediaError(f"'{field}' is not a readable audio file (no channels)")
-    if channels > settings.max_audio_channels:
+    if channels > limits.max_audio_channels:
         raise MediaError(f"'{field}' has {channels} channels; the limit is "
-                         f"{settings.max_audio_channels} (MAX_AUDIO_CHANNELS)")
-    if rate > settings.max_audio_sample_rate:
+                         f"{limits.max_audio_channels} (MAX_AUDIO_CHANNELS)")
+    if rate > limits.max_audio_sample_rate:
         raise MediaError(f"'{field}' is sampled at {rate} Hz; the limit is "
-                         f"{settings.max_audio_sample_rate} Hz (MAX_AUDIO_SAMPLE_RATE)")
+                         f"{limits.max_audio_sample_rate} Hz (MAX_AUDIO_SAMPLE_RATE)")
     if rate < MIN_AUDIO_SAMPLE_RATE:
         raise MediaError(f"'{field}' is sampled at {rate} Hz; speech needs at least "
                          f"{MIN_AUDIO_SAMPLE_RATE} Hz")
@@ -828,15 +343,16 @@ print(json.dumps({"frames": frames, "width": int(width), "height": int(height)})
 """
 
 
-def load_pose_video(source: MediaSource, work_dir: Path, settings: Settings) -> Path:
-    path = fetch(source, work_dir / "pose.mp4", settings.max_pose_video_bytes, settings)
+def load_pose_video(source: MediaSource, work_dir: Path, limits: MediaSettings,
+                    network: NetworkSettings) -> Path:
+    path = fetch(source, work_dir / "pose.mp4", limits.max_pose_video_bytes, network)
     with open(path, "rb") as f:
         head = f.read(16)
     if not _is_video_container(head):
         kind = _sniff(head)
         raise MediaError(f"'{source.field}' is not an MP4, MOV, MKV, WebM or AVI video"
                          f"{f': it looks like {kind}' if kind else ''}")
-    result = _run_decoder(source.field, [sys.executable, "-I", "-c", _POSE_PROBE, str(path)],
+    result = run_decoder(source.field, [sys.executable, "-I", "-c", _POSE_PROBE, str(path)],
                           "open as a video")
     try:
         if result.returncode != 0:
@@ -845,14 +361,14 @@ def load_pose_video(source: MediaSource, work_dir: Path, settings: Settings) -> 
         frames, width, height = int(probe["frames"]), int(probe["width"]), int(probe["height"])
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         logger.info("%s: pose video probe failed (%s): %s", source.field, exc,
-                    _error_summary(result.stderr))
+                    error_summary(result.stderr))
         raise MediaError(f"'{source.field}' is not a readable video") from None
     if frames < 1:
         raise MediaError(f"'{source.field}' has no frames")
-    if frames > settings.max_pose_video_frames:
+    if frames > limits.max_pose_video_frames:
         raise MediaError(f"'{source.field}' has {frames} frames; the limit is "
-                         f"{settings.max_pose_video_frames} (MAX_POSE_VIDEO_FRAMES)")
-    if max(width, height) > settings.max_pose_video_side:
+                         f"{limits.max_pose_video_frames} (MAX_POSE_VIDEO_FRAMES)")
+    if max(width, height) > limits.max_pose_video_side:
         raise MediaError(f"'{source.field}' is {width}x{height}; the longest side may be "
-                         f"{settings.max_pose_video_side} pixels (MAX_POSE_VIDEO_SIDE)")
+                         f"{limits.max_pose_video_side} pixels (MAX_POSE_VIDEO_SIDE)")
     return path

@@ -2,7 +2,8 @@
 
 The worker's own process (the RunPod handler) is rank 0. When the worker starts on N GPUs it starts
 ranks 1..N-1 itself (torch.multiprocessing, spawn), one process per GPU; each loads the DiT onto its
-own GPU and then waits for rank 0's commands on a pipe. The text encoder, audio encoder and VAE
+own GPU and then waits for rank 0's commands on a pipe (ranks.py is what they run; this module is
+rank 0's side). The text encoder, audio encoder and VAE
 live on rank 0 only: rank 0 validates the job, fetches the media, encodes text, audio and image,
 hands each clip's inputs to the other ranks, and after sampling decodes and delivers the video.
 
@@ -22,17 +23,13 @@ with its reason.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import datetime
 import logging
 import multiprocessing.connection
 import os
-import signal
 import socket
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any, Callable, TypeVar
 
@@ -40,21 +37,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .errors import JobError
 from .checkpoint import Checkpoint
-from .attention import SequenceParallel
-from .logs import configure_logging
-from .sampling import BRANCHES, ClipRequest, ClipSampler, Role, StepCallback, StopSampling
-from .settings import Settings, export_to_libraries
+from .errors import JobError
+from .ranks import START_TIMEOUT_S, ProcessGroups, RankSpec, init_process_group, rank_main
+from .sampling import ClipRequest, ClipSampler, Layout, StepCallback, plan_layout
+from .settings import LogLevel, ModelSettings, ParallelSettings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STOP_GRACE_S = 10.0  # how long a rank may take to leave when told to
 EXIT_REAP_S = 2.0  # how long an exiting rank (its pipes closed) may take to be reaped
-# How long start-up waits for a rank that neither fails nor gets ready: loading a 32 GB DiT from a
-# slow network volume takes minutes. (A rank that fails or exits is reported at once.)
-START_TIMEOUT_S = 1800.0
 
 
 class RankFailure(JobError, RuntimeError):
@@ -67,24 +60,6 @@ class RankFailure(JobError, RuntimeError):
         return f"{super().__str__()}; this worker will be replaced"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the ranks share one clip: `cfg_parallel` splits the two guidance branches over the two
-    halves of the ranks, `sequence_parallel` is how many ranks split each DiT call's tokens."""
-    world_size: int
-    cfg_parallel: bool
-    sequence_parallel: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def plan_layout(world_size: int, cfg_parallel: bool, guided: bool) -> Layout:
-    if guided and cfg_parallel and world_size % 2 == 0:
-        return Layout(world_size, True, world_size // 2)
-    return Layout(world_size, False, world_size)
-
-
 def check_world_size(world_size: int, num_heads: int) -> None:
     """Ulysses gives each rank a share of the attention heads: N must divide them (for the
     14B DiT's 40 heads: 1, 2, 4, 5, 8, ...). Guidance-parallel halves then divide them too."""
@@ -95,10 +70,10 @@ def check_world_size(world_size: int, num_heads: int) -> None:
                          f"{', '.join(map(str, divisors))}")
 
 
-def resolve_world_size(setting: str | int, device: torch.device, num_heads: int) -> int:
-    """WAN_S2V_WORLD_SIZE: 'auto' = every visible CUDA GPU (the largest count that divides the
-    heads), or a number (on the CPU: that many processes over gloo, as the tests run it)."""
-    if setting == "auto":
+def resolve_world_size(setting: int | None, device: torch.device, num_heads: int) -> int:
+    """WAN_S2V_WORLD_SIZE: 'auto' (None) = every visible CUDA GPU (the largest count that divides
+    the heads), or a number (on the CPU: that many processes over gloo, as the tests run it)."""
+    if setting is None:
         if device.type != "cuda":
             return 1
         visible = torch.cuda.device_count()
@@ -111,169 +86,10 @@ def resolve_world_size(setting: str | int, device: torch.device, num_heads: int)
     return world_size
 
 
-class ProcessGroups:
-    """The torch.distributed groups, made on every rank in the same order when the ranks start:
-    the whole world (rank 0's go/stop after each step, full sequence parallelism) and, for an
-    even world, its two halves (sequence parallelism of one guidance branch) and the pairs of
-    ranks i, i + N/2 (which compute the same token shard of the two branches)."""
-
-    def __init__(self, world_size: int, timeout_s: float) -> None:
-        # Groups of their own rather than the default one: their collectives time out after
-        # WAN_S2V_RANK_TIMEOUT_S, while joining (the default group) may take as long as loading.
-        def group(ranks: list[int]) -> Any:
-            return dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
-
-        self.world = group(list(range(world_size)))
-        self.halves: list[Any] = []
-        self.pairs: list[Any] = []
-        if world_size % 2 == 0:
-            half = world_size // 2
-            self.halves = [group(list(range(half))), group(list(range(half, world_size)))]
-            self.pairs = [group([i, i + half]) for i in range(half)]
-
-    def role(self, layout: Layout, rank: int) -> Role:
-        if layout.cfg_parallel:
-            half = layout.world_size // 2
-            side, index = divmod(rank, half)
-            sequence = SequenceParallel(self.halves[side], index, half) if half > 1 else None
-            return Role(branches=(BRANCHES[side],), sequence=sequence, exchange=self.pairs[index],
-                        control=self.world, leads=rank == 0)
-        return Role(branches=BRANCHES,
-                    sequence=SequenceParallel(self.world, rank, layout.world_size),
-                    control=self.world, leads=rank == 0)
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """What a rank process needs to start (pickled to it)."""
-    rank: int
-    world_size: int
-    init_method: str
-    settings: Settings
-    checkpoint: Checkpoint
-    device_type: str  # "cuda" or "cpu"
-    compile_dit: bool
-    fast_float8: str
-    parent_pid: int  # rank 0's process, which every rank dies with
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.device_type == "cuda" else "gloo"
-
-    def device(self) -> torch.device:
-        return torch.device("cuda", self.rank) if self.device_type == "cuda" else torch.device("cpu")
-
-
-def _init_process_group(spec: RankSpec) -> None:
-    if spec.backend == "nccl":
-        # On a collective's time-out NCCL's watchdog would end the whole process, which for rank
-        # 0 is the worker: abort the communicators and raise instead, so the job gets an answer.
-        # NVLink multicast (NVLS) is off: it has hung collectives on shared multi-GPU hosts.
-        export_to_libraries({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "NCCL_NVLS_ENABLE": "0"},
-                            keep_existing=True)
-    dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
-                            world_size=spec.world_size,
-                            timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-# --- ranks 1..N-1 ------------------------------------------------------------------------------------
-
-class RankWorker:
-    """A rank other than 0: the DiT on its GPU, and what rank 0 can ask of it."""
-
-    def __init__(self, spec: RankSpec) -> None:
-        from .dit import DiTEngine
-        from .lora import LoraManager
-        from .pipeline import S2VPipeline, install_attentions, load_noise_model
-
-        self.spec = spec
-        self.device = spec.device()
-        self.groups = ProcessGroups(spec.world_size, spec.settings.rank_timeout_s)
-        install_attentions(spec.settings.attention, self.device)
-        dtype = S2VPipeline.compute_dtypes(self.device)[0]
-        model = load_noise_model(spec.checkpoint, self.device, dtype)
-        self.engine = DiTEngine(model, compile=spec.compile_dit)
-        self.sampler = ClipSampler(self.engine, self.device, spec.fast_float8)
-        self.loras = LoraManager(model, on_change=self.engine.forget_float8)
-
-    def sample(self, payload: tuple[ClipRequest, Layout]) -> None:
-        request, layout = payload
-        try:
-            self.sampler.sample(request, self.groups.role(layout, self.spec.rank))
-        except StopSampling:  # rank 0 stopped the job after a step: every rank did
-            pass
-
-    def set_loras(self, loras: list) -> None:
-        self.loras.apply(loras)
-
-    def release(self, _: Any = None) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """End this process when rank 0's ends, however that ends: a SIGKILL, or a SIGTERM before
-    any exit hook could stop the ranks, must not leave a rank holding a GPU (and waiting out
-    START_TIMEOUT_S) under PID 1. Linux's parent-death signal does it; it fires when the thread
-    that started the rank ends, which is the worker's main thread (Worker.start)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent_pid:  # rank 0 ended before the signal was set
-        os._exit(1)
-
-
-def rank_main(spec: RankSpec, conn: Connection) -> None:
-    """Entry point of ranks 1..N-1 (a spawned process): start, say ready, serve rank 0."""
-    die_with_parent(spec.parent_pid)
-    configure_logging(spec.settings.log_level, process=f"rank{spec.rank} ")
-    if spec.device_type == "cpu":
-        # Every rank shares the machine's cores: without this each would start one thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
-    try:
-        if spec.device_type == "cuda":
-            torch.cuda.set_device(spec.device())
-        _init_process_group(spec)
-        worker = RankWorker(spec)
-    except BaseException as exc:  # tell rank 0 why, then leave
-        logger.exception("rank %d could not start", spec.rank)
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"[:1000]))
-        return
-    conn.send(("ready", None))
-    _serve(worker, conn)
-
-
-def _serve(worker: RankWorker, conn: Connection) -> None:
-    commands: dict[str, Callable[[Any], Any]] = {
-        "sample": worker.sample, "loras": worker.set_loras, "release": worker.release}
-    while True:
-        try:
-            command, payload = conn.recv()
-        except (EOFError, OSError):  # rank 0 is gone: so is the worker
-            return
-        if command == "stop":
-            dist.destroy_process_group()
-            return
-        try:
-            commands[command](payload)
-        except BaseException as exc:
-            # Its peers may wait in a collective for it: leaving breaks them out (their
-            # collectives fail), and rank 0 reports this message with the job.
-            logger.exception("rank %d: %s failed", worker.spec.rank, command)
-            conn.send(("error", f"rank {worker.spec.rank}: {command} failed: "
-                                f"{type(exc).__name__}: {exc}"[:1000]))
-            os._exit(1)
-        conn.send(("done", None))
 
 
 # --- rank 0 ----------------------------------------------------------------------------------------
@@ -284,8 +100,8 @@ class ParallelGroup:
     def __init__(self, spec: RankSpec, processes: list, conns: list[Connection]) -> None:
         self.spec = spec
         self.world_size = spec.world_size
-        self.timeout_s = spec.settings.rank_timeout_s
-        self.cfg_parallel = spec.settings.cfg_parallel == "auto"
+        self.timeout_s = spec.parallel.rank_timeout_s
+        self.cfg_parallel = spec.parallel.cfg_parallel
         self.processes, self.conns = processes, conns
         self.groups: ProcessGroups | None = None
         self.failure: str | None = None  # why the group is unusable, once it is
@@ -293,15 +109,15 @@ class ParallelGroup:
     # --- start-up ------------------------------------------------------------------------------
 
     @classmethod
-    def launch(cls, settings: Settings, checkpoint: Checkpoint, world_size: int,
-               device: torch.device, compile_dit: bool, fast_float8: str,
+    def launch(cls, checkpoint: Checkpoint, world_size: int, device: torch.device,
+               model: ModelSettings, parallel: ParallelSettings, log_level: LogLevel,
                entry: Callable[[RankSpec, Connection], None] = rank_main) -> "ParallelGroup":
         """Start ranks 1..N-1 (they load their DiTs while this process loads the pipeline) and
         join them in the process group. `entry` is the ranks' main function (tests replace it)."""
         spec = RankSpec(rank=0, world_size=world_size,
-                        init_method=f"tcp://127.0.0.1:{_free_port()}", settings=settings,
-                        checkpoint=checkpoint, device_type=device.type, compile_dit=compile_dit,
-                        fast_float8=fast_float8, parent_pid=os.getpid())
+                        init_method=f"tcp://127.0.0.1:{_free_port()}", checkpoint=checkpoint,
+                        device_type=device.type, model=model, parallel=parallel,
+                        log_level=log_level, parent_pid=os.getpid())
         context = mp.get_context("spawn")
         processes, conns = [], []
         for rank in range(1, world_size):
@@ -329,7 +145,7 @@ class ParallelGroup:
 
         def join() -> None:
             try:
-                _init_process_group(self.spec)
+                init_process_group(self.spec)
                 self.groups = ProcessGroups(self.world_size, self.timeout_s)
                 joined["error"] = None
             except BaseException as exc:
@@ -380,6 +196,11 @@ class ParallelGroup:
 
     def layout(self, guided: bool) -> Layout:
         return plan_layout(self.world_size, self.cfg_parallel, guided)
+
+    def check(self) -> None:
+        """Raise RankFailure once the group is unusable."""
+        if self.failure is not None:
+            raise RankFailure(self.failure)
 
     def sample(self, sampler: ClipSampler, request: ClipRequest,
                on_step: StepCallback | None = None) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The job runner: one `Worker` per process, built once, that takes a RunPod job to a result dict.
 
-Stages, in the order a job flows: validate (job.py) -> media intake (media.py) -> the LoRA set
-(lora.py) -> plan and generate (pipeline.py) -> encode the MP4 (video.py) -> deliver it
-(storage.py). Each stage raises its own error type with a message that is safe for the client; the
-runner turns them into
+Stages, in the order a job flows: validate (job.py) -> media intake (media.py) -> plan and estimate
+(planning.py, the Denoiser's measured speed) -> the LoRA set (lora.py, merged by the Denoiser) ->
+generate (pipeline.py) -> encode the MP4 (video.py) -> deliver it (storage.py). Each stage raises
+its own error type with a message that is safe for the client; the runner turns them into
 `{"error": ...}` and never lets a traceback reach the client. Errors that leave the GPU in doubt add
 `refresh_worker: true`, which makes RunPod replace this worker after the job.
 """
@@ -18,23 +18,25 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import find_checkpoint
 from .errors import JobError, JobStopped
 from .job import SEED_RANGE, JobInputError, JobRequest, parse_job
-from .lora import LoraManager, resolve_loras
-from .media import load_audio, load_image, load_pose_video
+from .lora import ResolvedLora, resolve_loras
+from .media import AudioInput, load_audio, load_image, load_pose_video
 from .parallel import RankFailure
-from .settings import Settings, SettingsError, export_to_libraries
+from .settings import Settings
+from .planning import ClipPlan, plan_clips, video_size
 from .storage import deliver_video
-from .video import Mp4Stream, VideoEncodingError
+from .video import EncodedVideo, Mp4Stream, VideoEncodingError
 
-if TYPE_CHECKING:  # pipeline.py imports the official models; the worker loads it in start()
-    from .pipeline import SamplingEstimate
+if TYPE_CHECKING:  # the pipeline imports the official models: loaded in start(), not for tests
+    from .estimate import SamplingEstimate
+    from .pipeline import S2VPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -45,31 +47,18 @@ def exit_through_hooks_on_sigterm() -> None:
     """Make SIGTERM end the process as SIGINT does, through its exit hooks (which stop the rank
     processes), instead of at once. For the moments the SDK's own handler is not installed: the
     start-up, and `--test_input` runs, which never install one. (Ranks also die with this
-    process however it ends: parallel.die_with_parent.)"""
+    process however it ends: ranks.die_with_parent.)"""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def choose_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("WAN_S2V_DEVICE=cuda but no CUDA device is visible")
-    if requested == "cpu" or not torch.cuda.is_available():
-        if requested == "auto":
-            logger.warning("no CUDA device: running on the CPU, which only suits the tiny test checkpoint")
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+@dataclass(frozen=True)
+class JobInputs:
+    """The job's media, checked and local, and its plan."""
 
-
-def configure_compile_cache(settings: Settings) -> Path:
-    """Point torch.compile's on-disk caches (Inductor's FX graphs and Triton kernels) at a folder
-    that outlives the worker when it can (the network volume), so that the next worker there
-    looks its kernels up instead of compiling them."""
-    folder = settings.worker_folder(settings.compile_cache_dir, "torch-compile-cache")
-    folder.mkdir(parents=True, exist_ok=True)
-    # Read by Inductor and Triton when they first compile, in this process and the other ranks.
-    export_to_libraries({"TORCHINDUCTOR_CACHE_DIR": str(folder),
-                         "TRITON_CACHE_DIR": str(folder / "triton")})
-    logger.info("torch.compile cache: %s", folder)
-    return folder
+    image_path: Path
+    audio: AudioInput
+    pose_video_path: Path | None
+    plan: ClipPlan
 
 
 class ProgressReporter:
@@ -160,50 +149,23 @@ class Worker:
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # of JOB_TIMEOUT_S (tests set it)
 
-    def __init__(self, settings: Settings, pipeline, send_progress: ProgressSender | None = None):
+    def __init__(self, settings: Settings, pipeline: S2VPipeline,
+                 send_progress: ProgressSender | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.send_progress = send_progress
         # One job at a time on the GPU, also when the SDK's local API takes requests concurrently
         # or a cancelled job is still finishing its current step.
         self._gpu = threading.Lock()
-        self._loras: LoraManager | None = None  # made on the first job (the DiT is resident)
 
     @classmethod
     def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
-        """Find the checkpoint and load the pipeline onto the device (and, with several GPUs,
-        start the other ranks, which load their DiTs meanwhile): once per worker process."""
-        # Imports torch models; kept out of validation-only use.
-        from .parallel import ParallelGroup, resolve_world_size
-        from .pipeline import FAST_MODE_FLOAT8, S2VPipeline
+        """Load the pipeline onto the device (and, with several GPUs, start the other ranks,
+        which load their DiTs meanwhile): once per worker process."""
+        from .loading import start_pipeline  # imports the official models: not for validation
 
-        started = time.perf_counter()
-        checkpoint = find_checkpoint(settings)
-        device = choose_device(settings.device)
-        use_compile = settings.compile and device.type == "cuda"
-        if use_compile:
-            configure_compile_cache(settings)  # before the ranks start: they share the cache
-        world_size = resolve_world_size(settings.world_size, device, checkpoint.dit_heads)
-        if world_size > 1 and settings.offload:
-            raise SettingsError("WAN_S2V_OFFLOAD is for a single GPU too small for the model; "
-                                "it cannot be combined with several GPUs (WAN_S2V_WORLD_SIZE)")
-        group = (ParallelGroup.launch(settings, checkpoint, world_size, device, use_compile,
-                                      FAST_MODE_FLOAT8) if world_size > 1 else None)
-        try:
-            pipeline = S2VPipeline.load(checkpoint, device, offload=settings.offload,
-                                        attention=settings.attention, compile_dit=use_compile,
-                                        audio_encoder_on_cpu=settings.audio_encoder_device == "cpu")
-            if group is not None:
-                group.wait_ready()
-                pipeline.group = group
-            if use_compile and settings.warmup:
-                pipeline.warm_up(settings.warmup)
-        except BaseException:
-            if group is not None:
-                group.close()
-            raise
-        logger.info("worker ready in %.1f s on %d %s device(s)", time.perf_counter() - started,
-                    world_size, device.type)
+        pipeline = start_pipeline(settings.model, settings.parallel, settings.folders,
+                                  settings.logging)
         return cls(settings, pipeline, send_progress)
 
     async def handle(self, job: dict) -> dict:
@@ -223,18 +185,17 @@ class Worker:
     def run(self, job: dict, cancelled: threading.Event | None = None) -> dict:
         """Run one RunPod job; always returns a dict (the result, or {"error": ...})."""
         with self._gpu:
-            return self._run_guarded(job, JobControl(self.settings.job_timeout_s, cancelled,
-                                                     self.clock))
+            return self._run_guarded(job, JobControl(self.settings.limits.job_timeout_s,
+                                                     cancelled, self.clock))
 
     def _run_guarded(self, job: dict, control: JobControl) -> dict:
         started = time.perf_counter()
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
         try:
-            group = self.pipeline.group
-            if group is not None and group.failure is not None:
-                raise RankFailure(group.failure)
+            self.pipeline.denoiser.check_ranks()
             request = parse_job(job)
-            with tempfile.TemporaryDirectory(prefix="wan-s2v-", dir=self.settings.work_dir) as tmp:
+            with tempfile.TemporaryDirectory(prefix="wan-s2v-",
+                                             dir=self.settings.folders.work_dir) as tmp:
                 output = self._run(job, request, Path(tmp), control)
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
@@ -267,76 +228,43 @@ class Worker:
             return error
 
     def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl) -> dict:
-        settings, pipeline = self.settings, self.pipeline
+        """The job's stages, in order; each `stage` checks for a stop before it starts."""
+        settings, denoiser = self.settings, self.pipeline.denoiser
         generation = request.generation
-        progress = ProgressReporter(job, self.send_progress, settings.progress_interval_s)
+        progress = ProgressReporter(job, self.send_progress, settings.limits.progress_interval_s)
         timings: dict[str, float] = {}
 
         def stage(name: str) -> None:
             control.check()
             progress.stage(name)
 
-        def on_step(clip: int, clips: int, step: int, steps: int) -> None:
-            progress.step(clip, clips, step, steps)
-            if clip + 1 == clips and step + 1 == steps:
-                control.sampling_done = True  # what is left (decode, encode, upload) is kept
-            control.check()
-
-        if reason := pipeline.speed_unavailable(generation.speed):
+        if reason := denoiser.speed_unavailable(generation.speed):
             raise JobInputError(reason)
 
         stage("download")
         with _timed(timings, "download_s"):
-            image = load_image(request.image, work_dir, settings)
-            # Before the other downloads: an image the model cannot size fails at once.
-            pipeline.video_size(image.path, generation.resolution, request.image.field)
-            audio = load_audio(request.audio, work_dir, settings)
-            pose_video = (load_pose_video(request.pose_video, work_dir, settings)
-                          if request.pose_video else None)
+            inputs = self._intake(request, work_dir)
 
-        plan = pipeline.plan(image.path, audio.duration_s, generation, request.image.field)
-        estimate = pipeline.estimate_sampling(plan, generation)
+        estimate = denoiser.estimate(inputs.plan.dit_tokens, inputs.plan.num_clips,
+                                     generation.sample_steps, generation.guidance_scale > 1,
+                                     generation.step_cache)
         if estimate is not None:
             self._check_estimate(estimate, control, timings)
             progress.estimate = estimate
 
-        # Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
-        # the base weights whatever the previous job merged.
         with _timed(timings, "lora_s"):
-            loras = resolve_loras(request.loras, settings)
-            lora_manager = self._lora_manager()
-            lora_set = lora_manager.load(loras)  # parsed and checked: no weight changed yet
-            control.model_work_started = True
-            if lora_manager.merge(lora_set) and self.pipeline.group is not None:
-                self.pipeline.group.set_loras(loras)  # every rank merges the same set
+            loras = self._set_loras(request, control)
         # Keys for layers this model lacks (an I2V LoRA's image branch) were skipped: say so.
-        warnings = list(lora_manager.warnings)
-
-        seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
-        logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
-                    plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
-                    generation.sample_steps, seed)
+        warnings = list(denoiser.lora_warnings)
 
         stage("generate")
-        # The MP4 is encoded while the clips are made: each clip's frames go to ffmpeg as soon as
-        # they are decoded, so what is left after the last one is a second or two.
-        with Mp4Stream(plan.width, plan.height, plan.native_fps, generation.fps,
-                       plan.native_frames, audio.original_path, plan.video_seconds,
-                       work_dir / "video.mp4", settings) as stream:
-            result = pipeline.generate(image.path, audio.model_path, plan, generation, seed,
-                                       pose_video_path=pose_video, on_step=on_step,
-                                       on_frames=stream.add,
-                                       pose_video_field=(request.pose_video.field
-                                                         if request.pose_video else "pose_video"))
-            timings.update({k: round(v, 3) for k, v in result.timings.items()})
-            stage("encode")
-            with _timed(timings, "encoding_s"):  # after the last frame
-                video = stream.finish()
+        seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
+        video = self._generate(request, inputs, seed, work_dir, control, progress, timings, stage)
 
         stage("upload")
         with _timed(timings, "upload_s"):
-            delivered = deliver_video(video.path, settings, request.storage)
-
+            delivered = deliver_video(video.path, request.storage, settings.storage,
+                                      settings.network, settings.folders)
         warnings += delivered.pop("warnings", [])
         if overrun := control.overrun_warning():
             logger.warning("job %s: %s", request.job_id, overrun)
@@ -350,13 +278,68 @@ class Worker:
             "fps": video.fps,
             "num_frames": video.num_frames,
             "duration_s": round(video.duration_s, 3),
-            "num_clips": plan.num_clips,
-            "parallel": pipeline.layout(generation.guidance_scale > 1).as_dict(),
+            "num_clips": inputs.plan.num_clips,
+            "parallel": denoiser.layout(generation.guidance_scale > 1).as_dict(),
             "settings": {**generation.as_dict(), "seed": seed,
                          "loras": [{"sha256": lora.identity, "strength": lora.strength}
                                    for lora in loras]},
             "timings": timings,
         }
+
+    def _intake(self, request: JobRequest, work_dir: Path) -> JobInputs:
+        """The job's media as checked local files, and its plan (the video's size from the
+        image's header, the clips from the audio's length)."""
+        media, network = self.settings.media, self.settings.network
+        generation = request.generation
+        image = load_image(request.image, work_dir, media, network)
+        # Before the other downloads: an image the model cannot size fails at once.
+        size = video_size(image.width, image.height,
+                          self.pipeline.checkpoint.max_area[generation.resolution],
+                          generation.resolution, request.image.field)
+        audio = load_audio(request.audio, work_dir, media, network)
+        pose_video = (load_pose_video(request.pose_video, work_dir, media, network)
+                      if request.pose_video else None)
+        return JobInputs(image.path, audio, pose_video, plan_clips(size, audio.duration_s, generation))
+
+    def _set_loras(self, request: JobRequest, control: JobControl) -> list[ResolvedLora]:
+        """Every job sets the LoRA set, the empty one included: a job without LoRAs must run on
+        the base weights whatever the previous job merged. The set is checked before the first
+        weight changes (from there the job's model work has started)."""
+        settings, denoiser = self.settings, self.pipeline.denoiser
+        loras = resolve_loras(request.loras, settings.media, settings.network, settings.folders)
+        lora_set = denoiser.load_loras(loras)
+        control.model_work_started = True
+        denoiser.merge_loras(lora_set)
+        return loras
+
+    def _generate(self, request: JobRequest, inputs: JobInputs, seed: int, work_dir: Path,
+                  control: JobControl, progress: ProgressReporter, timings: dict[str, float],
+                  stage: Callable[[str], None]) -> EncodedVideo:
+        """The clips sampled and decoded into an MP4 that is encoded meanwhile: each clip's
+        frames go to ffmpeg as soon as they are decoded, so what is left after the last one is
+        a second or two."""
+        generation, plan = request.generation, inputs.plan
+        logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
+                    plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
+                    generation.sample_steps, seed)
+
+        def on_step(clip: int, clips: int, step: int, steps: int) -> None:
+            progress.step(clip, clips, step, steps)
+            if clip + 1 == clips and step + 1 == steps:
+                control.sampling_done = True  # what is left (decode, encode, upload) is kept
+            control.check()
+
+        with Mp4Stream(plan.width, plan.height, plan.native_fps, generation.fps,
+                       plan.native_frames, inputs.audio.original_path, plan.video_seconds,
+                       work_dir / "video.mp4", self.settings.video) as stream:
+            generated = self.pipeline.generate(
+                inputs.image_path, inputs.audio.model_path, plan, generation, seed,
+                on_frames=stream.add, pose_video_path=inputs.pose_video_path, on_step=on_step,
+                pose_video_field=request.pose_video.field if request.pose_video else "pose_video")
+            timings.update({k: round(v, 3) for k, v in generated.items()})
+            stage("encode")
+            with _timed(timings, "encoding_s"):  # after the last frame
+                return stream.finish()
 
     def _check_estimate(self, estimate: SamplingEstimate, control: JobControl,
                         timings: dict[str, float]) -> None:
@@ -376,18 +359,8 @@ class Worker:
                 f"worker), more than its time limit of {control.timeout_s:g} s (JOB_TIMEOUT_S); "
                 "use fewer sample_steps, a shorter audio or max_clips, or 480p")
 
-    def _lora_manager(self) -> LoraManager:
-        if self._loras is None:
-            # Fast mode's FP8 copies are quantized from the weights a LoRA change replaces.
-            self._loras = LoraManager(self.pipeline.noise_model,
-                                      on_change=self.pipeline.dit.forget_float8)
-        return self._loras
-
     def _release_gpu_memory(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if self.pipeline.group is not None:
-            try:
-                self.pipeline.group.release()
-            except RankFailure:  # logged; the next job reports the broken group
-                pass
+        try:
+            self.pipeline.denoiser.release()
+        except RankFailure:  # logged; the next job reports the broken group
+            pass

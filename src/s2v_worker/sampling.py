@@ -16,15 +16,15 @@ process that computes some of it:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from .device import autocast_for, wait_for_gpu
 from .dit import ClipConditioning, DiTEngine, SequenceParallel
 from .official import import_official
 
@@ -65,20 +65,6 @@ def make_scheduler(solver: str, steps: int, shift: float, device: torch.device):
     raise ValueError(f"unsupported solver {solver!r}")
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """The official code computes under CUDA autocast(bfloat16); on the CPU (tiny checkpoint)
-    every model computes in float32 (see S2VPipeline.compute_dtypes)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def wait_for_gpu(device: torch.device) -> None:
-    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _move(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -103,7 +89,7 @@ class ClipRequest:
     uncond: dict[str, Any] | None    # None: no guidance
     fast: bool = False             # FP8 GEMMs
     step_cache: bool = False
-    attention_float8: bool = False  # FP8 self-attention too ("speed": "fastest")
+    float8_attention: bool = False  # FP8 self-attention too ("speed": "fastest")
 
     @property
     def guided(self) -> bool:
@@ -113,6 +99,27 @@ class ClipRequest:
         moved = {f.name: _move(getattr(self, f.name), device) for f in fields(self)
                  if f.name != "generator_state"}
         return replace(self, **moved)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks share one clip: `cfg_parallel` splits the two guidance branches over the two
+    halves of the ranks, `sequence_parallel` is how many ranks split each DiT call's tokens."""
+    world_size: int
+    cfg_parallel: bool
+    sequence_parallel: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ALONE = Layout(world_size=1, cfg_parallel=False, sequence_parallel=1)
+
+
+def plan_layout(world_size: int, cfg_parallel: bool, guided: bool) -> Layout:
+    if guided and cfg_parallel and world_size % 2 == 0:
+        return Layout(world_size, True, world_size // 2)
+    return Layout(world_size, False, world_size)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class ClipSampler:
         for branch, c in conditioning.items():
             predictions[branch] = self.engine.forward(
                 [latents], timestep, c, float8=float8,
-                float8_attention=request.attention_float8)[0]
+                float8_attention=request.float8_attention)[0]
             self.dit_calls += 1
         if not request.guided:
             return predictions["cond"]

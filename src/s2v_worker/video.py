@@ -27,7 +27,7 @@ from typing import BinaryIO
 import imageio_ffmpeg
 import torch
 
-from .settings import Settings
+from .settings import VideoSettings
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +79,6 @@ class _FramePlan:
     shortfall: int  # native frames the pipeline gave fewer than the audio needs
 
 
-def encode_mp4(frames: torch.Tensor, native_fps: int, output_fps: int, audio_path: Path,
-               duration_s: float, out_path: Path, settings: Settings) -> EncodedVideo:
-    """Encode `frames` ([3, N, H, W], floats in [-1, 1]) and the audio into an H.264/AAC MP4 (all
-    frames at hand: `Mp4Stream` with one chunk).
-
-    The file lasts `duration_s` (the audio's, or less when the caller cut the job short): the
-    audio is cut there and the video ends on the first frame reaching it.
-    """
-    _check_frames(frames)
-    with Mp4Stream(int(frames.shape[3]), int(frames.shape[2]), native_fps, output_fps,
-                   frames.shape[1], audio_path, duration_s, out_path, settings) as stream:
-        stream.add(frames)
-        return stream.finish()
-
-
-def _check_frames(frames: torch.Tensor) -> None:
-    # Mp4Stream checks the frame size; this is the shape of the whole video.
-    if frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] < 1:
-        raise ValueError(f"expected frames shaped [3, N, H, W], got {list(frames.shape)}")
-
-
 def _frames_covering(duration_s: float, fps: int) -> int:
     # The epsilon keeps float noise (2.3 * 24 = 55.199999...) from adding a whole frame.
     return max(1, math.ceil(duration_s * fps - 1e-6))
@@ -143,7 +122,7 @@ class Mp4Stream:
 
     def __init__(self, width: int, height: int, native_fps: int, output_fps: int,
                  native_frames: int, audio_path: Path, duration_s: float, out_path: Path,
-                 settings: Settings) -> None:
+                 settings: VideoSettings) -> None:
         if height % 2 or width % 2 or not height or not width:  # yuv420p halves both dimensions
             raise ValueError(f"frame width and height must be even, got {width}x{height}")
         if duration_s <= 0:
@@ -335,7 +314,7 @@ def _interpolate_command(width: int, height: int, native_fps: int, output_fps: i
 
 def _encoder_command(width: int, height: int, native_fps: int, output_fps: int,
                      audio_path: Path, duration_s: float, out_path: Path,
-                     settings: Settings) -> list[str]:
+                     settings: VideoSettings) -> list[str]:
     if output_fps != native_fps:  # interpolated segments, already BT.709 limited-range yuv420p
         video_input = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
                        "-framerate", str(output_fps), "-i", "pipe:0"]
@@ -354,10 +333,10 @@ def _encoder_command(width: int, height: int, native_fps: int, output_fps: int,
         "-t", f"{duration_s:.6f}",
         "-i", f"file:{audio_path}",  # file: so no name is read as a protocol or an option
         "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1", *filters,
-        "-c:v", "libx264", "-preset", settings.video_preset, "-crf", str(settings.video_crf),
+        "-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf),
         "-pix_fmt", "yuv420p", "-colorspace", "bt709", "-color_primaries", "bt709",
         "-color_trc", "bt709", "-color_range", "tv", "-r", str(output_fps),
-        "-c:a", "aac", "-b:a", settings.video_audio_bitrate,
+        "-c:a", "aac", "-b:a", settings.audio_bitrate,
         # No -frames:v: it gets exactly the frames up to the first one covering the audio's end
         # (at most one frame longer), and a frame limit would also cut the audio in ffmpeg 5.
         "-movflags", "+faststart", "-f", "mp4", f"file:{out_path}",
