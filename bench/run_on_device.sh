@@ -12,8 +12,14 @@ if [ -f .ffmpeg/ffmpeg.xz ]; then  # a carried static ffmpeg (the image has none
   mkdir -p /tmp/bin && python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.ffmpeg/ffmpeg.xz'), open('/tmp/bin/ffmpeg', 'wb'))"
   chmod +x /tmp/bin/ffmpeg && export PATH=/tmp/bin:$PATH IMAGEIO_FFMPEG_EXE=/tmp/bin/ffmpeg
 fi
-for module in numba imageio_ffmpeg decord; do
-  python3 -c "import $module" 2>/dev/null || { cp -r "bench/device_shims/$module" /tmp/site/; echo "shim: $module"; }
+# Stand-ins (bench/stand_ins/<module>_stand_in.py) for what a run cannot carry: each goes into
+# /tmp/site under the real module name, here only and only when the image lacks that module.
+for stand_in in bench/stand_ins/*_stand_in.py; do
+  module=$(basename "$stand_in" _stand_in.py)
+  python3 -c "import $module" 2>/dev/null || {
+    mkdir -p "/tmp/site/$module" && cp "$stand_in" "/tmp/site/$module/__init__.py"
+    echo "stand-in: $module"
+  }
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "ffmpeg: $(command -v ffmpeg || echo none); disk: $(df -h /root | tail -1 | awk '{print $4}') free"
