@@ -7,7 +7,8 @@ import torch
 
 from bench import fullsize  # the random-weight builders
 from builder import make_tiny_checkpoint as tiny
-from s2v_worker.dit import BlockWeights, DiTEngine, rope_table
+from s2v_worker.blocks import BlockWeights
+from s2v_worker.dit import DiTEngine, rope_table
 from s2v_worker.float8 import FLOAT8_LAYER_SETS, Float8Weight
 from s2v_worker.official import import_official, install_attention
 from s2v_worker.sampling import reused_steps

@@ -24,7 +24,8 @@ from .dit import DiTEngine
 from .estimate import ClipTiming, DiTSpeed, SamplingEstimate, dit_calls_per_step
 from .float8 import FAST_MODE_FLOAT8
 from .lora import ResolvedLora
-from .lora_merge import LoraManager, LoraSet
+from .lora_merge import LoraManager, LoraSet, spare_gpu_bytes
+from .memory import MemoryPlan
 from .official import install_attention
 from .sampling import (ALONE, ClipRequest, ClipSampler, Layout, Role, StepCallback)
 from .settings import Attention, ModelSettings
@@ -47,6 +48,15 @@ class RankGroup(Protocol):
     def check(self) -> None: ...
 
 
+def float8_gemm(device: torch.device) -> str:
+    """How FP8-stored weights are multiplied here: FP8 GEMMs where the GPU has FP8 tensor cores
+    (compute capability 8.9: Ada, Hopper, newer), else dequantized to bfloat16 (Ampere; and the
+    CPU, for the tests)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "fp8"
+    return "upcast"
+
+
 def install_attentions(setting: Attention, device: torch.device) -> str:
     """WAN_S2V_ATTENTION for both users of attention in a process: the official modules (their
     back-end's name is returned) and the DiT's blocks (attention.py's kernel)."""
@@ -59,27 +69,44 @@ class Denoiser:
     """The resident DiT of one process. Build with `Denoiser.load`."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, compile: bool = False,
-                 offload: bool = False, float8_layers: str = FAST_MODE_FLOAT8) -> None:
+                 offload: bool = False, float8_layers: str = FAST_MODE_FLOAT8,
+                 weights: str = "bf16", memory: MemoryPlan | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device, self.offload = device, offload
+        self.weights = weights  # "bf16" or "fp8": how the resident weights are kept
         # torch.compile needs a GPU back-end (Triton); on the CPU the engine runs eagerly.
         self.engine = DiTEngine(self.model, compile=compile and device.type == "cuda")
         self.sampler = ClipSampler(self.engine, device, float8_layers)
         # Fast mode's FP8 copies are quantized from the weights a LoRA change replaces.
-        self.loras = LoraManager(self.model, on_change=lambda: self.engine.forget_float8())
+        self.loras = LoraManager(self.model, on_change=lambda: self.engine.forget_float8(),
+                                 spare=memory.spare_bytes if memory is not None else spare_gpu_bytes)
         self.speed = DiTSpeed()
         self.group: RankGroup | None = None
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, device: torch.device,
-             settings: ModelSettings) -> "Denoiser":
+    def load(cls, checkpoint: Checkpoint, device: torch.device, settings: ModelSettings,
+             plan: MemoryPlan | None = None) -> "Denoiser":
         """The DiT from the checkpoint's sharded safetensors onto `device` (the CPU with offload),
-        with the attention kernels WAN_S2V_ATTENTION asks for: every rank loads it this way."""
+        in the weights' format and placement the memory plan says, with the attention kernels
+        WAN_S2V_ATTENTION asks for: every rank loads it this way."""
         backend = install_attentions(settings.attention, device)
         logger.info("attention: official modules %s, DiT %s", backend, attention.ATTENTION.name)
         resident = torch.device("cpu") if settings.offload else device
-        model = weights.load_dit(checkpoint, resident, compute_dtypes(device)[0])
-        return cls(model, device, compile=settings.compile, offload=settings.offload)
+        fp8 = plan.weights == "fp8" if plan is not None else settings.weights == "fp8"
+        float8 = weights.Float8Recipe(rowwise=True, gemm=float8_gemm(device)) if fp8 else None
+        model = weights.load_dit(checkpoint, resident, compute_dtypes(device)[0], float8)
+        denoiser = cls(model, device, compile=settings.compile, offload=settings.offload,
+                       weights="fp8" if fp8 else "bf16", memory=plan)
+        if plan is not None and plan.streamed_blocks:
+            count = len(model.blocks)
+            per_block = denoiser.engine.stream_blocks(
+                list(range(count - plan.streamed_blocks, count)), device)
+            logger.info("DiT: the last %d of %d blocks streamed from pinned host memory (%.2f GiB "
+                        "each)", plan.streamed_blocks, count, per_block / 2**30)
+        logger.info("DiT weights: %s%s (%.1f GiB)", denoiser.weights,
+                    f", {float8.gemm} GEMMs" if float8 else "",
+                    weights.dit_memory_bytes(model) / 2**30)
+        return denoiser
 
     def attach(self, group: RankGroup) -> None:
         """The other ranks, started and ready: from now on every clip is sampled by all."""

@@ -12,7 +12,7 @@ the GPU once per block (`e[1].item()`) and per audio cross-attention (key-length
   noisy latents or the timestep, computed by the official submodules in the official order, so the
   cached tensors are the very values the official forward would compute again;
 * `forward(x, t, conditioning)` -- per step: patch embedding, time embedding, the 40 blocks and the
-  head. The blocks are `dit_block` below, a line-for-line functional copy of
+  head. The blocks are blocks.py's `dit_block`, a line-for-line functional copy of
   `WanS2VAttentionBlock.forward` with two changes: RoPE from a cached cos/sin table in real
   arithmetic (the official code multiplies complex float64 tensors of 1.3 GB at 480p in every
   block), and the two timestep segments selected per token with `torch.where` instead of slicing
@@ -27,158 +27,28 @@ result moves within bfloat16 noise (relative error about 5e-3 per forward at ful
 kernels and changes nothing at that noise level (measured, bench/results).
 
 The weights are the official module's own parameters, read at every call, so LoRA merges
-(`lora.py`) apply without any copy. The result is compared with the official forward by
+(`lora_merge.py`) apply without any copy; they may be FP8 (float8.Float8Linear), and some blocks
+may live in host memory, streamed in while they run (`stream_blocks`, offload.py). The result is compared with the official forward by
 tests/test_dit.py (CPU, tiny checkpoint) and bench/faithfulness.py (GPU, full size).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import SequenceParallel, attention, forward_state, self_attention
-from .float8 import FLOAT8_LAYER_SETS, Float8Weight, float8_linear
+from .attention import SequenceParallel, forward_state
+from .blocks import AudioWeights, BlockWeights, audio_injection, dit_block, linear_weight
+from .float8 import FLOAT8_LAYER_SETS
+from .offload import ModuleStream
 from .official import import_official
 
 logger = logging.getLogger(__name__)
-
-
-class BlockWeights(NamedTuple):
-    """One `WanS2VAttentionBlock`'s parameters, as plain tensors (one compiled graph serves all)."""
-    modulation: torch.Tensor
-    q_w: torch.Tensor
-    q_b: torch.Tensor
-    k_w: torch.Tensor
-    k_b: torch.Tensor
-    v_w: torch.Tensor
-    v_b: torch.Tensor
-    o_w: torch.Tensor
-    o_b: torch.Tensor
-    norm_q: torch.Tensor
-    norm_k: torch.Tensor
-    norm3_w: torch.Tensor | None
-    norm3_b: torch.Tensor | None
-    cross_q_w: torch.Tensor
-    cross_q_b: torch.Tensor
-    cross_o_w: torch.Tensor
-    cross_o_b: torch.Tensor
-    cross_norm_q: torch.Tensor
-    ffn1_w: torch.Tensor
-    ffn1_b: torch.Tensor
-    ffn2_w: torch.Tensor
-    ffn2_b: torch.Tensor
-
-    def in_float8(self, names: tuple[str, ...], rowwise: bool) -> "BlockWeights":
-        """A copy with the named linear weights quantized to float8 (biases stay bfloat16)."""
-        return self._replace(**{name: Float8Weight.quantize(getattr(self, name), rowwise)
-                                for name in names})
-
-    @classmethod
-    def of(cls, block: torch.nn.Module) -> "BlockWeights":
-        sa, ca, ffn = block.self_attn, block.cross_attn, block.ffn
-        affine_norm3 = isinstance(block.norm3, torch.nn.LayerNorm) and block.norm3.weight is not None
-        return cls(block.modulation, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight,
-                   sa.v.bias, sa.o.weight, sa.o.bias, sa.norm_q.weight, sa.norm_k.weight,
-                   block.norm3.weight if affine_norm3 else None,
-                   block.norm3.bias if affine_norm3 else None,
-                   ca.q.weight, ca.q.bias, ca.o.weight, ca.o.bias, ca.norm_q.weight,
-                   ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias)
-
-
-class AudioWeights(NamedTuple):
-    """One audio injector's parameters used per step (its keys/values are cached per clip)."""
-    q_w: torch.Tensor
-    q_b: torch.Tensor
-    o_w: torch.Tensor
-    o_b: torch.Tensor
-    norm_q: torch.Tensor
-
-
-# --- the per-step math (functional copies of the official modules' forwards) -----------------------
-
-def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(weight, Float8Weight):
-        return float8_linear(x, weight, bias)
-    # What CUDA autocast does to nn.Linear in the official code: both operands in the weight dtype.
-    return F.linear(x.to(weight.dtype), weight, bias)
-
-
-def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """wan.modules.model.WanLayerNorm without affine: float32 statistics, result in x's dtype."""
-    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """wan.modules.model.WanRMSNorm."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def _rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of interleaved (real, imaginary) pairs, as the official `rope_apply`:
-    the complex product in the table's precision, the result in float32. x: [B, S, N, D]; rope:
-    [S, 1, D/2, 2] (cos, sin). Written out in real arithmetic so that torch.compile fuses it
-    (Inductor has no complex numbers)."""
-    pairs = x.to(rope.dtype).unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = rope[..., 0], rope[..., 1]
-    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).float()
-
-
-def dit_block(x: torch.Tensor, e0: torch.Tensor, noisy: torch.Tensor, rope: torch.Tensor,
-              text_k: torch.Tensor, text_v: torch.Tensor, w: BlockWeights, num_heads: int,
-              eps: float) -> torch.Tensor:
-    """`WanS2VAttentionBlock.forward`. x: [B, S, C] (bfloat16 into block 0, float32 after);
-    e0: [B, 6, 2, C] float32 modulation for (noisy tokens, reference/motion tokens); noisy: [S, 1]
-    bool; text_k/text_v: this block's cached text cross-attention keys/values."""
-    batch, seq, dim = x.shape
-    head_dim = dim // num_heads
-    mod = w.modulation.unsqueeze(2) + e0  # float32, as under the official autocast(float32)
-
-    def per_token(i: int) -> torch.Tensor:  # row i of the modulation, by timestep segment
-        return torch.where(noisy, mod[:, i, 0:1], mod[:, i, 1:2])
-
-    # self-attention
-    h = _layer_norm(x, eps).float() * (1 + per_token(1)) + per_token(0)
-    q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, eps).view(batch, seq, num_heads, head_dim)
-    k = _rms_norm(_linear(h, w.k_w, w.k_b), w.norm_k, eps).view(batch, seq, num_heads, head_dim)
-    v = _linear(h, w.v_w, w.v_b).view(batch, seq, num_heads, head_dim)
-    y = _linear(self_attention(_rope(q, rope), _rope(k, rope), v).flatten(2), w.o_w, w.o_b)
-    x = x + y * per_token(2)
-
-    # text cross-attention
-    if w.norm3_w is not None:
-        h = F.layer_norm(x.float(), (dim,), w.norm3_w.float(), w.norm3_b.float(), eps).type_as(x)
-    else:
-        h = x
-    q = _rms_norm(_linear(h, w.cross_q_w, w.cross_q_b), w.cross_norm_q, eps)
-    y = attention(q.view(batch, -1, num_heads, head_dim), text_k, text_v).flatten(2)
-    x = x + _linear(y, w.cross_o_w, w.cross_o_b)
-
-    # feed-forward
-    h = _layer_norm(x, eps).float() * (1 + per_token(4)) + per_token(3)
-    y = _linear(F.gelu(_linear(h, w.ffn1_w, w.ffn1_b), approximate="tanh"), w.ffn2_w, w.ffn2_b)
-    return x + y * per_token(5)
-
-
-def audio_injection(x_noisy: torch.Tensor, norm_shift: torch.Tensor | None,
-                    norm_scale: torch.Tensor | None, audio_k: torch.Tensor, audio_v: torch.Tensor,
-                    w: AudioWeights, num_heads: int, norm_eps: float, qk_eps: float) -> torch.Tensor:
-    """`WanModel_S2V.after_transformer_block`'s residual for the noisy tokens [B, F*HW, C] of F
-    whole frames: each frame's tokens attend to that frame's audio tokens (audio_k/audio_v:
-    [B*F, n, N, D]). norm_scale is (1 + scale) of the AdaLayerNorm (None: the plain pre-norm)."""
-    batch, seq, dim = x_noisy.shape
-    head_dim = dim // num_heads
-    h = F.layer_norm(x_noisy.reshape(audio_k.shape[0], -1, dim).float(), (dim,), eps=norm_eps)
-    if norm_scale is not None:
-        h = h * norm_scale + norm_shift
-    q = _rms_norm(_linear(h, w.q_w, w.q_b), w.norm_q, qk_eps)
-    y = attention(q.view(audio_k.shape[0], -1, num_heads, head_dim), audio_k, audio_v)
-    return _linear(y.flatten(2), w.o_w, w.o_b).reshape(batch, seq, dim)
 
 
 # --- per-clip state ----------------------------------------------------------------------------------
@@ -260,6 +130,10 @@ class DiTEngine:
         self._block = dit_block
         self._audio = audio_injection
         self._float8_blocks: dict[str, list[BlockWeights]] = {}
+        # Blocks whose weights live in host memory and are streamed in while they run (a card
+        # too small for the whole DiT): block index -> its place in the stream.
+        self.stream: ModuleStream | None = None
+        self.streamed: dict[int, int] = {}
         if compile:
             # One graph for blocks 1..39 (float32 residual stream) and one for the injections; block
             # 0 (bfloat16 input) runs eagerly rather than costing a second compilation.
@@ -269,9 +143,35 @@ class DiTEngine:
         logger.info("DiT engine: %s", f"compiled ({'dynamic' if dynamic_shapes else 'static'} shapes)"
                     if compile else "eager")
 
+    def stream_blocks(self, indices: list[int], device: torch.device) -> int:
+        """Keep the blocks `indices` in pinned host memory from now on, streamed to `device` while
+        they run (offload.ModuleStream); the bytes each takes."""
+        blocks = [self.model.blocks[i] for i in indices]
+        self.stream = ModuleStream(blocks, device)
+        self.streamed = {index: place for place, index in enumerate(indices)}
+        return self.stream.bytes_per_module
+
+    @contextlib.contextmanager
+    def block_on_device(self, index: int) -> Iterator[None]:
+        """Block `index`'s weights on the device for the block (streamed in when they live on
+        the host), the next streamed block's copy started meanwhile."""
+        place = self.streamed.get(index)
+        if place is None:
+            yield
+            return
+        self.stream.enter(place)
+        self.stream.prefetch(place + 1)
+        try:
+            yield
+        finally:
+            self.stream.leave(place)
+
     def float8_blocks(self, layers: str) -> list[BlockWeights]:
         """The blocks' weights with FLOAT8_LAYER_SETS[layers] in float8, quantized on first use
         from the current (possibly LoRA-merged) weights; `forget_float8` drops them."""
+        if self.stream is not None:
+            raise RuntimeError("fast mode's FP8 copies need the whole DiT on the device; with "
+                               "streamed blocks the weights are FP8 already")
         if layers not in self._float8_blocks:
             names, rowwise = FLOAT8_LAYER_SETS[layers]
             self._float8_blocks[layers] = [BlockWeights.of(b).in_float8(names, rowwise)
@@ -281,6 +181,8 @@ class DiTEngine:
     def forget_float8(self) -> None:
         """Called when the DiT's weights change (LoRA merge or restore)."""
         self._float8_blocks.clear()
+        if self.stream is not None:
+            self.stream.forget()
 
     # --- once per clip ------------------------------------------------------------------------------
 
@@ -330,10 +232,11 @@ class DiTEngine:
         text = m.text_embedding(torch.stack([
             torch.cat([u, u.new_zeros(m.text_len - u.size(0), u.size(1))]) for u in context]))
         text_kv = []
-        for block in m.blocks:
+        for index, block in enumerate(m.blocks):
             ca = block.cross_attn
-            text_kv.append((ca.norm_k(ca.k(text)).view(1, -1, ca.num_heads, ca.head_dim),
-                            ca.v(text).view(1, -1, ca.num_heads, ca.head_dim)))
+            with self.block_on_device(index):
+                text_kv.append((ca.norm_k(ca.k(text)).view(1, -1, ca.num_heads, ca.head_dim),
+                                ca.v(text).view(1, -1, ca.num_heads, ca.head_dim)))
 
         audio_tokens = audio.flatten(0, 1)  # (b f) n c
         injected = {}
@@ -400,8 +303,9 @@ class DiTEngine:
         float8_attention: self-attention in FP8 too (attention.fa3_float8). Under sequence
         parallelism (conditioning.shard) every rank of the group calls this at once."""
         m, c, shard = self.model, conditioning, conditioning.shard
-        block_weights = (self.float8_blocks(float8) if float8
-                         else [BlockWeights.of(b) for b in m.blocks])
+        # Fast mode's FP8 set (resident FP8 weights serve it as they are), else the weights as
+        # the blocks hold them: bfloat16, or FP8 (Float8Linear).
+        fast_weights = self.float8_blocks(float8) if float8 and self.stream is None else None
         tokens = m.patch_embedding(x[0].unsqueeze(0))
         tokens = (tokens + c.pose).flatten(2).transpose(1, 2)
         tokens = torch.cat([tokens.to(c.token_dtype) + c.noisy_mask_embedding, c.prefix], dim=1)
@@ -423,8 +327,13 @@ class DiTEngine:
                 if self.dynamic_shapes:
                     torch._dynamo.maybe_mark_dynamic(tokens, 1)
                 kv = c.text_kv[index]
-                tokens = run_block(tokens, e0, c.noisy, c.rope, kv[0], kv[1], block_weights[index],
-                                   self.num_heads, self.eps)
+                with self.block_on_device(index):
+                    weights = (fast_weights[index] if fast_weights is not None
+                               else BlockWeights.of(m.blocks[index]))
+                    if float8 and fast_weights is None:  # streamed FP8 blocks: FP8 GEMMs as stored
+                        weights = weights.in_float8(FLOAT8_LAYER_SETS[float8][0], True)
+                    tokens = run_block(tokens, e0, c.noisy, c.rope, kv[0], kv[1], weights,
+                                       self.num_heads, self.eps)
                 if index in c.audio and noisy_here:
                     self._inject_audio(index, tokens, c, noisy_start, noisy_here)
 
@@ -443,8 +352,8 @@ class DiTEngine:
         m = self.model
         shift, scale, k, v, norm_eps = c.audio[index]
         attn = m.audio_injector.injector[m.audio_injector.injected_block_id[index]]
-        audio_weights = AudioWeights(attn.q.weight, attn.q.bias, attn.o.weight, attn.o.bias,
-                                     attn.norm_q.weight)
+        audio_weights = AudioWeights(linear_weight(attn.q), attn.q.bias, linear_weight(attn.o),
+                                     attn.o.bias, attn.norm_q.weight)
         noisy_part = tokens[:, :noisy_here]
         frame = c.noisy_tokens // c.num_frames
         first, end = noisy_start // frame, -(-(noisy_start + noisy_here) // frame)

@@ -1,14 +1,22 @@
-"""FP8 (e4m3) linear weights and the GEMMs that use them: fast mode's matrix multiplies.
+"""FP8 (e4m3) linear weights and the GEMMs that use them: fast mode's matrix multiplies, and the
+DiT's resident weights when the worker keeps them in FP8 (WAN_S2V_WEIGHTS=fp8).
 
 A weight [N, K] is kept in float8_e4m3fn with float32 scales, one per output row ("rowwise") or one
-for the whole tensor ("tensorwise"); the activation gets scales of the same kind per call. On a GPU
-the product is one FP8 tensor-core GEMM (`torch._scaled_mm`, compute capability 8.9 or newer).
+for the whole tensor ("tensorwise"). Two ways to multiply by it:
+* `Float8Weight`: the activation gets scales of the same kind per call, and the product is one FP8
+  tensor-core GEMM (`torch._scaled_mm`, compute capability 8.9 or newer: Ada, Hopper);
+* `Float8UpcastWeight`: the weight is dequantized to the activation's dtype for the GEMM
+  (weight-only FP8: any GPU, Ampere included, at bfloat16 GEMM speed).
+`Float8Linear` is an nn.Linear whose stored weight is FP8: the DiT's large layers become these when
+its weights are resident in FP8, so that every caller (the engine, the per-clip preparation, the
+LoRA merge) finds a Linear with FP8 data and its scale.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -30,6 +38,29 @@ class Float8Weight(NamedTuple):
     @property
     def rowwise(self) -> bool:
         return self.scale.numel() > 1
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the FP8 values and scales stand for, [N, K] in `dtype` (computed in
+        float32: FP8 values and their scales are exact there)."""
+        return (self.weight.float() * self.scale.t()).to(dtype)
+
+
+class Float8UpcastWeight(NamedTuple):
+    """The same FP8 weight and scale, multiplied after dequantizing the weight (weight-only FP8)."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scale.t()).to(dtype)
+
+
+def upcast_linear(x: torch.Tensor, weight: Float8UpcastWeight,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b with W dequantized to the activation's GEMM dtype (bfloat16 on a GPU, as the
+    official code's autocast computes nn.Linear; float32 on the CPU). The dequantized weight is a
+    temporary of one layer."""
+    dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    return F.linear(x.to(dtype), weight.dequantize(dtype), None if bias is None else bias.to(dtype))
 
 
 def float8_linear(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,3 +98,41 @@ FLOAT8_LAYER_SETS = {
 # Fast mode: every linear layer of the 40 blocks in FP8 with per-tensor scales (cuBLAS FP8 GEMM;
 # measured faster than per-row scales at the same error, see docs/performance.md).
 FAST_MODE_FLOAT8 = "all_tensorwise"
+
+
+class Float8Linear(torch.nn.Linear):
+    """An nn.Linear whose weight is stored in FP8 with its scale (`scale`, a buffer), multiplied
+    by FP8 GEMMs (`gemm="fp8"`) or after dequantizing (`gemm="upcast"`). Its `weight` keeps the
+    FP8 values, so shape checks (the LoRA parser's) see the layer's real shape."""
+
+    def __init__(self, stored: Float8Weight, bias: torch.Tensor | None, gemm: str) -> None:
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = stored.weight.shape
+        self.weight = torch.nn.Parameter(stored.weight, requires_grad=False)
+        self.register_buffer("scale", stored.scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        if gemm not in ("fp8", "upcast"):
+            raise ValueError(f"gemm must be fp8 or upcast, got {gemm!r}")
+        self.gemm = gemm
+
+    @property
+    def stored(self) -> Float8Weight | Float8UpcastWeight:
+        """The weight as the block math takes it (dit._linear picks the GEMM by its type)."""
+        kind = Float8Weight if self.gemm == "fp8" else Float8UpcastWeight
+        return kind(self.weight, self.scale)
+
+    def set_stored(self, stored: Float8Weight | Float8UpcastWeight) -> None:
+        """Take new FP8 values and scale (a LoRA merge, or the restore of the base ones)."""
+        self.weight.data = stored.weight.to(self.weight.device)
+        self.scale = stored.scale.to(self.scale.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stored = self.stored
+        if isinstance(stored, Float8Weight):
+            return float8_linear(x, stored, self.bias)
+        return upcast_linear(x, stored, self.bias)
+
+    def extra_repr(self) -> str:
+        rows = "rowwise" if self.scale.numel() > 1 else "tensorwise"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"float8_e4m3fn {rows}, gemm={self.gemm}")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .float8 import Float8Linear, Float8Weight
 from .lora import LoraError, ParamDelta, ParsedLora, ResolvedLora, forget_cached, parse_lora, short
 
 logger = logging.getLogger(__name__)
@@ -25,15 +26,21 @@ logger = logging.getLogger(__name__)
 GPU_RESERVE_BYTES = 40 * 2**30
 
 
-def _base_copy(weight: torch.Tensor) -> torch.Tensor:
-    """An exact copy of a weight before its first change. On a GPU with memory to spare it stays
-    there (a device copy: the first LoRA merge of the 14B DiT measured 27 s with its copies
-    going to pageable host memory); else it goes to pinned host memory, asynchronously (the
-    change that follows is queued behind it on the same stream)."""
+def spare_gpu_bytes(device: torch.device) -> int:
+    """GPU memory a merge may fill with base copies when no memory plan says: what the card has
+    free beyond GPU_RESERVE_BYTES."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free - GPU_RESERVE_BYTES
+
+
+def _base_copy(weight: torch.Tensor, spare: Callable[[torch.device], int]) -> torch.Tensor:
+    """An exact copy of a weight before its first change. On a GPU with memory to spare (`spare`)
+    it stays there (a device copy: the first LoRA merge of the 14B DiT measured 27 s with its
+    copies going to pageable host memory); else it goes to pinned host memory, asynchronously
+    (the change that follows is queued behind it on the same stream)."""
     if not weight.is_cuda:
         return weight.detach().clone()
-    free, _ = torch.cuda.mem_get_info(weight.device)
-    if free - weight.nbytes >= GPU_RESERVE_BYTES:
+    if spare(weight.device) >= weight.nbytes:
         return weight.detach().clone()
     host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
     return host.copy_(weight.detach(), non_blocking=True)
@@ -51,8 +58,10 @@ class LoraManager:
     """Keeps one LoRA set merged into `noise_model`; restores the exact base weights on a change."""
 
     def __init__(self, noise_model: torch.nn.Module,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 spare: Callable[[torch.device], int] = spare_gpu_bytes) -> None:
         self.noise_model = noise_model
+        self.spare = spare  # GPU bytes the base copies may take (the memory plan's, or free)
         # Called whenever the weights may have changed (e.g. to drop copies derived from them).
         self.on_change = on_change
         self.base: dict[str, torch.Tensor] = {}  # exact copies, taken on first touch
@@ -98,6 +107,10 @@ class LoraManager:
         """Copy every touched tensor's base value back (bit-identical)."""
         with torch.no_grad():
             for name, base in self.base.items():
+                fp8 = self._float8_linear(name)
+                if fp8 is not None:  # the base FP8 values and scale
+                    fp8.set_stored(Float8Weight(*base))
+                    continue
                 target = self.noise_model.get_parameter(name)
                 target.copy_(base.to(target.device))
         if self.current:
@@ -126,8 +139,21 @@ class LoraManager:
                 total = changes[0][0].tensor(target.device) * changes[0][1]
                 for delta, strength, _ in changes[1:]:
                     total += delta.tensor(target.device) * strength
+                fp8 = self._float8_linear(name)
+                if fp8 is not None:
+                    # FP8 weights: the change is added to the dequantized weight, and the sum is
+                    # quantized again with scales of the same kind; the base values and scale
+                    # are kept exactly for the restore.
+                    stored = Float8Weight(fp8.weight.data, fp8.scale)
+                    if name not in self.base:
+                        self.base[name] = (_base_copy(stored.weight, self.spare),
+                                           _base_copy(stored.scale, self.spare))
+                    merged = stored.dequantize(torch.float32) + total
+                    finite.append(torch.isfinite(merged).all())
+                    fp8.set_stored(Float8Weight.quantize(merged, rowwise=stored.rowwise))
+                    continue
                 if name not in self.base:
-                    self.base[name] = _base_copy(target)
+                    self.base[name] = _base_copy(target, self.spare)
                 target.copy_((target.float() + total).to(target.dtype))
                 # Checked on what was written (after the products, the sum and the cast), with no
                 # wait for the GPU per tensor: the flags are read once, below.
@@ -141,5 +167,13 @@ class LoraManager:
                 raise LoraError(f"{fields} {'has' if len(involved) == 1 else 'have'} values too "
                                 f"large to merge in layer {short(name.rsplit('.', 1)[0])}: the "
                                 "merged weights would not be finite")
-            if any(t.is_pinned() for t in self.base.values()):
+            copies = [t for base in self.base.values()
+                      for t in (base if isinstance(base, tuple) else (base,))]
+            if any(t.is_pinned() for t in copies):
                 torch.cuda.synchronize()  # the copies to pinned host memory have landed
+
+    def _float8_linear(self, name: str) -> Float8Linear | None:
+        """The Float8Linear whose weight `name` is (its FP8 values take a LoRA their own way)."""
+        module_name, _, leaf = name.rpartition(".")
+        module = self.noise_model.get_submodule(module_name)
+        return module if leaf == "weight" and isinstance(module, Float8Linear) else None

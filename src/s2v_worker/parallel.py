@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 from .checkpoint import Checkpoint
 from .errors import JobError
+from .memory import MemoryPlan
 from .ranks import START_TIMEOUT_S, ProcessGroups, RankSpec, init_process_group, rank_main
 from .sampling import ClipRequest, ClipSampler, Layout, StepCallback, plan_layout
 from .settings import LogLevel, ModelSettings, ParallelSettings
@@ -111,13 +112,14 @@ class ParallelGroup:
     @classmethod
     def launch(cls, checkpoint: Checkpoint, world_size: int, device: torch.device,
                model: ModelSettings, parallel: ParallelSettings, log_level: LogLevel,
+               plan: MemoryPlan | None = None,
                entry: Callable[[RankSpec, Connection], None] = rank_main) -> "ParallelGroup":
         """Start ranks 1..N-1 (they load their DiTs while this process loads the pipeline) and
         join them in the process group. `entry` is the ranks' main function (tests replace it)."""
         spec = RankSpec(rank=0, world_size=world_size,
                         init_method=f"tcp://127.0.0.1:{_free_port()}", checkpoint=checkpoint,
                         device_type=device.type, model=model, parallel=parallel,
-                        log_level=log_level, parent_pid=os.getpid())
+                        log_level=log_level, plan=plan, parent_pid=os.getpid())
         context = mp.get_context("spawn")
         processes, conns = [], []
         for rank in range(1, world_size):

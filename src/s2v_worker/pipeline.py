@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections import OrderedDict
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ from .checkpoint import Checkpoint
 from .denoiser import Denoiser
 from .device import Stopwatch, compute_dtypes, release_cached_memory, without_tf32
 from .job import GenerationSettings
+from .memory import MemoryPlan
 from .official import import_official
 from .planning import (FIRST_CLIP_DROPPED_FRAMES, MOTION_FRAMES, WARM_UP_IMAGE_SIZE, ClipPlan,
                        latent_frames, video_size)
@@ -50,6 +52,7 @@ OFFICIAL_CONFIG = _official.config
 ProgressCallback = Callable[[int, int, int, int], None]
 # on_frames(frames [3, n, H, W] in [-1, 1]): the next decoded frames of the video, in order.
 FramesCallback = Callable[[torch.Tensor], None]
+TEXT_CACHE_ENTRIES = 64  # T5 embeddings kept: 512 x 4096 bfloat16 values, 4 MiB each
 
 
 @dataclass
@@ -69,7 +72,8 @@ class S2VPipeline(WanS2V):
     """Wan2.2-S2V-14B resident on one device. Built by loading.load_pipeline."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, *, text_encoder, vae,
-                 audio_encoder, denoiser: Denoiser, offload: bool = False) -> None:
+                 audio_encoder, denoiser: Denoiser, offload: bool = False,
+                 memory: MemoryPlan | None = None) -> None:
         # Not the official __init__, which assumes CUDA and a full-size T5: the components come
         # loaded. These are the attributes WanS2V's methods read (see WanS2V.__init__).
         config = OFFICIAL_CONFIG
@@ -89,6 +93,10 @@ class S2VPipeline(WanS2V):
         self.checkpoint = checkpoint
         self.text_encoder, self.vae, self.audio_encoder = text_encoder, vae, audio_encoder
         self.denoiser = denoiser
+        self.memory = memory  # the memory tier (memory.py); None: no limit is planned
+        # T5's output per text, most recently used last: a repeated prompt (and the default
+        # negative prompt of every job) costs no T5 call, which streaming would make slow.
+        self._text_cache: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 
     # --- phase 1: the inputs, encoded --------------------------------------------------------------
 
@@ -122,10 +130,20 @@ class S2VPipeline(WanS2V):
     def encode_text(self, prompt: str, negative_prompt: str | None) -> tuple[list, list]:
         # Official: an empty negative prompt means the model's default one.
         negative = negative_prompt or self.sample_neg_prompt
+        return self._encode_one_text(prompt), self._encode_one_text(negative)
+
+    def _encode_one_text(self, text: str) -> list[torch.Tensor]:
+        """T5's embedding of `text` (the official call, one text at a time as upstream encodes
+        the prompt and the negative prompt), from the cache when it was encoded before."""
+        if text in self._text_cache:
+            self._text_cache.move_to_end(text)
+            return self._text_cache[text]
         with torch.no_grad(), self._text_encoder_on_device():
-            context = self.text_encoder([prompt], self.device)
-            context_null = self.text_encoder([negative], self.device)
-        return context, context_null
+            context = self.text_encoder([text], self.device)
+        self._text_cache[text] = context
+        while len(self._text_cache) > TEXT_CACHE_ENTRIES:
+            self._text_cache.popitem(last=False)
+        return context
 
     def encode_speech(self, audio_path: Path, plan: ClipPlan) -> torch.Tensor:
         # Upstream computes wav2vec2 in float32 on the CPU; on the GPU TF32 would round its

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .attention import SequenceParallel
 from .checkpoint import Checkpoint
 from .logs import configure_logging
+from .memory import MemoryPlan
 from .sampling import BRANCHES, ClipRequest, Layout, Role, StopSampling
 from .settings import LogLevel, ModelSettings, ParallelSettings, export_to_libraries
 
@@ -76,6 +77,7 @@ class RankSpec:
     model: ModelSettings
     parallel: ParallelSettings
     log_level: LogLevel
+    plan: MemoryPlan | None  # rank 0's: every rank keeps its weights the same way
     parent_pid: int  # rank 0's process, which every rank dies with
 
     @property
@@ -106,7 +108,7 @@ class RankWorker:
 
         self.spec = spec
         self.groups = ProcessGroups(spec.world_size, spec.parallel.rank_timeout_s)
-        self.denoiser = Denoiser.load(spec.checkpoint, spec.device(), spec.model)
+        self.denoiser = Denoiser.load(spec.checkpoint, spec.device(), spec.model, spec.plan)
 
     def sample(self, payload: tuple[ClipRequest, Layout]) -> None:
         request, layout = payload

@@ -244,6 +244,10 @@ class Worker:
         stage("download")
         with _timed(timings, "download_s"):
             inputs = self._intake(request, work_dir)
+        memory = self.pipeline.memory
+        if memory is not None and (reason := memory.refusal(inputs.plan.dit_tokens,
+                                                             generation.resolution)):
+            raise JobInputError(reason)
 
         estimate = denoiser.estimate(inputs.plan.dit_tokens, inputs.plan.num_clips,
                                      generation.sample_steps, generation.guidance_scale > 1,
@@ -280,6 +284,7 @@ class Worker:
             "duration_s": round(video.duration_s, 3),
             "num_clips": inputs.plan.num_clips,
             "parallel": denoiser.layout(generation.guidance_scale > 1).as_dict(),
+            "weights": denoiser.weights,
             "settings": {**generation.as_dict(), "seed": seed,
                          "loras": [{"sha256": lora.identity, "strength": lora.strength}
                                    for lora in loras]},

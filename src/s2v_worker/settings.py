@@ -53,6 +53,12 @@ class Attention(enum.StrEnum):
     FLASH = "flash"
 
 
+class WeightFormat(enum.StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
 class AudioEncoderDevice(enum.StrEnum):
     GPU = "gpu"
     CPU = "cpu"
@@ -127,6 +133,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _optional_positive_float(raw: str) -> float | None:
+    return _positive_float(raw) if raw.strip() else None
+
+
 def _world_size(raw: str) -> int | None:
     """'auto' is None: every visible GPU (parallel.resolve_world_size)."""
     value = raw.strip().lower()
@@ -198,10 +208,27 @@ class ModelSettings:
         "WAN_S2V_DEVICE", Device.AUTO, _choice(Device),
         help="Where the pipeline runs. 'auto' takes the GPU when there is one and logs a warning "
              "when it falls to the CPU, which is only sensible for the tiny test checkpoint.")
+    weights: WeightFormat = setting(
+        "WAN_S2V_WEIGHTS", WeightFormat.AUTO, _choice(WeightFormat),
+        help="How the DiT's weights are kept on the GPU. 'bf16': as the official checkpoint has "
+             "them (30.4 GiB). 'fp8': its large Linear weights in FP8 e4m3 with per-row scales "
+             "(15.5 GiB), quantized at load (or taken as they are from a scaled-FP8 file); the "
+             "GEMMs run in FP8 on GPUs with FP8 tensor cores (Ada, Hopper), else each weight is "
+             "upcast to bfloat16 for its GEMM. 'auto': bf16 where the GPU (or "
+             "WAN_S2V_GPU_MEMORY_GB) holds it with 720p jobs, else fp8 (docs/deploying.md, "
+             "'Which GPU'). A job's result says which weights served it.")
+    gpu_memory_gb: float | None = setting(
+        "WAN_S2V_GPU_MEMORY_GB", None, _optional_positive_float, shown_default="the card's",
+        help="GPU memory the worker may use, in GiB (default: the card's). Every placement "
+             "decision follows it (FP8 weights, T5 streamed from host memory, DiT blocks streamed "
+             "from host memory on 24 GB cards) and the allocator is held to it, so a 48 GB or "
+             "24 GB card can be played on a larger one. A job that would not fit is refused up "
+             "front with the memory it needs.")
     offload: bool = setting(
         "WAN_S2V_OFFLOAD", False, _bool,
-        help="Keep the text encoder and the DiT on the CPU between uses (fits smaller GPUs, "
-             "slower). Off: everything stays resident on the GPU.")
+        help="Keep the text encoder and the DiT on the CPU between uses, moved whole to the GPU "
+             "for each job (slower than what WAN_S2V_GPU_MEMORY_GB's tiers do by themselves). "
+             "Off: the tiers decide.")
     attention: Attention = setting(
         "WAN_S2V_ATTENTION", Attention.AUTO, _choice(Attention),
         help="Attention kernel. 'auto': FlashAttention-3 (the fa3-fwd package) for the DiT on a "

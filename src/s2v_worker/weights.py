@@ -1,21 +1,176 @@
-"""Reading the model's weights from a checkpoint folder: the DiT's sharded safetensors, and the
-architecture of the T5 and VAE files (their widths read from the tensors, so that the tiny test
-checkpoint goes through the same code as the real one)."""
+"""Reading the model's weights from a checkpoint folder: the DiT's sharded safetensors, tensor by
+tensor onto the device (in bfloat16, or its large Linear layers in FP8), and the architecture of the
+T5 and VAE files (their widths read from the tensors, so that the tiny test checkpoint goes through
+the same code as the real one).
+
+The DiT is built empty (accelerate's `init_empty_weights`: parameters on the meta device) and each
+tensor is read straight onto the device and put in place; a Linear weight that is to be FP8 is
+quantized there as it arrives. So the device never holds a second copy of the model: the FP8 DiT
+(15.5 GiB) loads on a card that could not hold the bfloat16 one (30.4 GiB).
+"""
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import DIT_CONFIG, DIT_INDEX, DIT_SINGLE_FILE, Checkpoint
+from .float8 import Float8Linear, Float8Weight
 from .official import import_official
 
+# The DiT's Linear layers kept in FP8 when its weights are (WAN_S2V_WEIGHTS=fp8): the 40 blocks'
+# attention and feed-forward layers and the audio injectors' attention, 15.9 of its 16.3 billion
+# parameters. Embeddings, norms, modulations, convolutions and the small heads stay in bfloat16.
+FLOAT8_MODULE_PREFIXES = ("blocks.", "audio_injector.")
 
-def load_dit(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The DiT (`WanModel_S2V`) from the checkpoint's sharded safetensors, onto `device`."""
-    model = import_official().model_s2v.WanModel_S2V.from_pretrained(
-        str(checkpoint.path), torch_dtype=dtype, device_map=str(device))
+
+@dataclass(frozen=True)
+class Float8Recipe:
+    """How the DiT's large Linear weights are kept in FP8: per output row or per tensor scales,
+    multiplied by FP8 GEMMs ("fp8", compute capability 8.9 or newer) or dequantized to bfloat16
+    for the GEMM ("upcast", any GPU)."""
+
+    rowwise: bool = True
+    gemm: str = "fp8"
+
+
+def dit_files(folder: Path) -> list[Path]:
+    """The DiT's safetensors files, as the checkpoint's index lists them."""
+    index = folder / DIT_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / DIT_SINGLE_FILE]
+
+
+def read_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the files, read onto `device` one at a time."""
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_dit(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+             float8: Float8Recipe | None = None) -> torch.nn.Module:
+    """The DiT (`WanModel_S2V`) from the checkpoint's config.json and sharded safetensors, onto
+    `device`: every tensor in `dtype` (float tensors), or with `float8`, the large Linear weights in
+    FP8 (`Float8Linear`), quantized on the device as each arrives."""
+    config = json.loads((checkpoint.path / DIT_CONFIG).read_text())
+    tensors = ((name, tensor, None) for name, tensor in read_safetensors(
+        dit_files(checkpoint.path), device))
+    return build_dit(config, tensors, dtype, float8)
+
+
+def build_dit(config: dict, tensors: Iterator[tuple[str, torch.Tensor, torch.Tensor | None]],
+              dtype: torch.dtype, float8: Float8Recipe | None) -> torch.nn.Module:
+    """A `WanModel_S2V` of `config` filled from `tensors`: (official name, tensor on the device, its
+    FP8 scale or None). A tensor given with a scale is FP8 already (a scaled-FP8 file): kept so when
+    the weights are FP8, dequantized to `dtype` when they are not."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = import_official().model_s2v.WanModel_S2V.from_config(config)
+    quantized = {name for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and name.startswith(FLOAT8_MODULE_PREFIXES)}
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for name, tensor, scale in tensors:
+        if name not in expected:
+            raise ValueError(f"the DiT has no tensor {name!r} (a checkpoint of another model?)")
+        module_name, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module_name in quantized and float8 is not None:
+            stored = (Float8Weight(tensor, scale.float().reshape(1, -1)) if scale is not None
+                      else Float8Weight.quantize(tensor, float8.rowwise))
+            _replace_linear(model, module_name, stored, float8.gemm)
+        else:
+            if scale is not None:  # FP8 in the file, bfloat16 (or float32 on the CPU) here
+                tensor = Float8Weight(tensor, scale.float().reshape(1, -1)).dequantize(dtype)
+            elif tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            _set_tensor(model, module_name, leaf, tensor)
+        seen.add(name)
+    missing = expected - seen
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) of the DiT, e.g. "
+                         f"{sorted(missing)[:3]}")
     return model.eval().requires_grad_(False)
+
+
+def _replace_linear(model: torch.nn.Module, name: str, stored: Float8Weight, gemm: str) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child)
+    bias = None if linear.bias is None or linear.bias.is_meta else linear.bias.data
+    replacement = Float8Linear(stored, bias, gemm)
+    if linear.bias is not None and linear.bias.is_meta:
+        replacement.bias = linear.bias  # its value arrives later
+    setattr(parent, child, replacement)
+
+
+def _set_tensor(model: torch.nn.Module, module_name: str, leaf: str, tensor: torch.Tensor) -> None:
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def dit_tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of every tensor of the files, from their headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shapes[key] = (tuple(piece.get_shape()), piece.get_dtype())
+    return shapes
+
+
+def is_float8_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a DiT tensor is a Linear weight kept in FP8 when the weights are."""
+    return name.startswith(FLOAT8_MODULE_PREFIXES) and name.endswith(".weight") and len(shape) == 2
+
+
+def dit_bytes(shapes: dict[str, tuple[tuple[int, ...], str]],
+              float8: Float8Recipe | None) -> tuple[int, int]:
+    """(the whole DiT's bytes, its blocks' bytes) on the GPU, in bfloat16 or FP8 form."""
+    total = blocks = 0
+    for name, (shape, _) in shapes.items():
+        numel = math.prod(shape)
+        if float8 is not None and is_float8_linear(name, shape):
+            size = numel + 4 * (shape[0] if float8.rowwise else 1)
+        else:
+            size = 2 * numel
+        total += size
+        blocks += size if name.startswith("blocks.") else 0
+    return total, blocks
+
+
+def state_dict_bytes(path: Path, element_size: int) -> tuple[dict[str, int], int]:
+    """(bytes by top-level module of a `.pth` state dict at `element_size` per value, the number
+    of its `blocks.N`), from the memory-mapped file (no tensor is read)."""
+    by_module: dict[str, int] = {}
+    blocks = set()
+    for name, tensor in peek_state_dict(path).items():
+        top = name.split(".")[0]
+        by_module[top] = by_module.get(top, 0) + tensor.numel() * element_size
+        if top == "blocks":
+            blocks.add(name.split(".")[1])
+    return by_module, len(blocks)
+
+
+def dit_memory_bytes(model: torch.nn.Module) -> int:
+    """The bytes the DiT's tensors take where they are."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def infer_t5_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
