@@ -4,12 +4,16 @@
     python handler.py --test_input '{"input": {...}}'
     python handler.py --rp_serve_api           # local HTTP API: /run, /runsync, /status
 """
-import runpod
-from runpod.serverless.modules.rp_logger import RunPodLogger
+import time
 
-from s2v_worker.logs import configure_logging
-from s2v_worker.runner import Worker, exit_through_hooks_on_sigterm
-from s2v_worker.settings import Settings
+STARTED = time.monotonic()  # before the imports: the start-up's log line counts them
+
+import runpod  # noqa: E402
+from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
+
+from s2v_worker.logs import configure_logging  # noqa: E402
+from s2v_worker.runner import Worker, exit_through_hooks_on_sigterm  # noqa: E402
+from s2v_worker.settings import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +24,8 @@ def main() -> None:
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
     send_progress = (runpod.serverless.progress_update
                      if settings.logging.runpod_webhook_post_output else None)
-    worker = Worker.start(settings, send_progress=send_progress)
+    worker = Worker.start(settings, send_progress=send_progress,
+                          imports_s=time.monotonic() - STARTED)
     runpod.serverless.start({"handler": worker.handle})
 
 

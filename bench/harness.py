@@ -639,7 +639,13 @@ SECTIONS = {"env": section_env, "faithfulness": section_faithfulness, "forward":
             "vae": section_vae, "fastmode": section_fastmode, "job": section_job,
             "tinyjob": section_tinyjob,
             "coldstart": section_coldstart, "parallel": section_parallel,
-            "kernels": section_kernels}
+            "kernels": section_kernels, "memory": lambda args: _memory(args)}
+
+
+def _memory(args) -> dict:
+    from bench.memory_tiers import section_memory
+
+    return section_memory(args)
 
 
 def main() -> None:
@@ -677,6 +683,12 @@ def main() -> None:
                         help="parallel: world sizes to measure (those the machine has)")
     parser.add_argument("--parallel-parts", default="step,job",
                         help="parallel: 'step' (one guided step per resolution) and/or 'job'")
+    parser.add_argument("--tiers", default="none,44GiB,22GiB",
+                        help="memory: the tiers to measure, in this order (none first: the "
+                             "ratios are against it)")
+    parser.add_argument("--tier-steps", type=int, default=10,
+                        help="memory: guided steps of each tier's 1-clip jobs")
+    parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-"))
     parser.add_argument("--ckpt-dir", default="/root/wan-s2v-fullsize")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
     parser.add_argument("--out", required=True)
@@ -686,6 +698,7 @@ def main() -> None:
     args.float8 = [s for s in args.float8.split(",") if s]
     args.world_sizes = [int(n) for n in args.world_sizes.split(",") if n]
     args.parallel_parts = args.parallel_parts.split(",")
+    args.tiers = args.tiers.split(",")
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

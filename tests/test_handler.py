@@ -147,6 +147,7 @@ def api_server(checkpoint: Path, s3_endpoint: str, log: Path, **extra_env: str):
     env = worker_env(checkpoint, BUCKET_ENDPOINT_URL=s3_endpoint, BUCKET_ACCESS_KEY_ID=S3_ACCESS_KEY,
                      BUCKET_SECRET_ACCESS_KEY=S3_SECRET_KEY, BUCKET_NAME=SERVER_BUCKET,
                      ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8",  # the S3 server is on loopback
+                     MALLOC_ARENA_MAX="2",  # as the Dockerfile sets it (test_packaging.py)
                      **extra_env)
     with open(log, "w") as sink:
         server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api",
@@ -247,15 +248,18 @@ def test_twenty_jobs_at_once_all_complete_unmixed_and_memory_stays_flat(api, por
         assert len({reply["output"]["object_key"] for _, reply in replies}) == len(indices)
 
     run_batch(range(20))  # twenty at once: all complete, none lost or mixed
+    run_batch(range(20, 30))  # and ten at once, the shape of the batches measured below
     # Memory: the first batch grows the process once (executor threads, their malloc arenas,
     # allocator caches); after that it must stay flat. RSS moves by tens of MB from batch to batch
     # and sometimes jumps for a batch and comes back (90 20-frame jobs, one torch thread: 1621 MB
     # after the twenty, then 1643, 1701, 1646, 1696, 1600, 1772, 1678 MB after each ten; on
     # 97273cf this test once failed on [1701, 1778, 1740, 1841] MB). A leak raises every later
-    # sample, a jump only one: the lower of the samples 20 and 30 jobs after the twenty must be
-    # under 64 MB above the sample right after the twenty: about 3 MB a job, were it all a leak.
+    # sample, a jump only one: the lower of the samples 20 and 30 jobs after the first batch of
+    # ten must be under 64 MB above the sample right after it: about 3 MB a job, were it all a
+    # leak. (Without MALLOC_ARENA_MAX=2 resident memory rose by 50-90 MB over the first 50 jobs and
+    # then stayed flat over 120 more: [1771, 1785, 1859, 1867] MB; with it, [1581, 1582, 1591, 1592].)
     memory = [rss_mb(server_pid)]
-    for start in (20, 30, 40):
+    for start in (30, 40, 50):
         run_batch(range(start, start + 10))
         memory.append(rss_mb(server_pid))
     growth = min(memory[-2:]) - memory[0]

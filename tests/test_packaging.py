@@ -205,6 +205,17 @@ def test_image_can_compile_the_dit():
         assert re.search(rf"(^|\s){re.escape(package)}(\s|$)", apt), package
 
 
+def test_the_image_carries_numbas_cache_for_any_cpu():
+    """librosa's first use compiles numba functions (15.5 s of a cold start): built at image
+    build time, for a generic x86-64 CPU, where the worker finds them."""
+    env = " ".join(args for kw, args in INSTRUCTIONS if kw == "ENV")
+    assert re.search(r"NUMBA_CACHE_DIR=/\S+", env) and "NUMBA_CPU_NAME=generic" in env
+    warm = [args for kw, args in INSTRUCTIONS if kw == "RUN" and "librosa.load" in args]
+    assert warm, "no RUN step fills numba's cache"
+    assert "expandable_segments:True" in env
+    assert "MALLOC_ARENA_MAX=2" in env  # as the API tests run the worker (test_handler.py)
+
+
 def test_cmd_runs_the_handler():
     cmds = _of("CMD")
     assert cmds, "no CMD"

@@ -208,6 +208,14 @@ class Denoiser:
         return latents
 
     @property
+    def compiled_graphs(self) -> int:
+        """Graphs torch.compile has made in this process so far (the warm-up's, and any a job
+        made: one-time work it paid for)."""
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    @property
     def dit_calls(self) -> int:
         """DiT calls this process ran, all jobs together (tests and logs read it)."""
         return self.sampler.dit_calls

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,11 +24,11 @@ from .memory import GiB, MemoryPlan, model_bytes, plan_memory
 from .offload import ModuleStream, embedding_on_host
 from .official import import_official, official_architecture
 from .parallel import ParallelGroup, resolve_world_size
-from .pipeline import S2VPipeline
+from .pipeline import S2VPipeline, warm_up_dit, warm_up_speech
 from .settings import (AudioEncoderDevice, FolderSettings, LoggingSettings, ModelSettings,
                        ParallelSettings, SettingsError, export_to_libraries)
 from .vae import VideoVAE
-from .weights import infer_t5_architecture, infer_vae_width, peek_state_dict
+from .weights import MODEL_CONSTRUCTION, infer_t5_architecture, infer_vae_width, peek_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ CUDA_CONTEXT_BYTES = 1 * 2**30
 
 
 def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: FolderSettings,
-                   logging_settings: LoggingSettings) -> S2VPipeline:
-    """The worker's pipeline, loaded and warmed up, with its ranks when it has several GPUs."""
+                   logging_settings: LoggingSettings,
+                   stages: dict[str, float] | None = None) -> S2VPipeline:
+    """The worker's pipeline, loaded and warmed up, with its ranks when it has several GPUs; one
+    log line says how long each stage took (`stages` may bring earlier ones, such as imports)."""
     started = time.perf_counter()
+    stages = {} if stages is None else stages
     checkpoint = find_checkpoint(model, folders)
     device = choose_device(model.device)
     compiles = model.compile and device.type == "cuda"
@@ -55,18 +59,21 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
     group = (ParallelGroup.launch(checkpoint, world_size, device, model, parallel,
                                   logging_settings.log_level, plan) if world_size > 1 else None)
     try:
-        pipeline = load_pipeline(checkpoint, device, model, plan)
+        # The ranks compile as they get ready; alone, rank 0 compiles while T5 still loads.
+        warmup = model.warmup if compiles and group is None else ()
+        pipeline = load_pipeline(checkpoint, device, model, plan, warmup, stages)
         if group is not None:
-            group.wait_ready()
+            _timed(stages, "ranks_s", group.wait_ready)
             pipeline.denoiser.attach(group)
-        if compiles and model.warmup:
-            pipeline.warm_up(model.warmup)
+            if compiles and model.warmup:
+                _timed(stages, "compile_s", warm_up_dit, pipeline.denoiser, model.warmup,
+                       checkpoint.max_area)
     except BaseException:
         if group is not None:
             group.close()
         raise
-    logger.info("worker ready in %.1f s on %d %s device(s)", time.perf_counter() - started,
-                world_size, device.type)
+    logger.info("worker ready in %.1f s on %d %s device(s): %s", time.perf_counter() - started,
+                world_size, device.type, ", ".join(f"{k} {v:g}" for k, v in stages.items()))
     return pipeline
 
 
@@ -105,52 +112,122 @@ def configure_compile_cache(folders: FolderSettings) -> Path:
 
 
 def load_pipeline(checkpoint: Checkpoint, device: torch.device, settings: ModelSettings,
-                  plan: MemoryPlan | None = None) -> S2VPipeline:
+                  plan: MemoryPlan | None = None, warmup: tuple[str, ...] = (),
+                  stages: dict[str, float] | None = None) -> S2VPipeline:
     """Every component from a checkpoint folder (real or tiny) with the official classes, placed
-    as the memory plan says."""
+    as the memory plan says, and warmed up for `warmup`'s resolutions.
+
+    The four load at once, each read straight onto its device, so that the disk, not the loaders,
+    sets the pace: T5, the VAE and wav2vec2 in threads, the DiT here. The one-time work runs while
+    the rest still loads: the DiT's compilation as soon as the DiT is in, wav2vec2's first call (and
+    the audio stack's, librosa and numba) in wav2vec2's thread. `stages` gets each part's
+    seconds."""
+    stages = {} if stages is None else stages
+    folder = checkpoint.path
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
+        text_encoder = pool.submit(_timed, stages, "t5_s", load_t5, checkpoint, device, settings,
+                                   plan is not None and plan.t5_streamed)
+        vae = pool.submit(_timed, stages, "vae_s", load_vae, folder / VAE_CHECKPOINT, device)
+        audio_encoder = pool.submit(_timed, stages, "wav2vec2_s", load_warm_audio_encoder, folder,
+                                    device, settings, bool(warmup))
+        denoiser = _timed(stages, "dit_s", Denoiser.load, checkpoint, device, settings, plan)
+        if warmup:
+            _timed(stages, "compile_s", warm_up_dit, denoiser, warmup, checkpoint.max_area)
+        pipeline = S2VPipeline(checkpoint, device, text_encoder=text_encoder.result(),
+                               vae=vae.result(), audio_encoder=audio_encoder.result(),
+                               denoiser=denoiser, offload=settings.offload, memory=plan)
+    _check_loaded(pipeline)
+    return pipeline
+
+
+def _check_loaded(pipeline: S2VPipeline) -> None:
+    """Every parameter holds values: one left on the meta device (a model built while another was
+    built empty) would otherwise fail only in a job, as a client's error."""
+    for part in ("text_encoder", "vae", "audio_encoder", "denoiser"):
+        component = getattr(pipeline, part)
+        model = getattr(component, "model", component)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                 if tensor.is_meta]
+        if empty:
+            raise RuntimeError(f"{part} was not loaded: {len(empty)} tensor(s) without values, "
+                               f"e.g. {empty[:3]}")
+
+
+def _timed(stages: dict[str, float], key: str, load, *args):
+    start = time.perf_counter()
+    try:
+        return load(*args)
+    finally:
+        stages[key] = round(time.perf_counter() - start, 1)
+
+
+def load_t5(checkpoint: Checkpoint, device: torch.device, settings: ModelSettings,
+            streamed: bool) -> object:
+    """The official `T5EncoderModel` around umt5-xxl built empty and filled from the `.pth` file's
+    tensors, read by several threads straight onto the device (the official constructor
+    initializes 5.7 B random values first, then reads the file into host memory whole). Streamed
+    (memory.py): into pinned host memory, its blocks visiting the GPU while they run."""
     config, folder = _official.config, checkpoint.path
-    t5_dtype = compute_dtypes(device)[1]
-    resident = torch.device("cpu") if settings.offload else device
-    t5_streamed = plan is not None and plan.t5_streamed
-    timings: dict[str, float] = {}
+    dtype = compute_dtypes(device)[1]
+    state = peek_state_dict(folder / T5_CHECKPOINT)
+    model = _official.t5.umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=dtype,
+                                  device="meta", **infer_t5_architecture(state))  # no values yet
+    home = torch.device("cpu") if streamed or settings.offload else device
+    model.load_state_dict(tensors_to(state, home, dtype), assign=True)
+    model.eval().requires_grad_(False)
+    if streamed:
+        stream_t5(model, device)
+    encoder = _official.t5.T5EncoderModel.__new__(_official.t5.T5EncoderModel)
+    # The attributes the official constructor sets (T5EncoderModel.__init__), its model ours.
+    encoder.text_len, encoder.dtype, encoder.device = config.text_len, dtype, home
+    encoder.checkpoint_path, encoder.tokenizer_path = str(folder / T5_CHECKPOINT), \
+        str(folder / T5_TOKENIZER_DIR)
+    encoder.model = model
+    encoder.tokenizer = _official.t5.HuggingfaceTokenizer(
+        name=encoder.tokenizer_path, seq_len=config.text_len, clean="whitespace")
+    return encoder
 
-    start = time.perf_counter()
-    t5_path = folder / T5_CHECKPOINT
-    with official_architecture(_official.t5, "umt5_xxl",
-                               **infer_t5_architecture(peek_state_dict(t5_path))):
-        text_encoder = _official.t5.T5EncoderModel(
-            text_len=config.text_len, dtype=t5_dtype,
-            device=torch.device("cpu") if t5_streamed else resident,
-            checkpoint_path=str(t5_path), tokenizer_path=str(folder / T5_TOKENIZER_DIR))
-    if t5_streamed:  # its blocks visit the GPU one at a time for each new prompt
-        stream_t5(text_encoder.model, device)
-    timings["text_encoder_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    vae_path = folder / VAE_CHECKPOINT
-    with official_architecture(_official.vae, "_video_vae",
-                               dim=infer_vae_width(peek_state_dict(vae_path))):
-        vae = VideoVAE(vae_pth=str(vae_path), device=device)
-    timings["vae_s"] = time.perf_counter() - start
+def tensors_to(state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+               readers: int = 8) -> dict[str, torch.Tensor]:
+    """A memory-mapped state dict's tensors on `device` in `dtype` (floats), copied by `readers`
+    threads at once: each copy reads its part of the file (page by page) in parallel."""
+    def move(item: tuple[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+        name, tensor = item
+        moved = tensor.to(device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if moved.data_ptr() == tensor.data_ptr():  # still the file's pages: read them now
+            moved = moved.clone()
+        if device.type == "cpu" and torch.cuda.is_available():
+            moved = moved.pin_memory()  # streamed from here to the GPU
+        return name, moved
 
-    start = time.perf_counter()
-    denoiser = Denoiser.load(checkpoint, device, settings, plan)
-    timings["dit_s"] = time.perf_counter() - start
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="t5-reader") as pool:
+        return dict(pool.map(move, state.items()))
 
-    start = time.perf_counter()
+
+def load_vae(path: Path, device: torch.device) -> VideoVAE:
+    width = infer_vae_width(peek_state_dict(path))
+    with MODEL_CONSTRUCTION, official_architecture(_official.vae, "_video_vae", dim=width):
+        return VideoVAE(vae_pth=str(path), device=device)
+
+
+def load_warm_audio_encoder(folder: Path, device: torch.device, settings: ModelSettings,
+                            warm: bool):
+    """The official AudioEncoder (wav2vec2), and with `warm` its first call done: the first
+    `librosa.load` compiles numba functions (15.5 s measured on the GPU machine without numba's
+    cache) and wav2vec2's first GPU call sets itself up (14 s in a first job on an H200)."""
     # The official pipeline keeps wav2vec2 on the CPU (21 s for 4.5 s of speech in the job
     # benchmark); the worker runs it on the GPU by default, in float32 without TF32
     # (S2VPipeline.encode_speech).
     on_cpu = settings.offload or settings.audio_encoder_device == AudioEncoderDevice.CPU
-    audio_encoder = _official.audio_encoder.AudioEncoder(
-        device="cpu" if on_cpu else device, model_id=str(folder / WAV2VEC_DIR))
-    timings["audio_encoder_s"] = time.perf_counter() - start
-
-    logger.info("pipeline loaded from %s on %s (%s)", folder, device,
-                ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    return S2VPipeline(checkpoint, device, text_encoder=text_encoder, vae=vae,
-                       audio_encoder=audio_encoder, denoiser=denoiser, offload=settings.offload,
-                       memory=plan)
+    with MODEL_CONSTRUCTION:
+        encoder = _official.audio_encoder.AudioEncoder(device="cpu" if on_cpu else device,
+                                                       model_id=str(folder / WAV2VEC_DIR))
+    if warm:
+        warm_up_speech(encoder)
+    return encoder
 
 
 def stream_t5(model: torch.nn.Module, device: torch.device) -> None:

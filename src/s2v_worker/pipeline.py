@@ -52,7 +52,8 @@ OFFICIAL_CONFIG = _official.config
 ProgressCallback = Callable[[int, int, int, int], None]
 # on_frames(frames [3, n, H, W] in [-1, 1]): the next decoded frames of the video, in order.
 FramesCallback = Callable[[torch.Tensor], None]
-TEXT_CACHE_ENTRIES = 64  # T5 embeddings kept: 512 x 4096 bfloat16 values, 4 MiB each
+# T5 embeddings kept, each its prompt's tokens x 4096 bfloat16 values (8 KiB a token, at most 512).
+TEXT_CACHE_ENTRIES = 64
 
 
 @dataclass
@@ -140,6 +141,8 @@ class S2VPipeline(WanS2V):
             return self._text_cache[text]
         with torch.no_grad(), self._text_encoder_on_device():
             context = self.text_encoder([text], self.device)
+        # Copies: T5 returns views of its whole 512-token output, which would all stay alive.
+        context = [embedding.clone() for embedding in context]
         self._text_cache[text] = context
         while len(self._text_cache) > TEXT_CACHE_ENTRIES:
             self._text_cache.popitem(last=False)
@@ -277,26 +280,10 @@ class S2VPipeline(WanS2V):
 
     def warm_up(self, resolutions: tuple[str, ...], frames_per_clip: int = 80) -> dict[str, float]:
         """Before the first job: wav2vec2's one-time set-up, and one sampling step per resolution
-        at the size a 16:9 image gets there (the Denoiser compiles and picks its kernels).
-        Seconds per part."""
-        timings = {}
-        with tempfile.TemporaryDirectory() as folder:
-            # wav2vec2's first call on a GPU takes seconds of one-time set-up (14 s measured in a
-            # first job on an H200, 0.03 s in the next): here, not in the first job.
-            start = time.perf_counter()
-            silence = Path(folder) / "silence.wav"
-            soundfile.write(str(silence), np.zeros(16000, dtype=np.float32), 16000)
-            with without_tf32():
-                self.encode_audio(str(silence), infer_frames=frames_per_clip)
-            timings["audio_encoder"] = time.perf_counter() - start
-        for resolution in resolutions:
-            size = video_size(*WARM_UP_IMAGE_SIZE, self.checkpoint.max_area[resolution], resolution)
-            compiled_s, call_s = self.denoiser.warm_up(size, frames_per_clip, MOTION_FRAMES,
-                                                       latent_frames(frames_per_clip))
-            timings[resolution] = compiled_s
-            logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
-                        size[1], size[0], compiled_s, call_s)
-        return timings
+        (warm_up_speech, warm_up_dit). Seconds per part."""
+        return {"audio_encoder": warm_up_speech(self.audio_encoder),
+                **warm_up_dit(self.denoiser, resolutions, self.checkpoint.max_area,
+                              frames_per_clip)}
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -314,3 +301,32 @@ class S2VPipeline(WanS2V):
             if self.offload:
                 self.text_encoder.model.cpu()
                 release_cached_memory()
+
+
+def warm_up_speech(audio_encoder) -> float:
+    """The speech encoder's first call, on a second of silence: wav2vec2's first call on a GPU
+    takes seconds of one-time set-up (14 s measured in a first job on an H200, 0.03 s in the next),
+    and the audio stack's first `librosa.load` compiles numba functions (15.5 s without numba's
+    cache). Its seconds."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        silence = Path(folder) / "silence.wav"
+        soundfile.write(str(silence), np.zeros(16000, dtype=np.float32), 16000)
+        with without_tf32():
+            audio_encoder.extract_audio_feat(str(silence), return_all_layers=True)
+    return time.perf_counter() - start
+
+
+def warm_up_dit(denoiser: Denoiser, resolutions: tuple[str, ...], max_area: dict[str, int],
+                frames_per_clip: int = 80) -> dict[str, float]:
+    """One sampling step per resolution at the size a 16:9 image gets there: the Denoiser
+    compiles and picks its kernels before the first job. Seconds per resolution."""
+    timings = {}
+    for resolution in resolutions:
+        size = video_size(*WARM_UP_IMAGE_SIZE, max_area[resolution], resolution)
+        compiled_s, call_s = denoiser.warm_up(size, frames_per_clip, MOTION_FRAMES,
+                                              latent_frames(frames_per_clip))
+        timings[resolution] = compiled_s
+        logger.info("warm-up at %s (%dx%d): %.1f s, then %.2f s per DiT call", resolution,
+                    size[1], size[0], compiled_s, call_s)
+    return timings

@@ -159,13 +159,16 @@ class Worker:
         self._gpu = threading.Lock()
 
     @classmethod
-    def start(cls, settings: Settings, send_progress: ProgressSender | None = None) -> "Worker":
+    def start(cls, settings: Settings, send_progress: ProgressSender | None = None,
+              imports_s: float | None = None) -> "Worker":
         """Load the pipeline onto the device (and, with several GPUs, start the other ranks,
-        which load their DiTs meanwhile): once per worker process."""
+        which load their DiTs meanwhile): once per worker process. imports_s: how long the
+        process took to get here, for the start-up's log line."""
         from .loading import start_pipeline  # imports the official models: not for validation
 
+        stages = {} if imports_s is None else {"imports_s": round(imports_s, 1)}
         pipeline = start_pipeline(settings.model, settings.parallel, settings.folders,
-                                  settings.logging)
+                                  settings.logging, stages)
         return cls(settings, pipeline, send_progress)
 
     async def handle(self, job: dict) -> dict:
@@ -334,6 +337,7 @@ class Worker:
                 control.sampling_done = True  # what is left (decode, encode, upload) is kept
             control.check()
 
+        compiled_before = self.pipeline.denoiser.compiled_graphs
         with Mp4Stream(plan.width, plan.height, plan.native_fps, generation.fps,
                        plan.native_frames, inputs.audio.original_path, plan.video_seconds,
                        work_dir / "video.mp4", self.settings.video) as stream:
@@ -342,6 +346,10 @@ class Worker:
                 on_frames=stream.add, pose_video_path=inputs.pose_video_path, on_step=on_step,
                 pose_video_field=request.pose_video.field if request.pose_video else "pose_video")
             timings.update({k: round(v, 3) for k, v in generated.items()})
+            if compiled := self.pipeline.denoiser.compiled_graphs - compiled_before:
+                # One-time work the start-up's warm-up did not do (a layout or speed it did not
+                # run): the first such job pays it, and says so.
+                timings["compiled_graphs"] = compiled
             stage("encode")
             with _timed(timings, "encoding_s"):  # after the last frame
                 return stream.finish()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,12 @@ from .official import import_official
 # attention and feed-forward layers and the audio injectors' attention, 15.9 of its 16.3 billion
 # parameters. Embeddings, norms, modulations, convolutions and the small heads stay in bfloat16.
 FLOAT8_MODULE_PREFIXES = ("blocks.", "audio_injector.")
+
+# Held while a model is constructed. accelerate's `init_empty_weights` (the DiT's empty build)
+# patches `torch.nn.Module` for every thread, so a model built in another thread meanwhile (the
+# VAE, wav2vec2: loading.load_pipeline builds them at once) would get parameters on the meta
+# device and silently keep them: its weights never loaded.
+MODEL_CONSTRUCTION = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,132 @@ def dit_files(folder: Path) -> list[Path]:
     return [folder / DIT_SINGLE_FILE]
 
 
-def read_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the files, read onto `device` one at a time."""
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                       "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+READ_CHUNK_BYTES = 64 * 2**20  # one pinned staging buffer (two per reader: read one, copy one)
+READERS = 8  # file ranges read at once: a network volume or NVMe serves parallel reads faster
 
-    for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+
+@dataclass(frozen=True)
+class _TensorSpan:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    end: int
+
+
+def _safetensors_spans(path: Path) -> list[_TensorSpan]:
+    """The file's tensors and where their bytes are, from its header (safetensors' format: an
+    8-byte little-endian header size, a JSON header, then the data), in file order."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        spans.append(_TensorSpan(name, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                 base + start, base + end))
+    return sorted(spans, key=lambda span: span.start)
+
+
+def _split_by_bytes(spans: list[_TensorSpan], parts: int) -> list[list[_TensorSpan]]:
+    """Contiguous runs of spans of about equal bytes (one reader each)."""
+    total = sum(span.end - span.start for span in spans) or 1
+    runs: list[list[_TensorSpan]] = [[]]
+    taken = 0
+    for span in spans:
+        if runs[-1] and taken >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(span)
+        taken += span.end - span.start
+    return runs
+
+
+class _Reader:
+    """Reads spans of a file straight into tensors on `device`: on a GPU through two pinned
+    staging buffers on a stream of its own (a chunk is read while the previous one is copied)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.buffers = [torch.empty(READ_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(2)]
+            self.done = [None, None]
+            self.stream = torch.cuda.Stream(device)
+
+    def read(self, f, span: _TensorSpan) -> tuple[torch.Tensor, object]:
+        """The tensor, and the event its copy completes at (None on the CPU)."""
+        out = torch.empty(span.shape, dtype=span.dtype, device=self.device)
+        target = out.view(-1).view(torch.uint8) if out.numel() else out.view(torch.uint8)
+        if not self.cuda:
+            f.seek(span.start)
+            f.readinto(memoryview(target.numpy()))
+            return out, None
+        offset, turn = 0, 0
+        length = span.end - span.start
+        while offset < length:
+            n = min(READ_CHUNK_BYTES, length - offset)
+            buffer = self.buffers[turn]
+            if self.done[turn] is not None:
+                self.done[turn].synchronize()  # its previous copy has left it
+            f.seek(span.start + offset)
+            f.readinto(memoryview(buffer.numpy())[:n])
+            with torch.cuda.stream(self.stream):
+                target[offset:offset + n].copy_(buffer[:n], non_blocking=True)
+                self.done[turn] = torch.cuda.Event()
+                self.done[turn].record(self.stream)
+            offset += n
+            turn = 1 - turn
+        return out, self.done[1 - turn]
+
+
+def read_safetensors(files: list[Path], device: torch.device,
+                     readers: int = READERS) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the files, read straight onto `device` by `readers` threads at once (each a
+    run of one file's bytes), yielded as each is complete."""
+    import queue
+    import threading
+
+    runs = [(path, run) for path in files
+            for run in _split_by_bytes(_safetensors_spans(path), max(1, readers // len(files)))]
+    ready: queue.Queue = queue.Queue(maxsize=4 * readers)
+    failures: list[BaseException] = []
+
+    def read_runs(assigned: list[tuple[Path, list[_TensorSpan]]]) -> None:
+        try:
+            reader = _Reader(device)
+            for path, run in assigned:
+                with open(path, "rb", buffering=0) as f:
+                    for span in run:
+                        ready.put((span.name, *reader.read(f, span)))
+        except BaseException as exc:  # handed to the consuming thread
+            failures.append(exc)
+        finally:
+            ready.put(None)
+
+    threads = [threading.Thread(target=read_runs, args=(runs[i::readers],), daemon=True,
+                                name=f"weights-reader-{i}") for i in range(min(readers, len(runs)))]
+    for thread in threads:
+        thread.start()
+    remaining = len(threads)
+    while remaining:
+        item = ready.get()
+        if item is None:
+            remaining -= 1
+            continue
+        name, tensor, copied = item
+        if copied is not None:  # the consumer's stream waits for the reader's copy
+            torch.cuda.current_stream(device).wait_event(copied)
+        yield name, tensor
+    if failures:
+        raise failures[0]
 
 
 def load_dit(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
@@ -75,7 +200,7 @@ def build_dit(config: dict, tensors: Iterator[tuple[str, torch.Tensor, torch.Ten
     the weights are FP8, dequantized to `dtype` when they are not."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    with MODEL_CONSTRUCTION, init_empty_weights():
         model = import_official().model_s2v.WanModel_S2V.from_config(config)
     quantized = {name for name, module in model.named_modules()
                  if isinstance(module, torch.nn.Linear) and name.startswith(FLOAT8_MODULE_PREFIXES)}
