@@ -82,7 +82,7 @@ def test_any_value_for_each_known_field(payload, image_field, audio_field):
 
 
 NUMERIC_FIELDS = ["guidance_scale", "shift", "sample_steps", "seed", "fps", "infer_frames",
-                  "max_clips"]
+                  "max_clips", "audio_start_s", "audio_duration_s"]
 NUMBERS = (st.integers() | st.integers(10**300, 10**400) | st.integers(-10**400, -10**300)
            | st.floats(allow_nan=True, allow_infinity=True) | st.booleans())
 
@@ -100,8 +100,7 @@ def test_any_s3_config(s3_config):
     parse_or_input_error(job)
 
 
-@pytest.mark.parametrize("field", ["guidance_scale", "shift", "sample_steps", "seed", "fps",
-                                   "infer_frames", "max_clips"])
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
 @pytest.mark.parametrize("value", [10**400, -10**400, 10**5000, float("nan"), float("inf"),
                                    "1" * 5000, ["x" * 5000], {"a": "x" * 5000}],
                          ids=["huge", "-huge", "past-str-limit", "nan", "inf", "long-str",

@@ -376,3 +376,150 @@ def test_the_documented_sdk_pattern_surfaces_the_workers_error(sdk_endpoint, por
     good = {**with_image(speech_job(sample_steps=1, max_clips=1), portrait_png)["input"]}
     output = run_job(sdk_endpoint, good, timeout_s=600, poll_s=0.5)
     assert output["storage"] == "s3" and output["video_url"].startswith("http")
+
+
+# --- a slice of the audio, on a default worker ---------------------------------------------------
+
+def test_runsync_of_a_sliced_job_returns_an_mp4_as_long_as_the_slice(api, portrait_png, tmp_path):
+    base, _, _ = api
+    reply = runsync(base, with_image(speech_job(audio_start_s=2.0, audio_duration_s=3.0,
+                                                sample_steps=1), portrait_png))
+    assert reply["status"] == "COMPLETED", reply
+    output = reply["output"]
+    assert isinstance(output, dict) and output["num_clips"] == 1  # 48 + 3 frames: one clip of 80
+    assert (output["settings"]["audio_start_s"], output["settings"]["audio_duration_s"]) == (2.0, 3.0)
+    video = tmp_path / "sliced.mp4"
+    video.write_bytes(requests.get(output["video_url"], timeout=30).content)
+    assert_plays_as_long_as_the_audio(video, fps=24, seconds=3.0)
+    assert float(ffprobe(video)["audio"]["duration"]) == pytest.approx(3.0, abs=0.03)
+
+
+# --- a streaming endpoint (WAN_S2V_STREAM=true) ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stream_api(tiny_checkpoint, s3_server, tmp_path_factory):
+    """A streaming worker whose encoders are lossless (VIDEO_CRF=0), so that a decoded frame is
+    exactly the frame its encoder took."""
+    s3_admin(s3_server).create_bucket(Bucket=SERVER_BUCKET)
+    with api_server(tiny_checkpoint, s3_server, tmp_path_factory.mktemp("stream") / "server.log",
+                    WAN_S2V_STREAM="true", VIDEO_CRF="0") as server:
+        yield server
+
+
+def frame_times(video: Path) -> list[float]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "frame=pts_time", "-of", "csv=p=0", str(video)], check=True,
+                         capture_output=True, text=True).stdout
+    return [float(line.strip(",")) for line in out.split()]
+
+
+def yuv_frames(video: Path) -> bytes:
+    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-f", "rawvideo",
+                           "-pix_fmt", "yuv420p", "-"], check=True, capture_output=True).stdout
+
+
+def test_stream_gives_each_clip_then_the_video_and_the_clips_are_its_frames(stream_api,
+                                                                            portrait_png, tmp_path):
+    """A 3-clip job (2.5 s of speech, 16 frames a clip, 24 fps) through /run and /stream/{id}: 3
+    clip items, then the result. Each MP4 plays (ffprobe); the clips' frames in turn are the
+    video's, at its timestamps. The worker encodes losslessly here, so decoded frames are the
+    frames its encoders took and are compared exactly (with lossy settings two encodes of the
+    same frames differ by the encoders' state: tests/test_video.py compares those within the
+    encoding error)."""
+    base, log, _ = stream_api
+    speech = speech_excerpt(tmp_path / "speech_2s5.wav", 2.5)
+    job = with_image(speech_job(speech, infer_frames=16, sample_steps=1), portrait_png)
+    started = requests.post(f"{base}/run", json=job, timeout=60).json()
+    assert started["status"] == "IN_PROGRESS"
+    reply = requests.post(f"{base}/stream/{started['id']}", timeout=600).json()
+    assert reply["status"] == "COMPLETED", reply
+    *clips, final = [chunk["output"] for chunk in reply["stream"]]
+    assert [(c["clip"], c["clips"]) for c in clips] == [(1, 3), (2, 3), (3, 3)]
+    assert final["num_clips"] == 3 and final["storage"] == "s3" and "clip" not in final
+    assert_plays_as_long_as_the_audio(download(final["video_url"], tmp_path / "video.mp4"),
+                                      fps=24, seconds=2.5)
+    paths = []
+    for clip in clips:
+        assert clip["storage"] == "s3" and clip["fps"] == 24
+        path = download(clip["video_url"], tmp_path / f"clip{clip['clip']}.mp4")
+        info = ffprobe(path)
+        assert info["video"]["codec_name"] == "h264" and info["audio"]["codec_name"] == "aac"
+        assert int(info["video"]["nb_frames"]) == clip["num_frames"]
+        assert info["duration"] == pytest.approx(clip["duration_s"], abs=0.05)
+        paths.append(path)
+    video = tmp_path / "video.mp4"
+    assert b"".join(yuv_frames(p) for p in paths) == yuv_frames(video)
+    clip_times = [t + c["start_s"] for c, p in zip(clips, paths) for t in frame_times(p)]
+    assert clip_times == pytest.approx(frame_times(video), abs=1e-6)
+    assert final["timings"]["items_s"] == [c["timings"]["item_s"] for c in clips]
+
+
+def download(url: str, path: Path) -> Path:
+    path.write_bytes(requests.get(url, timeout=30).content)
+    return path
+
+
+def test_runsync_on_a_streaming_worker_returns_the_items_with_the_result_last(stream_api,
+                                                                              portrait_png):
+    base, _, _ = stream_api
+    reply = runsync(base, with_image(speech_job(max_clips=1, sample_steps=1), portrait_png))
+    assert reply["status"] == "COMPLETED", reply
+    clip, final = reply["output"]
+    assert (clip["clip"], clip["clips"], clip["storage"]) == (1, 1, "s3")
+    assert final["num_clips"] == 1 and final["storage"] == "s3"
+    # A failed job: the SDK's local API returns a yielded error as the last item of a COMPLETED
+    # job, where RunPod fails the job with its message (docs/job.md, "Streaming endpoints").
+    reply = runsync(base, with_image(speech_job(resolution="4k"), portrait_png))
+    assert reply["output"] == [{"error": "'resolution' must be one of '480p', '720p', got '4k'"}]
+
+
+def documented_stream_job():
+    """docs/job.md's `stream_job`, taken from the page itself (as documented_run_job)."""
+    page = (ROOT / "docs" / "job.md").read_text()
+    block = next(b for b in page.split("```python")[1:] if "def stream_job(" in b).split("```")[0]
+    namespace: dict = {}
+    exec(block.split("runpod.api_key")[0], namespace)
+    return namespace["stream_job"]
+
+
+@pytest.fixture
+def stream_sdk_endpoint(stream_api, monkeypatch):
+    import runpod
+
+    SdkLayout.api_base, SdkLayout.seen = stream_api[0], []
+    with LoopbackHTTPServer(SdkLayout) as proxy:
+        monkeypatch.setattr(runpod, "endpoint_url_base", proxy.url)
+        monkeypatch.setattr(runpod, "api_key", "local-test-key")
+        yield runpod.Endpoint("local-endpoint")
+
+
+def test_the_documented_stream_pattern_yields_the_items_and_surfaces_the_error(
+        stream_sdk_endpoint, portrait_png):
+    stream_job = documented_stream_job()
+    good = with_image(speech_job(max_clips=1, sample_steps=1), portrait_png)["input"]
+    items = list(stream_job(stream_sdk_endpoint, good, timeout_s=600, poll_s=0.5))
+    assert [item.get("clip") for item in items] == [1, None] and items[-1]["num_clips"] == 1
+    assert ("GET", "/local-endpoint/stream/") in {(m, p.rsplit("/", 1)[0] + "/") for m, p in SdkLayout.seen}
+    bad = {**good, "resolution": "4k"}
+    with pytest.raises(RuntimeError, match=r"^job test-[0-9a-f-]+ failed: 'resolution' must be one of "):
+        list(stream_job(stream_sdk_endpoint, bad, timeout_s=600, poll_s=0.5))
+
+
+def test_test_input_on_a_streaming_worker_prints_the_items_as_one_list(tiny_checkpoint, portrait_png,
+                                                                        tmp_path):
+    """The SDK's test mode (here test_input.json; --test_input alike) never runs a generator
+    handler (runpod 1.12): on a streaming worker it runs the job and prints its items as /runsync
+    returns them."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = worker_env(tiny_checkpoint, WAN_S2V_STREAM="true", NETWORK_VOLUME_DIR=str(volume),
+                     MAX_INLINE_VIDEO_BYTES="1")
+    job = with_image(speech_job(infer_frames=48, sample_steps=1), portrait_png)
+    code, payload, log = run_cli(job, env, tmp_path, as_file=True)
+    assert code == 0, log[-3000:]
+    *clips, final = payload["output"]
+    assert [c["clip"] for c in clips] == [1, 2, 3] and final["num_clips"] == 3
+    for item in payload["output"]:
+        assert item["storage"] == "network_volume"
+        assert Path(item["video_path"]).parent == volume / "wan-s2v-outputs"
+    assert_plays_as_long_as_the_audio(Path(final["video_path"]), fps=24)

@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from s2v_worker.job import (MAX_SEED, SEED_RANGE, GenerationSettings, JobInputError, parse_job,
-                            unipc_max_shift)
+from s2v_worker.job import (MAX_SEED, SEED_RANGE, AudioSlice, GenerationSettings, JobInputError,
+                            parse_job, unipc_max_shift)
 from s2v_worker.reference import job_json_schema
 
 GOOD_INPUT = {"image_url": "https://example.com/face.png", "audio_base64": "UklGRg=="}
@@ -53,6 +53,14 @@ def test_every_generation_field_is_accepted_at_a_valid_value():
             g.max_clips, g.fps, g.init_first_frame) == ("480p", 4, 1.0, "dpm++", 0, 48, 2, 16, True)
     assert type(g.guidance_scale) is float  # an integer given for a number field
     assert request.pose_video.field == "pose_video_base64"
+
+
+def test_the_audio_slice_is_read_and_defaults_to_the_whole_audio():
+    assert parse_job(job()).audio_slice == AudioSlice(0.0, None) and AudioSlice().whole
+    request = parse_job(job(audio_start_s=2, audio_duration_s=3.5))
+    assert request.audio_slice == AudioSlice(2.0, 3.5) and not request.audio_slice.whole
+    assert type(request.audio_slice.start_s) is float
+    assert parse_job(job(audio_start_s=None, audio_duration_s=None)).audio_slice.whole
 
 
 def test_the_settings_are_immutable_and_list_every_field():
@@ -119,6 +127,12 @@ RULES = [
     (job(infer_frames=1000), "'infer_frames' must be between 8 and 200, got 1000"),
     (job(infer_frames=201), "'infer_frames' must be between 8 and 200, got 201"),  # nor a multiple
     (job(max_clips=0), "'max_clips' must be between 1 and 1000, got 0"),
+    # the audio's slice (against the audio's length: test_media.py)
+    (job(audio_start_s=-1), "'audio_start_s' must be at least 0.0 and at most 86400.0, got -1"),
+    (job(audio_duration_s=-0.5), "'audio_duration_s' must be at least 0.0 and at most 86400.0, got -0.5"),
+    (job(audio_duration_s=1e6), "'audio_duration_s' must be at least 0.0 and at most 86400.0, got 1000000.0"),
+    (job(audio_start_s="1:30"), "'audio_start_s' must be a number, got str"),
+    (job(audio_duration_s=float("inf")), "'audio_duration_s' must be a finite number, got inf"),
     # numbers: finite, no booleans, integers of any size
     (job(guidance_scale=-1), "'guidance_scale' must be at least 0.0 and at most 20.0, got -1"),
     (job(guidance_scale="high"), "'guidance_scale' must be a number, got str"),

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SPEECH_7S3, closed_port_url, with_settings
 from s2v_worker import decoders, media
-from s2v_worker.job import MediaSource
+from s2v_worker.job import AudioSlice, MediaSource
 from s2v_worker.media import MediaError
 from s2v_worker.settings import Settings
 
@@ -176,6 +176,54 @@ def test_model_audio_is_exactly_what_librosa_load_returns(tmp_path, suffix, code
     model, rate = librosa.load(str(audio.model_path), sr=16000)  # what the official encoder reads
     assert rate == 16000 and model.dtype == np.float32
     assert np.array_equal(model, official_model_samples(source, tmp_path))
+
+
+@pytest.mark.parametrize("suffix, codec_args", [
+    (".flac", ()),  # 16 kHz mono
+    (".mp3", ("-ar", "44100", "-ac", "2", "-c:a", "libmp3lame")),
+])
+def test_a_slice_is_the_models_samples_of_its_span(tmp_path, suffix, codec_args):
+    """The model hears exactly librosa.load's samples of [start, start + duration), cut by sample
+    index at 16 kHz; the original is kept whole for the MP4 (video.py cuts its audio there)."""
+    import soundfile
+
+    source = SPEECH_7S3 if not codec_args else convert_audio(
+        SPEECH_7S3, tmp_path / f"speech{suffix}", "-t", "5", *codec_args)
+    whole = official_model_samples(source, tmp_path)
+    for audio_slice, first, stop in ((AudioSlice(1.25, 2.0), 20_000, 52_000),
+                                     (AudioSlice(3.0), 48_000, len(whole))):
+        audio = media.load_audio(b64("audio_base64", source.read_bytes()), tmp_path,
+                                 SETTINGS.media, SETTINGS.network, audio_slice)
+        model, rate = soundfile.read(str(audio.model_path), dtype="float32")
+        assert rate == 16000 and np.array_equal(model, whole[first:stop])
+        assert audio.start_s == audio_slice.start_s
+        assert audio.duration_s == pytest.approx((stop - first) / 16000, abs=1e-4)
+        assert audio.original_path.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("audio_slice, message", [
+    (AudioSlice(7.3), r"'audio_start_s' is 7.3 s, at or past the end of 'audio_base64', which is "
+                      r"7.300 s long"),
+    (AudioSlice(9.0, 1.0), r"'audio_start_s' is 9 s, at or past the end of 'audio_base64', which is "
+                           r"7.300 s long"),
+    (AudioSlice(5.0, 2.5), r"'audio_start_s' \+ 'audio_duration_s' is 7.5 s, past the end of "
+                           r"'audio_base64', which is 7.300 s long"),
+    (AudioSlice(7.25), r"the slice of 'audio_base64' from 'audio_start_s' \(7.25 s\) is 0.050 s "
+                       r"long; the minimum is 0.1 s \(MIN_AUDIO_SECONDS\)"),
+    (AudioSlice(1.0, 0.0), r"the slice of 'audio_base64' from 'audio_start_s' \(1 s\) is 0.000 s "
+                           r"long; the minimum is 0.1 s \(MIN_AUDIO_SECONDS\)"),
+])
+def test_a_slice_outside_the_audio_is_a_clear_error(tmp_path, audio_slice, message):
+    with pytest.raises(MediaError, match=f"^{message}$"):
+        media.load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path, SETTINGS.media,
+                         SETTINGS.network, audio_slice)
+
+
+def test_a_slice_ending_a_rounding_error_past_the_end_ends_at_it(tmp_path):
+    """An echoed audio_duration_s sent back (rounded to the microsecond) is not an overrun."""
+    audio = media.load_audio(b64("audio_base64", SPEECH_7S3.read_bytes()), tmp_path,
+                             SETTINGS.media, SETTINGS.network, AudioSlice(2.0, 5.3004))
+    assert audio.duration_s == pytest.approx(5.3, abs=1e-9)
 
 
 def test_non_finite_samples_are_refused(tmp_path):

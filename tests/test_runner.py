@@ -5,6 +5,7 @@ import asyncio
 import base64
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -398,3 +399,235 @@ def test_a_job_with_a_pose_video_completes(worker, portrait_png, speech_1s_b64, 
     result = worker.run(job(portrait_png, speech_1s_b64, sample_steps=1, max_clips=1,
                             pose_video_base64=base64.b64encode(pose.read_bytes()).decode()))
     assert "video_base64" in result and "error" not in result, result
+
+
+# --- a slice of the audio ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def speech_2s_b64(tmp_path_factory):
+    path = tmp_path_factory.mktemp("a") / "speech_2s.wav"
+    speech_excerpt(path, 2.0)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_sliced_job_is_as_long_as_its_slice_and_says_so(worker, portrait_png, speech_2s_b64,
+                                                          tmp_path):
+    import subprocess
+
+    result = worker.run(job(portrait_png, speech_2s_b64, sample_steps=1, audio_start_s=0.25,
+                            audio_duration_s=1.0))
+    assert "video_base64" in result, result
+    assert result["num_clips"] == 2  # 16 frames a clip cover 1.0 s and the 3 the first drops
+    assert (result["num_frames"], result["duration_s"]) == (16, 1.0)
+    assert (result["settings"]["audio_start_s"], result["settings"]["audio_duration_s"]) == (0.25, 1.0)
+    video = tmp_path / "sliced.mp4"
+    video.write_bytes(base64.b64decode(result["video_base64"]))
+    audio_s = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
+                              "stream=duration", "-of", "csv=p=0", str(video)], check=True,
+                             capture_output=True, text=True).stdout
+    assert float(audio_s) == pytest.approx(1.0, abs=0.03)
+    whole = worker.run(job(portrait_png, speech_2s_b64, sample_steps=1, max_clips=1))
+    assert (whole["settings"]["audio_start_s"], whole["settings"]["audio_duration_s"]) == (0.0, 2.0)
+
+
+def test_a_slice_past_the_audio_is_refused_before_any_model_work(worker, portrait_png,
+                                                                 speech_2s_b64):
+    calls_before = worker.pipeline.denoiser.dit_calls
+    result = worker.run(job(portrait_png, speech_2s_b64, audio_start_s=1.5, audio_duration_s=1.0))
+    assert result == {"error": "'audio_start_s' + 'audio_duration_s' is 2.5 s, past the end of "
+                               "'audio_base64', which is 2.000 s long"}
+    assert worker.pipeline.denoiser.dit_calls == calls_before
+    assert not list(Path(worker.settings.folders.work_dir).iterdir())
+
+
+# --- a streaming endpoint (WAN_S2V_STREAM), through the SDK's own job loop ---------------------
+
+class RunPodJobLoop:
+    """The SDK's production path for a job (rp_job.handle_job, as JobScaler calls it) with its
+    two HTTP calls recorded instead of sent: each streamed item, and the job's final result."""
+
+    def __init__(self, monkeypatch, config: dict) -> None:
+        from runpod.serverless.modules import rp_job
+
+        self.config, self.rp_job = config, rp_job
+        self.streamed, self.sent = [], []
+        self.item_streamed = threading.Event()
+
+        async def stream_result(session, output, job):
+            self.streamed.append(output["output"])
+            self.item_streamed.set()
+
+        async def send_result(session, result, job, is_stream=False):
+            self.sent.append((result, is_stream))
+
+        monkeypatch.setattr(rp_job, "stream_result", stream_result)
+        monkeypatch.setattr(rp_job, "send_result", send_result)
+
+    def handle(self, job: dict):
+        return self.rp_job.handle_job(None, self.config, job)
+
+    def run(self, job: dict) -> dict:
+        asyncio.run(self.handle(job))
+        [(result, is_stream)] = self.sent
+        assert is_stream
+        return result
+
+
+def streaming_config(worker) -> dict:
+    import handler
+
+    return handler.handler_config(worker, stream=True, local_test=False)
+
+
+def test_a_streaming_job_streams_each_clip_then_the_whole_video(worker, portrait_png,
+                                                                speech_2s_b64, monkeypatch,
+                                                                tmp_path):
+    loop = RunPodJobLoop(monkeypatch, streaming_config(worker))
+    result = loop.run(job(portrait_png, speech_2s_b64, sample_steps=1, fps=24))
+    *clips, final = result["output"]
+    assert result["output"] == loop.streamed  # return_aggregate_stream: the items, in order
+    assert [(c["clip"], c["clips"]) for c in clips] == [(1, 3), (2, 3), (3, 3)]
+    assert final["num_clips"] == 3 and "clip" not in final and final["storage"] == "inline"
+    assert sum(c["num_frames"] for c in clips) == final["num_frames"] == 48
+    assert [c["start_s"] for c in clips] == [0.0, clips[0]["duration_s"],
+                                             clips[0]["duration_s"] + clips[1]["duration_s"]]
+    assert clips[-1]["start_s"] + clips[-1]["duration_s"] == pytest.approx(final["duration_s"], abs=0.05)
+    for clip in clips:
+        assert clip["storage"] == "inline" and clip["fps"] == 24 and "warnings" not in clip
+        path = tmp_path / f"clip{clip['clip']}.mp4"
+        path.write_bytes(base64.b64decode(clip["video_base64"]))
+        assert clip["duration_s"] == pytest.approx(clip["num_frames"] / 24, abs=0.05)
+    items_s = [c["timings"]["item_s"] for c in clips]
+    assert final["timings"]["items_s"] == items_s == sorted(items_s)
+    assert items_s[-1] <= final["timings"]["total_s"]
+    assert not list(Path(worker.settings.folders.work_dir).iterdir()), "clip files were left"
+
+
+def test_a_streaming_job_stopped_by_its_time_limit_fails_and_keeps_the_items_it_sent(
+        worker, portrait_png, speech_2s_b64, monkeypatch):
+    monkeypatch.setattr(worker.pipeline.denoiser, "speed", DiTSpeed())  # nothing to refuse it by
+    loop = RunPodJobLoop(monkeypatch, streaming_config(worker))
+    clock = FakeClock()
+    worker.clock = clock
+    worker.settings = worker.settings.replace(job_timeout_s=60.0)
+    send = worker.send_progress
+
+    def progress(job, update):  # the limit passes once clip 1's item is out, in clip 2
+        if update.get("clip") == 2:
+            assert loop.item_streamed.wait(60)
+            clock.now += 120
+        send(job, update)
+
+    worker.send_progress = progress
+    result = loop.run(job(portrait_png, speech_2s_b64, sample_steps=2))
+    assert result == {"error": "the job ran past its time limit of 60 s (JOB_TIMEOUT_S)"}
+    assert [item["clip"] for item in loop.streamed] == [1] and "video_base64" in loop.streamed[0]
+    assert not list(Path(worker.settings.folders.work_dir).iterdir()), "clip files were left"
+
+
+def test_runpods_stop_ends_a_streaming_job_within_one_step(worker, portrait_png, speech_2s_b64,
+                                                           speech_1s_b64, monkeypatch):
+    config = streaming_config(worker)
+    loop = RunPodJobLoop(monkeypatch, config)
+    running = job(portrait_png, speech_2s_b64, job_id="to-stop", sample_steps=50)
+
+    async def scenario():
+        scaler = JobScaler(config)
+        task = asyncio.ensure_future(loop.handle(running))
+        scaler.jobs_tasks[running["id"]] = task
+        while not (loop.streamed and any(u.get("clip") == 2 for _, u in worker.updates)):
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        cancel_time = time.monotonic()
+        assert await scaler.stop_job(running["id"])
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return cancel_time
+
+    cancel_time = asyncio.run(scenario())
+    after = [u for t, u in worker.updates if t > cancel_time and u["stage"] == "sampling"]
+    assert len(after) <= 1, f"{len(after)} steps ran after the stop"
+    assert loop.sent == [] and [item["clip"] for item in loop.streamed] == [1]
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)
+
+
+def test_a_streaming_job_that_needs_a_fresh_worker_asks_for_one(worker, portrait_png,
+                                                                speech_2s_b64, monkeypatch):
+    """The SDK keeps only a yielded error's message: refresh_worker reaches it through the
+    handler's config, which it reads after the job (stopPod), as for a returned error."""
+    config = streaming_config(worker)
+    loop = RunPodJobLoop(monkeypatch, config)
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(worker.pipeline, "generate", failing_generate)
+    result = loop.run(job(portrait_png, speech_2s_b64, job_id="gpu-bug"))
+    assert result == {"error": "internal error (RuntimeError); the worker's logs have the details "
+                               "for job gpu-bug", "stopPod": True}
+    assert config["refresh_worker"] is True and loop.streamed == []
+
+
+def test_a_bad_streaming_job_fails_as_today(worker, portrait_png, speech_2s_b64, monkeypatch):
+    loop = RunPodJobLoop(monkeypatch, streaming_config(worker))
+    result = loop.run(job(portrait_png, speech_2s_b64, resolution="4k"))
+    assert result == {"error": "'resolution' must be one of '480p', '720p', got '4k'"}
+    assert loop.streamed == []
+
+
+def test_the_sdks_local_test_mode_gets_the_items_as_one_list(worker, portrait_png, speech_1s_b64):
+    """`python handler.py --test_input` never iterates a generator handler (runpod 1.12): there
+    the streaming worker's items come back together, as /runsync returns them."""
+    import handler
+    from runpod.serverless.modules.rp_job import run_job
+
+    config = handler.handler_config(worker, stream=True, local_test=True)
+    result = asyncio.run(run_job(config["handler"], job(portrait_png, speech_1s_b64, sample_steps=1)))
+    *clips, final = result["output"]
+    assert [c["clip"] for c in clips] == [1, 2] and final["num_clips"] == 2
+    bad = asyncio.run(run_job(config["handler"], job(portrait_png, speech_1s_b64, resolution="4k")))
+    assert bad == {"error": "'resolution' must be one of '480p', '720p', got '4k'"}
+    assert handler.sdk_runs_one_local_test(["--test_input", "{}"], on_runpod=True)
+    assert handler.sdk_runs_one_local_test([], on_runpod=False)  # test_input.json
+    assert not handler.sdk_runs_one_local_test(["--rp_serve_api"], on_runpod=False)
+    assert not handler.sdk_runs_one_local_test([], on_runpod=True)
+    assert handler.handler_config(worker, stream=False, local_test=True) == {"handler": worker.handle}
+
+
+def test_a_stop_while_the_sdk_sends_an_item_still_stops_the_job(worker, portrait_png,
+                                                                speech_2s_b64, speech_1s_b64,
+                                                                monkeypatch):
+    """RunPod's stop can land while the SDK is posting an item (the handler is then suspended at
+    its `yield`): the SDK drops the generator, whose closing tells the job to stop."""
+    config = streaming_config(worker)
+    loop = RunPodJobLoop(monkeypatch, config)
+    posting = threading.Event()
+
+    async def slow_stream_result(session, output, job):
+        posting.set()
+        await asyncio.sleep(3600)  # a POST that hangs
+
+    monkeypatch.setattr(loop.rp_job, "stream_result", slow_stream_result)
+    running = job(portrait_png, speech_2s_b64, job_id="to-stop", sample_steps=50)
+
+    async def scenario():
+        scaler = JobScaler(config)
+        task = asyncio.ensure_future(loop.handle(running))
+        scaler.jobs_tasks[running["id"]] = task
+        while not posting.is_set():
+            await asyncio.sleep(0.01)
+        cancel_time = time.monotonic()
+        assert await scaler.stop_job(running["id"])
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 120
+        while worker._gpu.locked():  # the job ends on its own, with this loop still running
+            assert time.monotonic() < deadline, "the job did not stop"
+            await asyncio.sleep(0.05)
+        return cancel_time
+
+    cancel_time = asyncio.run(scenario())
+    after = [u for t, u in worker.updates if t > cancel_time and u["stage"] == "sampling"]
+    assert len(after) <= 2, f"{len(after)} steps ran after the stop"
+    assert loop.sent == []
+    assert_ready_for_the_next_job(worker, portrait_png, speech_1s_b64)

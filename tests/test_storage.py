@@ -351,3 +351,58 @@ def test_the_allow_list_admits_a_private_endpoint(base_settings: Settings, video
     out = deliver(video, base_settings, job_override(s3_endpoint))
     assert out["storage"] == "s3" and "warnings" not in out
     assert admin.get_object(Bucket=JOB_BUCKET, Key=out["object_key"])["Body"].read() == video.read_bytes()
+
+
+# --- a streaming job's clips -------------------------------------------------------------------
+
+def clip_delivery(settings: Settings, override=None):
+    from s2v_worker.storage import ClipDelivery
+
+    return ClipDelivery(override, settings.storage, settings.network, settings.folders)
+
+
+def test_a_clip_goes_to_the_bucket_as_the_video_does(bucket_settings: Settings, video: Path,
+                                                     admin) -> None:
+    out = clip_delivery(bucket_settings).deliver(video, "clip 1 of 2")
+    assert out["storage"] == "s3" and KEY_PATTERN.match(out["object_key"])
+    assert "warnings" not in out and video.exists()  # the caller removes it
+    assert requests.get(out["video_url"], timeout=10).content == video.read_bytes()
+
+
+def test_a_clip_is_inline_only_within_a_stream_items_size(base_settings: Settings, video: Path,
+                                                          tmp_path: Path) -> None:
+    from s2v_worker.storage import MAX_INLINE_CLIP_BYTES
+
+    out = clip_delivery(base_settings).deliver(video, "clip 1 of 2")  # 300 KiB
+    assert out["storage"] == "inline" and base64.b64decode(out["video_base64"]) == video.read_bytes()
+    large = tmp_path / "large.mp4"
+    large.write_bytes(b"\0" * (MAX_INLINE_CLIP_BYTES + 1))  # under MAX_INLINE_VIDEO_BYTES (7 MiB)
+    out = clip_delivery(base_settings).deliver(large, "clip 2 of 2")
+    assert set(out) == {"warnings"} and large.exists()
+    assert out["warnings"] == [
+        f"clip 2 of 2 was not delivered (it is {MAX_INLINE_CLIP_BYTES + 1} bytes, more than a clip "
+        f"returns inline ({MAX_INLINE_CLIP_BYTES} bytes), and there is no network volume at "
+        f"{tmp_path / 'no-volume'} and no bucket); its frames are in the whole video, which comes "
+        "last"]
+    assert not (tmp_path / "undelivered").exists()  # a clip is never kept
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    out = clip_delivery(base_settings.replace(network_volume_dir=str(volume))).deliver(large, "c")
+    assert out["storage"] == "network_volume" and Path(out["video_path"]).parent == volume / "wan-s2v-outputs"
+
+
+def test_after_a_failed_upload_later_clips_skip_the_bucket(base_settings: Settings, video: Path) -> None:
+    from conftest import closed_port_url
+
+    settings = base_settings.replace(bucket_endpoint_url=closed_port_url(), bucket_access_key_id=ACCESS_KEY,
+                                     bucket_secret_access_key=SECRET_KEY, bucket_name=SETTINGS_BUCKET)
+    delivery = clip_delivery(settings)
+    first = delivery.deliver(video, "clip 1 of 2")
+    assert first["storage"] == "inline"
+    [warning] = first["warnings"]
+    assert warning.startswith(f"clip 1 of 2: upload to bucket {SETTINGS_BUCKET} at http://127.0.0.1:")
+    started = time.monotonic()
+    second = delivery.deliver(video, "clip 2 of 2")
+    assert time.monotonic() - started < 1.0
+    assert second["storage"] == "inline" and second["warnings"] == [
+        "clip 2 of 2: not uploaded, as the upload of an earlier clip failed"]

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 import wave
 from pathlib import Path
 
@@ -189,3 +190,160 @@ def test_odd_frame_size_is_refused(audio_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="even"):
         encode_mp4(moving_gradient(20, height=63), NATIVE_FPS, 16, audio_dir / "speech_2.3.wav",
                    1.0, tmp_path / "out.mp4", SETTINGS)
+
+
+# --- a slice of the audio, and the clips of a streaming job ------------------------------------
+
+def write_click_wav(path: Path, seconds: float, click_at_s: float, rate: int = 44100) -> Path:
+    """Near-silence with one loud click: where it lands in an output shows where the audio was cut."""
+    signal = np.zeros(int(round(seconds * rate)))
+    signal[int(round(click_at_s * rate))] = 0.9
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((signal * 32767).astype("<i2").tobytes())
+    return path
+
+
+def click_time_s(path: Path, rate: int = 44100) -> float:
+    raw = subprocess.run([SYSTEM_FFMPEG, "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1",
+                          "-ar", str(rate), "-"], check=True, capture_output=True).stdout
+    samples = np.abs(np.frombuffer(raw, "<f4"))
+    return float(np.argmax(samples)) / rate
+
+
+def frame_times(path: Path) -> list[float]:
+    out = subprocess.run([FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries",
+                          "frame=pts_time", "-of", "csv=p=0", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return [float(line.strip(",")) for line in out.split()]
+
+
+def decode_yuv(path: Path) -> bytes:
+    return subprocess.run([SYSTEM_FFMPEG, "-v", "error", "-i", str(path), "-f", "rawvideo",
+                           "-pix_fmt", "yuv420p", "-"], check=True, capture_output=True).stdout
+
+
+def encode_with_clips(frames: torch.Tensor, clip_ends: list[int], fps: int, audio: Path,
+                      duration_s: float, folder: Path, settings: Settings = SETTINGS,
+                      audio_start_s: float = 0.0, clip_command=None):
+    """Mp4Stream as a streaming job runs it: each clip's frames added as the clip is decoded,
+    the clips' MP4s collected as they are handed over."""
+    clips = []
+    with Mp4Stream(int(frames.shape[3]), int(frames.shape[2]), NATIVE_FPS, fps, frames.shape[1],
+                   audio, duration_s, folder / "video.mp4", settings.video,
+                   audio_start_s=audio_start_s, clip_ends=clip_ends, on_clip=clips.append) as stream:
+        if clip_command is not None:
+            stream._clip_command = clip_command
+        for start, end in zip([0, *clip_ends[:-1]], clip_ends):
+            stream.add(frames[:, start:end])
+        video = stream.finish()
+    return video, clips, stream.clip_spans
+
+
+@pytest.mark.skipif(SYSTEM_FFMPEG is None, reason="ffmpeg decodes the outputs")
+@pytest.mark.parametrize("fps", [24, NATIVE_FPS])
+def test_the_clips_played_in_turn_are_the_videos_frames_at_its_instants(audio_dir: Path,
+                                                                        tmp_path: Path, fps: int):
+    """A 3-clip video (16 frames a clip, the first 3 short). The encoders are lossless here
+    (VIDEO_CRF=0), so each decoded frame is exactly what went into its encoder: the clips' frames
+    in turn must be the video's, byte for byte, at the video's instants (each clip's timestamps
+    from 0, shifted by its start_s). With the default CRF both are lossy encodes of the same
+    input, by encoders whose state differs: equal within the encoding's error (checked below)."""
+    lossless = SETTINGS.replace(crf=0)
+    video, clips, spans = encode_with_clips(moving_gradient(45), [13, 29, 45], fps,
+                                            audio_dir / "speech_7.3.wav", 2.5, tmp_path, lossless,
+                                            audio_start_s=0.3)
+    assert [clip.span for clip in clips] == spans and len(spans) == 3
+    encoded = [clip.finish() for clip in clips]
+    assert [e.num_frames for e in encoded] == [s.num_frames for s in spans]
+    assert sum(s.num_frames for s in spans) == video.num_frames == math.ceil(2.5 * fps)
+    assert spans[0].first == 0 and all(a.end == b.first for a, b in zip(spans, spans[1:]))
+    assert decode_yuv(video.path) == b"".join(decode_yuv(e.path) for e in encoded)
+    video_times = frame_times(video.path)
+    clip_times = [t + span.start_s for e, span in zip(encoded, spans) for t in frame_times(e.path)]
+    assert clip_times == pytest.approx(video_times, abs=1e-6)
+    for e, span in zip(encoded, spans):
+        info = probe(e.path)
+        assert span.start_s == pytest.approx(span.first / fps)
+        assert info["video"]["avg_frame_rate"] == f"{fps}/1" and info["audio"]["codec_name"] == "aac"
+        assert float(info["audio"]["duration"]) == pytest.approx(span.duration_s, abs=0.03)
+    assert spans[-1].start_s + spans[-1].duration_s == pytest.approx(2.5)
+    if fps == 24:  # the clips end where their segments do: the first at 12 frames, not 19.5
+        assert [(s.first, s.end) for s in spans] == [(0, 12), (12, 36), (36, 60)]
+    else:  # at 16 fps each clip is its own native frames
+        assert [(s.first, s.end) for s in spans] == [(0, 13), (13, 29), (29, 40)]
+
+
+@pytest.mark.skipif(SYSTEM_FFMPEG is None, reason="ffmpeg decodes the outputs")
+def test_at_the_default_crf_the_clips_match_the_video_within_the_encoding_error(audio_dir: Path,
+                                                                               tmp_path: Path):
+    frames = moving_gradient(45)
+    video, clips, spans = encode_with_clips(frames, [13, 29, 45], 24, audio_dir / "speech_7.3.wav",
+                                            2.5, tmp_path)
+    whole = decode_rgb(video.path, 96, 64).astype(np.float32)
+    parts = np.concatenate([decode_rgb(clip.finish().path, 96, 64) for clip in clips])
+    assert parts.shape == whole.shape
+    parts = parts.astype(np.float32)
+    # Two lossy encodes of the same frames: a few levels apart (2.9 of 255 at most, measured on
+    # these small moving gradients), and each frame nearer its own than its neighbours.
+    assert np.abs(parts - whole).mean(axis=(1, 2, 3)).max() < 4.0
+    for i in range(1, len(whole) - 1):
+        errors = [np.abs(parts[i] - whole[j]).mean() for j in (i - 1, i, i + 1)]
+        assert errors[1] < min(errors[0], errors[2])
+
+
+@pytest.mark.skipif(SYSTEM_FFMPEG is None, reason="ffmpeg decodes the outputs")
+def test_audio_start_cuts_the_muxed_audio_at_its_instant(tmp_path: Path):
+    """The click at 2.5 s of the file: from audio_start_s 1.0 it is at 1.5 s of the video, and in
+    the clip that holds that instant at 1.5 s less the clip's start."""
+    audio = write_click_wav(tmp_path / "click.wav", 4.0, 2.5)
+    video, clips, spans = encode_with_clips(moving_gradient(40), [16, 32, 40], 24, audio, 2.25,
+                                            tmp_path, audio_start_s=1.0)
+    assert click_time_s(video.path) == pytest.approx(1.5, abs=0.002)
+    assert float(probe(video.path)["audio"]["duration"]) == pytest.approx(2.25, abs=0.03)
+    [holder] = [(c, s) for c, s in zip(clips, spans) if s.start_s <= 1.5 < s.start_s + s.duration_s]
+    assert click_time_s(holder[0].finish().path) == pytest.approx(1.5 - holder[1].start_s, abs=0.002)
+
+
+def test_a_clip_too_short_for_a_segment_of_its_own_is_handed_over_empty(audio_dir: Path,
+                                                                         tmp_path: Path):
+    """infer_frames 8: the first clip has 5 native frames, fewer than a 24 fps segment needs
+    (SEGMENT_OUTPUT_FRAMES and the interpolation's lookahead): its frames open the next clip."""
+    video, clips, spans = encode_with_clips(moving_gradient(21), [5, 13, 21], 24,
+                                            audio_dir / "speech_2.3.wav", 21 / 16, tmp_path)
+    assert spans[0].num_frames == 0 and clips[0].path is None and clips[0].finish() is None
+    assert sum(clip.finish().num_frames for clip in clips[1:]) == video.num_frames
+
+
+def test_a_failing_clip_encoder_leaves_the_video_whole(audio_dir: Path, tmp_path: Path):
+    def broken(duration_s, path, **options):
+        return [str(tmp_path / "no-such-ffmpeg")]
+
+    video, clips, _ = encode_with_clips(moving_gradient(45), [13, 29, 45], 16,
+                                        audio_dir / "speech_7.3.wav", 2.5, tmp_path,
+                                        clip_command=broken)
+    assert video.num_frames == 40 and video.path.is_file()
+    for clip in clips:
+        with pytest.raises(VideoEncodingError, match="ffmpeg never started"):
+            clip.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+
+
+def test_a_video_stopped_short_discards_the_clip_it_was_feeding(audio_dir: Path, tmp_path: Path):
+    """The job stopped during clip 2 (cancelled, or past its time limit): clip 1 was handed over
+    (its receiver finishes or discards it), clip 2 is discarded with the video."""
+    clips = []
+    frames = moving_gradient(45)
+    with Mp4Stream(96, 64, NATIVE_FPS, NATIVE_FPS, 45, audio_dir / "speech_7.3.wav", 2.5,
+                   tmp_path / "video.mp4", SETTINGS.video, clip_ends=[13, 29, 45],
+                   on_clip=clips.append) as stream:
+        stream.add(frames[:, :20])
+        deadline = time.monotonic() + 30
+        while not clips and time.monotonic() < deadline:  # the writer hands clip 1 over
+            time.sleep(0.01)
+    assert [clip.span.index for clip in clips] == [0]
+    assert sorted(p.name for p in tmp_path.glob("clip*")) == ["clip0000.mp4"]
+    clips[0].discard()
+    assert not list(tmp_path.glob("clip*"))

@@ -32,6 +32,9 @@ SEED_RANGE = 2**32
 MAX_PROMPT_CHARS = 5000
 MAX_LORAS = 4
 LORA_STRENGTH_LIMIT = 4.0
+# The schema's bound on audio_start_s and audio_duration_s (a day): the real limit is the decoded
+# audio's length (media.py), which MAX_AUDIO_SECONDS bounds.
+AUDIO_SLICE_LIMIT_S = 86_400.0
 
 # The noise-schedule shift each solver accepts, as measured on the official schedulers
 # (wan/utils/fm_solvers_unipc.py, wan/utils/fm_solvers.py) for 1 to 100 steps. Below 1.0e-6 the
@@ -166,6 +169,13 @@ class _MediaFields(_Model):
     scripts are refused)."""
     audio_base64: Base64Text | None = None
     """The speech as base64 text, raw or a `data:` URI."""
+    audio_start_s: float = Field(0.0, ge=0.0, le=AUDIO_SLICE_LIMIT_S)
+    """Where the spoken part starts in the audio, in seconds: the video speaks the audio from here
+    (what comes before is not used). It must lie inside the audio, checked once it is decoded."""
+    audio_duration_s: float | None = Field(None, ge=0.0, le=AUDIO_SLICE_LIMIT_S)
+    """How many seconds of the audio, from `audio_start_s`, the video speaks; the clip count, the
+    estimate and the MP4's length follow it. null: to the audio's end. The slice must end inside
+    the audio and last at least `MIN_AUDIO_SECONDS`."""
     pose_video_url: HttpUrl | None = None
     """Optional driving pose video (MP4, MOV, MKV, WebM or AVI), as the official code takes it; at
     most one of `pose_video_url` and `pose_video_base64`."""
@@ -325,6 +335,20 @@ class LoraSource:
 
 
 @dataclass(frozen=True)
+class AudioSlice:
+    """The part of the audio the video speaks: from `start_s`, for `duration_s` seconds (None: to
+    the audio's end). Checked against the audio's length once it is decoded (media.py)."""
+
+    start_s: float = 0.0
+    duration_s: float | None = None
+
+    @property
+    def whole(self) -> bool:
+        """The whole audio: no slice asked for."""
+        return self.start_s == 0 and self.duration_s is None
+
+
+@dataclass(frozen=True)
 class JobRequest:
     job_id: str
     image: MediaSource
@@ -333,6 +357,7 @@ class JobRequest:
     generation: GenerationSettings
     storage: StorageOverride | None
     loras: tuple[LoraSource, ...] = ()
+    audio_slice: AudioSlice = AudioSlice()
 
 
 # --- pydantic's errors in the worker's words -----------------------------------------------------
@@ -496,4 +521,5 @@ def parse_job(job: Mapping[str, Any]) -> JobRequest:
         storage=parsed.storage,
         loras=tuple(LoraSource(f"loras[{i}]", url=entry.url, path=entry.path, strength=entry.strength)
                     for i, entry in enumerate(payload.loras or ())),
+        audio_slice=AudioSlice(payload.audio_start_s, payload.audio_duration_s),
     )

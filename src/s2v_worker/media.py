@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from .decoders import DecoderOutputEnded, DecoderPipe, error_summary, run_decoder
 from .errors import MediaError
-from .job import MediaSource
+from .job import AudioSlice, MediaSource
 from .net import download
 from .settings import MediaSettings, NetworkSettings
 
@@ -65,13 +65,20 @@ class ImageInput:
     height: int
 
 
+# How far past the audio's end a slice may reach and still be taken as ending there: rounding in
+# a client's arithmetic (or a result's echoed audio_duration_s sent back), not a real overrun.
+AUDIO_SLICE_TOLERANCE_S = 1e-3
+
+
 @dataclass(frozen=True)
 class AudioInput:
-    original_path: Path  # as received; muxed into the MP4
-    model_path: Path  # mono float32 at 16 kHz: what librosa.load(original, sr=16000) returns
-    duration_s: float
+    original_path: Path  # as received; muxed into the MP4 (its [start_s, start_s + duration_s))
+    model_path: Path  # mono float32 at 16 kHz: what librosa.load(original, sr=16000) returns,
+    # cut to the slice by samples
+    duration_s: float  # of the slice the video speaks (the whole audio unless the job sliced it)
     sample_rate: int  # the source's
     channels: int  # the source's
+    start_s: float = 0.0  # where the slice starts in the original
 
 
 # --- fetching ------------------------------------------------------------------------------------
@@ -242,15 +249,17 @@ class _ModelAudioWriter:
 
 
 def load_audio(source: MediaSource, work_dir: Path, limits: MediaSettings,
-               network: NetworkSettings) -> AudioInput:
-    """The audio as received (for the MP4) and as the model reads it, decoded in bounded memory.
+               network: NetworkSettings, audio_slice: AudioSlice = AudioSlice()) -> AudioInput:
+    """The audio as received (for the MP4) and as the model reads it, decoded in bounded memory,
+    and the slice of it the video speaks (`audio_slice`; by default the whole audio).
 
     ffmpeg decodes the file to float32 WAV on a pipe, at the source's own rate and channels, and
     the samples are downmixed and resampled here block by block (`_ModelAudioWriter`), so nothing
     larger than one block is ever held and the only file written is the model's own input (64 kB
     per second of audio). Before that, the stream's channels and rate are checked against
     MAX_AUDIO_CHANNELS and MAX_AUDIO_SAMPLE_RATE, and decoding stops a second past
-    MAX_AUDIO_SECONDS.
+    MAX_AUDIO_SECONDS. The limits apply to the whole file; the slice is then checked against its
+    decoded length, and the model's WAV cut to it (`_cut_model_audio`).
     """
     field = source.field
     original = fetch(source, work_dir / "audio.input", limits.max_audio_bytes, network)
@@ -300,8 +309,48 @@ def load_audio(source: MediaSource, work_dir: Path, limits: MediaSettings,
                          f"{limits.max_audio_seconds} s (MAX_AUDIO_SECONDS)")
     logger.info("%s: %.2f s of audio, %d channel(s) at %d Hz, decoded for the model", field,
                 duration, channels, rate)
-    return AudioInput(original_path=original, model_path=model_path, duration_s=duration,
-                      sample_rate=rate, channels=channels)
+    if audio_slice.whole:
+        return AudioInput(original_path=original, model_path=model_path, duration_s=duration,
+                          sample_rate=rate, channels=channels)
+    start_s, length_s = _slice_of(field, duration, audio_slice, limits)
+    _cut_model_audio(model_path, start_s, length_s)
+    logger.info("%s: the video speaks %.3f s of it, from %.3f s", field, length_s, start_s)
+    return AudioInput(original_path=original, model_path=model_path, duration_s=length_s,
+                      sample_rate=rate, channels=channels, start_s=start_s)
+
+
+def _slice_of(field: str, duration: float, audio_slice: AudioSlice,
+              limits: MediaSettings) -> tuple[float, float]:
+    """(start, length) in seconds of the job's slice of an audio `duration` seconds long, or a
+    MediaError naming the fields."""
+    start = audio_slice.start_s
+    if start >= duration:
+        raise MediaError(f"'audio_start_s' is {start:g} s, at or past the end of '{field}', which "
+                         f"is {duration:.3f} s long")
+    if audio_slice.duration_s is None:
+        length = duration - start
+    else:
+        end = start + audio_slice.duration_s
+        if end > duration + AUDIO_SLICE_TOLERANCE_S:
+            raise MediaError(f"'audio_start_s' + 'audio_duration_s' is {end:g} s, past the end of "
+                             f"'{field}', which is {duration:.3f} s long")
+        length = min(end, duration) - start
+    if length < limits.min_audio_seconds:
+        raise MediaError(f"the slice of '{field}' from 'audio_start_s' ({start:g} s) is "
+                         f"{length:.3f} s long; the minimum is {limits.min_audio_seconds} s "
+                         "(MIN_AUDIO_SECONDS)")
+    return start, length
+
+
+def _cut_model_audio(path: Path, start_s: float, length_s: float) -> None:
+    """Keep the model's samples of [start_s, start_s + length_s): those of librosa.load(original,
+    sr=16000)[round(start * 16000):round(end * 16000)]. At most MAX_AUDIO_SECONDS of 16 kHz
+    float32 (19 MB at 300 s) is read."""
+    first = round(start_s * AUDIO_MODEL_RATE)
+    samples, _ = soundfile.read(str(path), start=first,
+                                stop=round((start_s + length_s) * AUDIO_MODEL_RATE),
+                                dtype="float32", always_2d=False)
+    soundfile.write(str(path), samples, AUDIO_MODEL_RATE, subtype="FLOAT")
 
 
 def _check_audio_format(field: str, channels: int, rate: int, limits: MediaSettings) -> None:

@@ -44,6 +44,12 @@ class ClipPlan:
         return self.num_clips * self.frames_per_clip - self.dropped_frames
 
     @property
+    def native_clip_ends(self) -> list[int]:
+        """The native frame count at the end of each clip (the first drops `dropped_frames`)."""
+        return [(clip + 1) * self.frames_per_clip - self.dropped_frames
+                for clip in range(self.num_clips)]
+
+    @property
     def video_seconds(self) -> float:
         """Length of the finished video: the audio's, unless max_clips cut it shorter."""
         return min(self.audio_seconds, self.native_frames / self.native_fps)

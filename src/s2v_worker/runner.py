@@ -6,11 +6,16 @@ generate (pipeline.py) -> encode the MP4 (video.py) -> deliver it (storage.py). 
 its own error type with a message that is safe for the client; the runner turns them into
 `{"error": ...}` and never lets a traceback reach the client. Errors that leave the GPU in doubt add
 `refresh_worker: true`, which makes RunPod replace this worker after the job.
+
+Two RunPod handlers run the same jobs: `Worker.handle` returns the result; `Worker.handle_stream`
+(a streaming endpoint, WAN_S2V_STREAM) yields an item for each clip as soon as its MP4 is delivered
+(`ClipItems`), then the same result, last.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import secrets
 import signal
 import sys
@@ -20,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -31,8 +36,8 @@ from .media import AudioInput, load_audio, load_image, load_pose_video
 from .parallel import RankFailure
 from .settings import Settings
 from .planning import ClipPlan, plan_clips, video_size
-from .storage import deliver_video
-from .video import EncodedVideo, Mp4Stream, VideoEncodingError
+from .storage import ClipDelivery, deliver_video
+from .video import ClipEncoding, EncodedVideo, Mp4Stream, VideoEncodingError
 
 if TYPE_CHECKING:  # the pipeline imports the official models: loaded in start(), not for tests
     from .estimate import SamplingEstimate
@@ -41,6 +46,7 @@ if TYPE_CHECKING:  # the pipeline imports the official models: loaded in start()
 logger = logging.getLogger(__name__)
 
 ProgressSender = Callable[[dict, Any], None]  # runpod.serverless.progress_update's signature
+ItemSender = Callable[[dict], None]  # a streaming job's clip items, from the job's threads
 
 
 def exit_through_hooks_on_sigterm() -> None:
@@ -135,6 +141,78 @@ class JobControl:
                 "its sampling had finished; the video was delivered anyway")
 
 
+class ClipItems:
+    """A streaming job's clip items: each clip's MP4, handed over by the encoder once its frames
+    are in (`submit`), is finished, delivered (storage.ClipDelivery) and sent, in clip order, by a
+    thread of its own, so that sampling goes on meanwhile. Its file leaves the job's folder once
+    delivered. A clip never fails the job: one that cannot be encoded or delivered is an item
+    without video whose "warnings" say why (the whole video, sent last, has its frames)."""
+
+    def __init__(self, send: ItemSender, delivery: ClipDelivery, started: float) -> None:
+        self.send, self.delivery, self.started = send, delivery, started
+        self.items_s: list[float] = []  # seconds from the job's start to each item
+        self._clips: queue.Queue[ClipEncoding | None] = queue.Queue()
+        self._dropping = threading.Event()
+        self._thread = threading.Thread(target=self._send_in_order, name="clip-items",
+                                         daemon=True)
+        self._thread.start()
+
+    def submit(self, clip: ClipEncoding) -> None:
+        """Mp4Stream's on_clip: from the encoder's writer thread, so it only queues."""
+        self._clips.put(clip)
+
+    def close(self, drop: bool = False) -> None:
+        """Wait until each clip handed over so far is sent; with `drop` (the job is ending
+        without its video), only the one being delivered: the others are dropped. Idempotent."""
+        if drop:
+            self._dropping.set()
+        if self._thread.is_alive():
+            self._clips.put(None)
+            self._thread.join()
+
+    def _send_in_order(self) -> None:
+        while (clip := self._clips.get()) is not None:
+            try:
+                if not self._dropping.is_set():
+                    self.send(self._item(clip))
+            except Exception:  # a bug: the item is lost, the job and the whole video are not
+                logger.exception("clip %d of %d: its item failed", clip.span.index + 1,
+                                 clip.span.count)
+            finally:
+                clip.discard()  # its ffmpeg and its file
+
+    def _item(self, clip: ClipEncoding) -> dict:
+        span = clip.span
+        name = f"clip {span.index + 1} of {span.count}"
+        timings: dict[str, float] = {}
+        delivered: dict[str, Any] = {}
+        try:
+            with _timed(timings, "clip_encoding_s"):  # what its ffmpeg had left to do
+                encoded = clip.finish()
+        except VideoEncodingError as exc:
+            logger.error("%s: encoding its MP4 failed: %s", name, exc)
+            delivered["warnings"] = [f"{name}: encoding its MP4 failed (the worker's logs have "
+                                     "ffmpeg's message); its frames are in the whole video, "
+                                     "which comes last"]
+        else:
+            if encoded is None:
+                delivered["warnings"] = [f"{name} has no frames of its own: at {clip.fps} fps "
+                                         "they open the next clip's MP4"]
+            else:
+                with _timed(timings, "upload_s"):
+                    delivered = self.delivery.deliver(encoded.path, name)
+        warnings = delivered.pop("warnings", [])
+        timings["item_s"] = round(time.perf_counter() - self.started, 3)
+        self.items_s.append(timings["item_s"])
+        logger.info("%s: item sent %.1f s into the job (%s)", name, timings["item_s"],
+                    delivered.get("storage", "no video"))
+        return {"clip": span.index + 1, "clips": span.count, **delivered,
+                "start_s": span.start_s, "duration_s": span.duration_s,
+                "num_frames": span.num_frames, "fps": clip.fps, "width": clip.width,
+                "height": clip.height, **({"warnings": warnings} if warnings else {}),
+                "timings": timings}
+
+
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -185,13 +263,48 @@ class Worker:
             await running
             raise
 
-    def run(self, job: dict, cancelled: threading.Event | None = None) -> dict:
-        """Run one RunPod job; always returns a dict (the result, or {"error": ...})."""
+    async def handle_stream(self, job: dict) -> AsyncIterator[dict]:
+        """The streaming RunPod handler (WAN_S2V_STREAM): an item for each clip as soon as its MP4
+        is delivered, then the job's result (or its {"error": ...}), last. The job runs in a
+        thread as in `handle`, so the event loop stays free while it runs. A cancellation while
+        waiting for the next item tells the job to stop after its current step and waits for
+        it; one that comes while the SDK is sending an item closes this generator, which tells
+        the job to stop as well (the SDK then no longer waits for it)."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[dict | None] = asyncio.Queue()
+
+        def send(item: dict) -> None:  # from the job's threads
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody reads the items any more
+                pass
+
+        cancelled = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(self.run, job, cancelled, send))
+        # Put after the items, which the job's thread queued before it returned.
+        running.add_done_callback(lambda _: items.put_nowait(None))
+        try:
+            while (item := await items.get()) is not None:
+                yield item
+            yield running.result()
+        except asyncio.CancelledError:
+            logger.info("job %s: cancel requested", job.get("id", "?") if isinstance(job, dict) else "?")
+            cancelled.set()
+            await running
+            raise
+        finally:
+            cancelled.set()  # a no-op once the job is done; else it stops after this step
+
+    def run(self, job: dict, cancelled: threading.Event | None = None,
+            send_item: ItemSender | None = None) -> dict:
+        """Run one RunPod job; always returns a dict (the result, or {"error": ...}). With
+        `send_item` (a streaming endpoint), each clip's item goes to it first, in order."""
         with self._gpu:
             return self._run_guarded(job, JobControl(self.settings.limits.job_timeout_s,
-                                                     cancelled, self.clock))
+                                                     cancelled, self.clock), send_item)
 
-    def _run_guarded(self, job: dict, control: JobControl) -> dict:
+    def _run_guarded(self, job: dict, control: JobControl,
+                     send_item: ItemSender | None = None) -> dict:
         started = time.perf_counter()
         job_id = job.get("id", "?") if isinstance(job, dict) else "?"
         try:
@@ -199,7 +312,14 @@ class Worker:
             request = parse_job(job)
             with tempfile.TemporaryDirectory(prefix="wan-s2v-",
                                              dir=self.settings.folders.work_dir) as tmp:
-                output = self._run(job, request, Path(tmp), control)
+                clip_items = (None if send_item is None else ClipItems(send_item, ClipDelivery(
+                    request.storage, self.settings.storage, self.settings.network,
+                    self.settings.folders), started))
+                try:
+                    output = self._run(job, request, Path(tmp), control, clip_items)
+                finally:  # before the job's folder goes: the clips' files are in it
+                    if clip_items is not None:
+                        clip_items.close(drop=True)
             output["timings"]["total_s"] = round(time.perf_counter() - started, 3)
             logger.info("job %s done in %.1f s", job_id, output["timings"]["total_s"])
             return output
@@ -230,7 +350,8 @@ class Worker:
                 error["refresh_worker"] = True
             return error
 
-    def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl) -> dict:
+    def _run(self, job: dict, request: JobRequest, work_dir: Path, control: JobControl,
+             clip_items: ClipItems | None = None) -> dict:
         """The job's stages, in order; each `stage` checks for a stop before it starts."""
         settings, denoiser = self.settings, self.pipeline.denoiser
         generation = request.generation
@@ -266,7 +387,11 @@ class Worker:
 
         stage("generate")
         seed = generation.seed if generation.seed is not None else secrets.randbelow(SEED_RANGE)
-        video = self._generate(request, inputs, seed, work_dir, control, progress, timings, stage)
+        video = self._generate(request, inputs, seed, work_dir, control, progress, timings, stage,
+                               clip_items)
+        if clip_items is not None:  # every clip's item is sent before the whole video's
+            clip_items.close()
+            timings["items_s"] = clip_items.items_s
 
         stage("upload")
         with _timed(timings, "upload_s"):
@@ -289,6 +414,8 @@ class Worker:
             "parallel": denoiser.layout(generation.guidance_scale > 1).as_dict(),
             "weights": denoiser.weights,
             "settings": {**generation.as_dict(), "seed": seed,
+                         "audio_start_s": round(inputs.audio.start_s, 6),
+                         "audio_duration_s": round(inputs.audio.duration_s, 6),
                          "loras": [{"sha256": lora.identity, "strength": lora.strength}
                                    for lora in loras]},
             "timings": timings,
@@ -304,7 +431,7 @@ class Worker:
         size = video_size(image.width, image.height,
                           self.pipeline.checkpoint.max_area[generation.resolution],
                           generation.resolution, request.image.field)
-        audio = load_audio(request.audio, work_dir, media, network)
+        audio = load_audio(request.audio, work_dir, media, network, request.audio_slice)
         pose_video = (load_pose_video(request.pose_video, work_dir, media, network)
                       if request.pose_video else None)
         return JobInputs(image.path, audio, pose_video, plan_clips(size, audio.duration_s, generation))
@@ -322,10 +449,11 @@ class Worker:
 
     def _generate(self, request: JobRequest, inputs: JobInputs, seed: int, work_dir: Path,
                   control: JobControl, progress: ProgressReporter, timings: dict[str, float],
-                  stage: Callable[[str], None]) -> EncodedVideo:
+                  stage: Callable[[str], None], clip_items: ClipItems | None) -> EncodedVideo:
         """The clips sampled and decoded into an MP4 that is encoded meanwhile: each clip's
         frames go to ffmpeg as soon as they are decoded, so what is left after the last one is
-        a second or two."""
+        a second or two. A streaming job's clips get MP4s of their own too, from the same
+        frames, each handed to `clip_items` as soon as its frames are in."""
         generation, plan = request.generation, inputs.plan
         logger.info("job %s: %dx%d, %d clip(s) of %d frames, %d steps, seed %d", request.job_id,
                     plan.width, plan.height, plan.num_clips, plan.frames_per_clip,
@@ -340,7 +468,10 @@ class Worker:
         compiled_before = self.pipeline.denoiser.compiled_graphs
         with Mp4Stream(plan.width, plan.height, plan.native_fps, generation.fps,
                        plan.native_frames, inputs.audio.original_path, plan.video_seconds,
-                       work_dir / "video.mp4", self.settings.video) as stream:
+                       work_dir / "video.mp4", self.settings.video,
+                       audio_start_s=inputs.audio.start_s,
+                       clip_ends=plan.native_clip_ends if clip_items is not None else None,
+                       on_clip=clip_items.submit if clip_items is not None else None) as stream:
             generated = self.pipeline.generate(
                 inputs.image_path, inputs.audio.model_path, plan, generation, seed,
                 on_frames=stream.add, pose_video_path=inputs.pose_video_path, on_step=on_step,

@@ -347,7 +347,8 @@ class VideoSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """Where finished videos go (storage.py): the bucket, or the job's answer itself."""
+    """Where finished videos go (storage.py): the bucket, or the job's answer itself; and whether
+    the answer streams each clip as it finishes (handler.py)."""
 
     bucket_endpoint_url: str | None = setting(
         "BUCKET_ENDPOINT_URL", None, _optional_text,
@@ -384,6 +385,13 @@ class StorageSettings:
         "MAX_INLINE_VIDEO_BYTES", 7 * MiB, _positive_int,
         help="Without a bucket, videos up to this size come back as video_base64 (base64 adds a "
              "third; RunPod caps /run results at 10 MB and /runsync at 20 MB).")
+    stream: bool = setting(
+        "WAN_S2V_STREAM", False, _bool,
+        help="Streaming endpoint: the handler yields an item for each clip as soon as its MP4 "
+             "(the video's own frames for that span, with its audio) is delivered as videos are "
+             "(bucket, inline up to 700 kB, network volume), then the whole video's result, "
+             "last. /stream shows the clips as they finish; /run, /runsync and /status return "
+             "the list of items. Off: one result per job (docs/job.md, 'Streaming endpoints').")
 
     @property
     def bucket_configured(self) -> bool:

@@ -9,6 +9,10 @@ When the bucket upload fails (after botocore's bounded retries), the same fallba
 output carries a "warnings" entry saying that the upload failed and why. No finished video is ever
 dropped silently: when nothing can take it, the MP4 is moved to the undelivered folder
 (UNDELIVERED_DIR) under a random name, and the job's error names that file.
+
+A streaming job's clips (`ClipDelivery`) go the same way, inline only within a stream item's size.
+A clip that nothing can take is an item without video that says why, never an error and never
+kept: the whole video, delivered last, has its frames.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 VOLUME_SUBDIR = "wan-s2v-outputs"
 UNDELIVERED_SUBDIR = "wan-s2v-undelivered"
+# A stream item's own limit: RunPod takes at most 1 MB per streamed item, and base64 adds a third,
+# so a clip comes back inline only up to this size (and MAX_INLINE_VIDEO_BYTES).
+MAX_INLINE_CLIP_BYTES = 700_000
 
 
 def deliver_video(path: Path, override: StorageOverride | None, storage: StorageSettings,
@@ -49,6 +56,54 @@ def deliver_video(path: Path, override: StorageOverride | None, storage: Storage
         return upload_to_bucket(path, target, storage, network.allowed_private_networks)
     except BucketUploadError as failure:
         return _deliver_after_upload_failure(path, storage, folders, failure)
+
+
+class ClipDelivery:
+    """A streaming job's clips, each delivered as the whole video is: to the bucket; else inline
+    up to MAX_INLINE_CLIP_BYTES (or MAX_INLINE_VIDEO_BYTES, if smaller); else to the network
+    volume; else not at all, which the item's "warnings" say. Once an upload has failed, later
+    clips skip the bucket: a dead bucket would hold each clip up for its retries (the whole
+    video still tries it)."""
+
+    def __init__(self, override: StorageOverride | None, storage: StorageSettings,
+                 network: NetworkSettings, folders: FolderSettings) -> None:
+        self.target = bucket_target(storage, override)
+        self.storage, self.network, self.folders = storage, network, folders
+        self.inline_limit = min(storage.max_inline_video_bytes, MAX_INLINE_CLIP_BYTES)
+        self.upload_failed = False
+
+    def deliver(self, path: Path, name: str) -> dict[str, Any]:
+        """The item's storage fields, as deliver_video's, or none and "warnings" saying why
+        (`name` is the clip's, for them). Never raises; `path` is left where it is."""
+        warnings = []
+        if self.target is not None:
+            if not self.upload_failed:
+                try:
+                    return upload_to_bucket(path, self.target, self.storage,
+                                            self.network.allowed_private_networks)
+                except BucketUploadError as failure:
+                    logger.warning("%s: %s", name, failure)
+                    self.upload_failed = True
+                    warnings.append(f"{name}: {failure.reason}")
+            else:
+                warnings.append(f"{name}: not uploaded, as the upload of an earlier clip failed")
+        size = path.stat().st_size
+        if size <= self.inline_limit:
+            return {**_inline(path, size), **({"warnings": warnings} if warnings else {})}
+        if writable_dir(self.folders.network_volume_dir):
+            try:
+                return {**copy_to_volume(path, self.folders.network_volume_dir),
+                        **({"warnings": warnings} if warnings else {})}
+            except StorageError as exc:
+                problem = f"{exc}"
+        else:
+            problem = (f"it is {size} bytes, more than a clip returns inline "
+                       f"({self.inline_limit} bytes), and there is no network volume at "
+                       f"{self.folders.network_volume_dir}"
+                       f"{'' if self.target is not None else ' and no bucket'}")
+        logger.warning("%s was not delivered: %s", name, problem)
+        return {"warnings": [*warnings, f"{name} was not delivered ({problem}); its frames are "
+                                        "in the whole video, which comes last"]}
 
 
 # --- without a bucket, or after the upload failed ------------------------------------------------

@@ -6,9 +6,14 @@ at 24 fps segments of them are interpolated with ffmpeg's motion-compensated `mi
 parallel ffmpeg processes, whose output the encoder takes in order (see `Mp4Stream`). The production image may
 lack ffprobe, so what `EncodedVideo` reports comes from what ffmpeg was asked to make, its own frame
 counter and the MP4's movie header, never from a second tool.
+
+A streaming job also gets one MP4 per clip (`ClipEncoding`), cut from the very frames the whole
+video's encoder takes: the same bytes go to a clip's encoder, so the clips played one after
+another show the video's frames at the video's instants.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,7 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Sequence
 
 import imageio_ffmpeg
 import torch
@@ -68,6 +73,23 @@ class EncodedVideo:
     num_frames: int
     duration_s: float
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class ClipSpan:
+    """One clip's part of the video: output frames [first, end), from `start_s` for `duration_s`
+    seconds (to the next clip's start; the last clip to the video's end, the audio's)."""
+
+    index: int  # from 0
+    count: int  # clips in the video
+    first: int
+    end: int
+    start_s: float
+    duration_s: float
+
+    @property
+    def num_frames(self) -> int:
+        return self.end - self.first
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,14 @@ class Mp4Stream:
 
     def __init__(self, width: int, height: int, native_fps: int, output_fps: int,
                  native_frames: int, audio_path: Path, duration_s: float, out_path: Path,
-                 settings: VideoSettings) -> None:
+                 settings: VideoSettings, audio_start_s: float = 0.0,
+                 clip_ends: Sequence[int] | None = None,
+                 on_clip: Callable[[ClipEncoding], None] | None = None) -> None:
+        """`audio_start_s`: where the video's audio starts in `audio_path` (a job's slice).
+        `clip_ends` (streaming jobs): the native frame count at the end of each clip; each
+        clip's MP4 is then encoded too (`clip_spans`), and handed to `on_clip` once its last
+        frame is in its encoder (from the thread that feeds the encoders: `on_clip` must not
+        block), for the caller to `finish` or `discard`."""
         if height % 2 or width % 2 or not height or not width:  # yuv420p halves both dimensions
             raise ValueError(f"frame width and height must be even, got {width}x{height}")
         if duration_s <= 0:
@@ -136,6 +165,17 @@ class Mp4Stream:
                            "repeating the last frame", native_frames, self.plan.shortfall,
                            duration_s)
         self._segments = _segments(self.plan, native_fps, output_fps) if self.interpolate else []
+        self.clip_spans = (_clip_spans(self.plan, self._segments, clip_ends, output_fps,
+                                       duration_s) if clip_ends else [])
+        self._clip_command = functools.partial(
+            _encoder_command, width, height, native_fps, output_fps, audio_path,
+            settings=settings)
+        self._audio_start_s = audio_start_s
+        self._on_clip = on_clip
+        self._frame_bytes = width * height * 3 // 2 if self.interpolate else width * height * 3
+        self._written = 0  # output frames written to the encoder
+        self._next_clip = 0  # of clip_spans: the next to hand over
+        self._clip: ClipEncoding | None = None  # the one being fed, not handed over yet
         self._next_segment = 0
         self._frames: dict[int, bytes] = {}  # native index -> rgb24, while a segment needs it
         self._last_frame: bytes | None = None  # kept for `finish` to repeat: _frames lets go
@@ -146,7 +186,7 @@ class Mp4Stream:
         self._log = tempfile.TemporaryFile()
         self._started = time.monotonic()
         command = _encoder_command(width, height, native_fps, output_fps, audio_path, duration_s,
-                                   out_path, settings)
+                                   out_path, settings, audio_start_s)
         try:
             self._encoder = subprocess.Popen(command, stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, stderr=self._log)
@@ -189,26 +229,19 @@ class Mp4Stream:
         self._log.seek(0)
         stderr = self._log.read()
         self._log.close()
+        self._discard_clip()  # only after a failure: the last clip is handed over at its end
         if returncode != 0 or self._writer_error is not None:
             self.out_path.unlink(missing_ok=True)
             detail = _tail(stderr) if returncode else f"{self._writer_error}"
             raise VideoEncodingError(f"ffmpeg exited with status {returncode}:\n{detail}")
         after_last_frame_s = time.monotonic() - last_frame_at
-        counts = _FRAME_COUNTER.findall(stderr)
-        num_frames = int(counts[-1]) if counts else self.plan.output_frames
-        if num_frames != self.plan.output_frames:
-            logger.warning("ffmpeg wrote %d frames, expected %d", num_frames,
+        encoded = _encoded(self.out_path, self.width, self.height, self.output_fps, stderr,
                            self.plan.output_frames)
         logger.info("encoded %d frames %dx%d at %d fps (%s) in %.2f s, %.2f s after the last "
-                    "frame", num_frames, self.width, self.height, self.output_fps,
+                    "frame", encoded.num_frames, self.width, self.height, self.output_fps,
                     f"interpolated from {self.native_fps} fps" if self.interpolate else "native",
                     time.monotonic() - self._started, after_last_frame_s)
-        container_s = _mp4_duration_s(self.out_path)
-        return EncodedVideo(
-            path=self.out_path, width=self.width, height=self.height, fps=self.output_fps,
-            num_frames=num_frames,
-            duration_s=container_s if container_s is not None else num_frames / self.output_fps,
-            size_bytes=self.out_path.stat().st_size)
+        return encoded
 
     def close(self) -> None:
         """Stop everything (the job failed or stopped before `finish`); idempotent."""
@@ -218,6 +251,7 @@ class Mp4Stream:
         self._pool.shutdown(cancel_futures=True)
         self._writer.join()
         self._encoder.wait()
+        self._discard_clip()
         if not self._log.closed:
             self._log.close()
 
@@ -277,6 +311,8 @@ class Mp4Stream:
                     self._encoder.stdin.write(data)
                 except BrokenPipeError:  # ffmpeg stopped reading (-frames:v reached, or failed)
                     break
+                if self.clip_spans:
+                    self._feed_clips(data)
         except BaseException as exc:  # an interpolation failed: the encoder gets no more input
             self._writer_error = exc
             self._encoder.kill()
@@ -285,6 +321,159 @@ class Mp4Stream:
                 self._encoder.stdin.close()
             except BrokenPipeError:
                 pass
+
+
+    # --- the clips' MP4s (streaming jobs) --------------------------------------------------------
+
+    def _feed_clips(self, data: bytes) -> None:
+        """The frames just written to the video's encoder, to the clips' encoders they fall in;
+        each clip is handed over as soon as its last frame is in (an empty one at once)."""
+        frames = len(data) // self._frame_bytes
+        done = 0
+        while True:
+            while (self._next_clip < len(self.clip_spans)
+                   and self.clip_spans[self._next_clip].end <= self._written):
+                self._hand_over_clip()
+            if done == frames or self._next_clip == len(self.clip_spans):
+                return
+            span = self.clip_spans[self._next_clip]
+            take = min(frames - done, span.end - self._written)
+            if self._clip is None:
+                self._clip = ClipEncoding(span, self.out_path.with_name(
+                    f"clip{span.index:04d}.mp4"), self.width, self.height, self.output_fps,
+                    self._clip_command, self._audio_start_s)
+            self._clip.write(data[done * self._frame_bytes:(done + take) * self._frame_bytes])
+            done += take
+            self._written += take
+
+    def _hand_over_clip(self) -> None:
+        span = self.clip_spans[self._next_clip]
+        clip = self._clip or ClipEncoding(span, None, self.width, self.height, self.output_fps,
+                                          self._clip_command, self._audio_start_s)
+        self._clip = None
+        self._next_clip += 1
+        clip.close_input()
+        if self._on_clip is None:
+            clip.discard()
+            return
+        self._on_clip(clip)
+
+    def _discard_clip(self) -> None:
+        """The clip being fed when the video's encoding stopped short: never handed over."""
+        if self._clip is not None:
+            self._clip.discard()
+            self._clip = None
+
+
+class ClipEncoding:
+    """One clip's MP4, encoded from the video's own frames [first, end) (the bytes the video's
+    encoder takes, with the same settings) and the audio under them; ffmpeg starts with the
+    clip's first frame. A clip without frames of its own (`path` None) makes no file.
+
+    Mp4Stream feeds it and hands it over; the receiver then calls `finish` (the MP4) or
+    `discard`, from any thread."""
+
+    def __init__(self, span: ClipSpan, path: Path | None, width: int, height: int, fps: int,
+                 command: Callable[..., list[str]], audio_start_s: float) -> None:
+        self.span, self.path = span, path
+        self.width, self.height, self.fps = width, height, fps
+        self._command = command
+        self._audio_start_s = audio_start_s
+        self._process: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile() if path is not None else None
+        self.failure: str | None = None  # why no MP4 can come of it
+
+    def write(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        try:
+            if self._process is None:
+                command = self._command(self.span.duration_s, self.path,
+                                        audio_start_s=self._audio_start_s + self.span.start_s)
+                self._process = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                                 stdout=subprocess.DEVNULL, stderr=self._log)
+            self._process.stdin.write(data)
+        except OSError as exc:  # ffmpeg did not start, or stopped reading: the video goes on
+            self.failure = f"ffmpeg took no more frames ({exc})"
+            logger.warning("clip %d of %d: %s", self.span.index + 1, self.span.count,
+                           self.failure)
+
+    def close_input(self) -> None:
+        if self._process is not None:
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def finish(self) -> EncodedVideo | None:
+        """Wait for the clip's MP4; None for a clip without frames. Raises VideoEncodingError
+        (the file removed)."""
+        if self.path is None:
+            return None
+        if self._process is None:
+            self.discard()
+            raise VideoEncodingError(f"ffmpeg never started: {self.failure}")
+        returncode = self._process.wait()
+        self._log.seek(0)
+        stderr = self._log.read()
+        self._log.close()
+        if returncode != 0 or self.failure is not None:
+            self.path.unlink(missing_ok=True)
+            raise VideoEncodingError(f"ffmpeg exited with status {returncode}:\n"
+                                     f"{_tail(stderr) if returncode else self.failure}")
+        return _encoded(self.path, self.width, self.height, self.fps, stderr,
+                        self.span.num_frames)
+
+    def discard(self) -> None:
+        """Stop its ffmpeg and remove its file; idempotent."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+        if self._log is not None and not self._log.closed:
+            self._log.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _encoded(path: Path, width: int, height: int, fps: int, stderr: bytes,
+             expected_frames: int) -> EncodedVideo:
+    """What ffmpeg made: its own frame count, the movie header's duration."""
+    counts = _FRAME_COUNTER.findall(stderr)
+    num_frames = int(counts[-1]) if counts else expected_frames
+    if num_frames != expected_frames:
+        logger.warning("ffmpeg wrote %d frames to %s, expected %d", num_frames, path.name,
+                       expected_frames)
+    container_s = _mp4_duration_s(path)
+    return EncodedVideo(path=path, width=width, height=height, fps=fps, num_frames=num_frames,
+                        duration_s=container_s if container_s is not None else num_frames / fps,
+                        size_bytes=path.stat().st_size)
+
+
+def _clip_spans(plan: _FramePlan, segments: list[_Segment], clip_ends: Sequence[int],
+                output_fps: int, duration_s: float) -> list[ClipSpan]:
+    """Each clip's output frames: at 16 fps its own native frames; at 24 fps the segments that
+    can be interpolated once its frames are in (all their native frames are), which is where the
+    video's encoder gets them. So a clip's MP4 is ready right after the clip is decoded, without
+    waiting for the next clip's frames; the few output frames between the clip's last native
+    frame and its last complete segment open the next clip's MP4 (at most a segment, half a
+    second). A clip shorter than that can have no frames of its own (infer_frames 8 at 24 fps)."""
+    bounds = [0]
+    for native_end in clip_ends[:-1]:
+        if segments:  # segments are in order and their `hi` never decreases
+            bound = next((s.first for s in segments if s.hi > native_end), plan.output_frames)
+        else:
+            bound = native_end
+        bounds.append(min(max(bound, bounds[-1]), plan.output_frames))
+    bounds.append(plan.output_frames)
+    count = len(clip_ends)
+    spans = []
+    for index in range(count):
+        first, end = bounds[index], bounds[index + 1]
+        end_s = duration_s if index == count - 1 else end / output_fps
+        spans.append(ClipSpan(index, count, first, end, round(first / output_fps, 6),
+                              round(max(0.0, end_s - first / output_fps), 6)))
+    return spans
 
 
 def _segments(plan: _FramePlan, native_fps: int, output_fps: int) -> list[_Segment]:
@@ -312,9 +501,27 @@ def _interpolate_command(width: int, height: int, native_fps: int, output_fps: i
             "-f", "rawvideo", "-pix_fmt", "yuv420p", "pipe:1"]
 
 
+def _audio_input(audio_path: Path, start_s: float, duration_s: float) -> tuple[list[str],
+                                                                               list[str]]:
+    """The encoder's audio input arguments, and its audio filter's, for [start_s, start_s +
+    duration_s) of the file. From 0, an input-side -t. From later, `atrim` on the decoded
+    samples: an input -ss lands near the instant, not on it, in MP3, AAC and Vorbis (up to 50
+    samples off at 44.1 kHz, measured with ffmpeg 9), while atrim cuts at the sample, as the
+    model's audio is cut (media.py)."""
+    source = ["-i", f"file:{audio_path}"]  # file: so no name is read as a protocol or an option
+    if start_s <= 0:
+        # Input-side -t: an output-side -t would also drop the last video frame (its end lies
+        # past the audio's) and, with -frames:v, ffmpeg 9 then ends the audio a packet early.
+        return ["-t", f"{duration_s:.6f}", *source], []
+    # -t only bounds the decoding; atrim cuts, and asetpts starts the audio at the video's start.
+    return (["-t", f"{start_s + duration_s + 1:.6f}", *source],
+            ["-af", f"atrim=start={start_s:.6f}:duration={duration_s:.6f},"
+                    "asetpts=PTS-STARTPTS"])
+
+
 def _encoder_command(width: int, height: int, native_fps: int, output_fps: int,
                      audio_path: Path, duration_s: float, out_path: Path,
-                     settings: VideoSettings) -> list[str]:
+                     settings: VideoSettings, audio_start_s: float = 0.0) -> list[str]:
     if output_fps != native_fps:  # interpolated segments, already BT.709 limited-range yuv420p
         video_input = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
                        "-framerate", str(output_fps), "-i", "pipe:0"]
@@ -325,14 +532,11 @@ def _encoder_command(width: int, height: int, native_fps: int, output_fps: int,
         video_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                        "-framerate", str(native_fps), "-i", "pipe:0"]
         filters = ["-vf", ",".join(_COLOR_FILTERS)]
+    audio_input, audio_filters = _audio_input(audio_path, audio_start_s, duration_s)
     return [
         imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "warning",
-        "-stats", "-y", *video_input,
-        # Input-side -t: an output-side -t would also drop the last video frame (its end lies
-        # past the audio's) and, with -frames:v, ffmpeg 9 then ends the audio a packet early.
-        "-t", f"{duration_s:.6f}",
-        "-i", f"file:{audio_path}",  # file: so no name is read as a protocol or an option
-        "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1", *filters,
+        "-stats", "-y", *video_input, *audio_input,
+        "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1", *filters, *audio_filters,
         "-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf),
         "-pix_fmt", "yuv420p", "-colorspace", "bt709", "-color_primaries", "bt709",
         "-color_trc", "bt709", "-color_range", "tv", "-r", str(output_fps),
