@@ -34,7 +34,7 @@ import time
 import types
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -130,6 +130,32 @@ DIT_CONFIG = dict(
 )
 DIT_SHARDS = 4
 
+
+class Sizes(NamedTuple):
+    """The widths a tiny checkpoint may change; the defaults are the tiny checkpoint's own."""
+
+    dit_dim: int = DIT_DIM
+    dit_heads: int = DIT_HEADS
+    wav2vec_hidden: int = WAV2VEC_HIDDEN
+    wav2vec_heads: int = WAV2VEC_CONFIG["num_attention_heads"]
+
+    def dit_config(self) -> dict:
+        """DIT_CONFIG at these widths (the feed-forward twice the width, as in DIT_CONFIG)."""
+        return {**DIT_CONFIG, "dim": self.dit_dim, "ffn_dim": 2 * self.dit_dim,
+                "num_heads": self.dit_heads, "audio_dim": self.wav2vec_hidden}
+
+    def wav2vec_config(self) -> dict:
+        """WAV2VEC_CONFIG at these widths (the feed-forward twice the width, as in WAV2VEC_CONFIG)."""
+        return {**WAV2VEC_CONFIG, "hidden_size": self.wav2vec_hidden,
+                "num_attention_heads": self.wav2vec_heads, "intermediate_size": 2 * self.wav2vec_hidden}
+
+
+# The widths ComfyUI's loaders can read back from the tensors, for the ComfyUI-layout test files
+# (builder/make_tiny_comfy.py): those files carry no config, and the readers take the DiT's heads
+# as dim // 128 (ComfyUI's Wan loader: head_dim 128; rope splits it into 44 + 42 + 42) and
+# wav2vec2's as hidden // 64 (the real large model's 1024 / 16). The rest stays tiny.
+COMFY_SIZES = Sizes(dit_dim=256, dit_heads=2, wav2vec_hidden=128, wav2vec_heads=2)
+
 # Output sizes the worker may choose for this checkpoint: it picks height and width as multiples of
 # 64 whose product stays under these, as the official code does, so a CPU job takes seconds
 # (480p: one 64x64 latent-friendly frame; 720p: twice that area, so the two sizes differ).
@@ -214,10 +240,11 @@ def random_state_dict(model: nn.Module, generator: torch.Generator, dtype: torch
 
 # --- DiT ---------------------------------------------------------------------------------------------
 
-def build_dit(official: types.SimpleNamespace, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def build_dit(official: types.SimpleNamespace, seed: int, dit_config: dict = DIT_CONFIG,
+              ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The DiT's config.json contents and its bfloat16 state dict."""
     with torch.device("meta"):
-        model = official.WanModel_S2V(**DIT_CONFIG)
+        model = official.WanModel_S2V(**dit_config)
     # Exactly what save_pretrained writes: the registered init arguments plus _class_name/_diffusers_version.
     config = json.loads(model.to_json_string())
 
@@ -354,13 +381,13 @@ def build_vae(official: types.SimpleNamespace, seed: int) -> dict[str, torch.Ten
 
 # --- wav2vec2 ----------------------------------------------------------------------------------------
 
-def write_wav2vec2(folder: Path, seed: int) -> None:
+def write_wav2vec2(folder: Path, seed: int, wav2vec_config: dict = WAV2VEC_CONFIG) -> None:
     """Wav2Vec2ForCTC config + weights and the processor files (feature extractor + CTC tokenizer)."""
     from safetensors.torch import save_file
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = Wav2Vec2Config(vocab_size=len(WAV2VEC_VOCAB), **WAV2VEC_CONFIG)
+    config = Wav2Vec2Config(vocab_size=len(WAV2VEC_VOCAB), **wav2vec_config)
     with torch.device("meta"):
         model = Wav2Vec2ForCTC(config)
     state = random_state_dict(model, component_generator(seed, "wav2vec2"), torch.float32)
@@ -426,15 +453,15 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
-def write_all(folder: Path, official: types.SimpleNamespace, seed: int) -> None:
+def write_all(folder: Path, official: types.SimpleNamespace, seed: int, sizes: Sizes = Sizes()) -> None:
     """Every file of the checkpoint into `folder`, the marker included."""
-    dit_config, dit_state = build_dit(official, seed)
+    dit_config, dit_state = build_dit(official, seed, sizes.dit_config())
     write_dit(folder, dit_config, dit_state)
 
     num_tokens = write_tokenizer(folder / "google" / "umt5-xxl")
     torch.save(build_t5(official, num_tokens, seed), folder / "models_t5_umt5-xxl-enc-bf16.pth")
     torch.save(build_vae(official, seed), folder / "Wan2.1_VAE.pth")
-    write_wav2vec2(folder / "wav2vec2-large-xlsr-53-english", seed)
+    write_wav2vec2(folder / "wav2vec2-large-xlsr-53-english", seed, sizes.wav2vec_config())
 
     _write_json(folder / MARKER, {
         "random_weights": True,
@@ -445,8 +472,9 @@ def write_all(folder: Path, official: types.SimpleNamespace, seed: int) -> None:
     })
 
 
-def make_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint into `out_dir` (created or overwritten) and return that folder."""
+def make_tiny_checkpoint(out_dir: Path, seed: int = 0, sizes: Sizes = Sizes()) -> Path:
+    """Write the tiny checkpoint into `out_dir` (created or overwritten) and return that folder.
+    `sizes` changes its widths (COMFY_SIZES: the ones the ComfyUI-layout tests need)."""
     out_dir = Path(out_dir)
     _check_target(out_dir)
     start = time.perf_counter()
@@ -457,7 +485,7 @@ def make_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
         shutil.rmtree(staging)  # left over from an interrupted build
     staging.mkdir(parents=True)
     try:
-        write_all(staging, official, seed)
+        write_all(staging, official, seed, sizes)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
