@@ -47,6 +47,7 @@ IMAGE_PROVIDES: dict[str, str] = {
     "einops": "device notes",
     "pillow": "torchvision's dependency",
     "sentencepiece": "transformers' umt5 tokenizer when it is built from spiece.model",
+    "protobuf": "transformers' SentencePiece reader (a ComfyUI umt5 file's tokenizer)",
     "regex": "transformers' dependency",
     "tqdm": "transformers' dependency",
     "requests": "diffusers, pooch",

@@ -16,6 +16,7 @@ OUT_DIR gets the layout of a ComfyUI `models` folder:
     audio_encoders/wav2vec2_large_english_<dtype>.safetensors   wav2vec2 without its config, under
                                      Wav2Vec2Model's bare names (kijai: Wav2Vec2ForCTC's, `wav2vec2.`
                                      prefix and CTC head, the position convolution as weight_g/_v)
+    tiny-checkpoint.json                                    the tiny checkpoint's marker, copied
 
 Between them the two layouts write each spelling a real file may have. `weights`: bf16 or fp16,
 every tensor in that dtype; fp8_scaled, ComfyUI's convention: every Linear weight of the DiT and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +40,7 @@ LAYOUTS = ("comfy", "kijai")
 WEIGHTS = ("bf16", "fp16", "fp8_scaled")
 DIT_PREFIX = {"comfy": "model.diffusion_model.", "kijai": ""}
 # Parts kijai's loader keeps in the base dtype whatever the file (his params_to_keep).
+MARKER = "tiny-checkpoint.json"  # make_tiny_checkpoint's: random weights, its small resolutions
 KIJAI_KEEP = ("time_", "modulation", "text_embedding", "patch_embedding", "casual_audio_encoder",
               "cond_encoder", "frame_packer")
 
@@ -205,6 +208,8 @@ def make_tiny_comfy(official_dir: Path, out_dir: Path, weights: str = "bf16",
     for role, name in file_names(weights, layout).items():
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in states[role].items()}, str(out_dir / name))
+    # The tiny checkpoint's declarations go with it: the worker reads it as a test checkpoint.
+    shutil.copy(official_dir / MARKER, out_dir / MARKER)
     return out_dir
 
 

@@ -2,9 +2,9 @@
 
 One tiny model (make_tiny_checkpoint with COMFY_SIZES) is written in the official layout and, by
 builder/make_tiny_comfy.py, as ComfyUI's and kijai's files in bf16, fp16 and fp8_scaled. Each
-reader is checked against the official state dict; then the official modules are built from the
-readers (`comfy_pipeline`, as a worker would load them) and compared with the worker's own loading
-of the official layout: the same numbers for bf16 and fp16 files (against the official weights
+reader is checked against the official state dict; then the worker finds and loads the set
+(`comfy_pipeline`: checkpoint.find_checkpoint, prepare_checkpoint, loading.load_pipeline) and is
+compared with its loading of the official layout: the same numbers for bf16 and fp16 files (against the official weights
 rounded to the file's dtype, which is all such a file can hold), close ones for fp8_scaled.
 """
 from __future__ import annotations
@@ -22,14 +22,15 @@ from builder.make_tiny_comfy import file_names, make_tiny_comfy, quantize
 from conftest import generate_video, load_tiny_pipeline, plan_job, speech_excerpt
 from s2v_worker import comfy
 from s2v_worker.checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR,
-                                   Checkpoint)
-from s2v_worker.denoiser import Denoiser
+                                   Checkpoint, CheckpointNotFound, find_checkpoint,
+                                   prepare_checkpoint)
 from s2v_worker.dit import DiTEngine
 from s2v_worker.job import parse_job
-from s2v_worker.official import import_official, official_architecture
+from s2v_worker.loading import load_pipeline
+from s2v_worker.official import import_official
 from s2v_worker.pipeline import S2VPipeline
-from s2v_worker.vae import VideoVAE
-from s2v_worker.weights import infer_t5_architecture, infer_vae_width
+from s2v_worker.settings import Settings
+from s2v_worker.weights import infer_t5_architecture
 
 _official = import_official()
 CPU = torch.device("cpu")
@@ -415,32 +416,19 @@ def test_wav2vec2_folder_gives_the_official_features(official_dir, comfy_dir, we
 
 # --- the official modules from the readers, against the official layout ----------------------------
 
-def comfy_pipeline(folder: Path, work_dir: Path) -> S2VPipeline:
-    """The worker's pipeline on the CPU with every component built from a ComfyUI set by the
-    readers, the way loading.load_pipeline builds them from the official layout: T5EncoderModel
-    and the VAE at the widths their tensors have, WanModel_S2V from dit_config with the
-    dequantized tensors (float32, the CPU's compute dtype), the official AudioEncoder."""
-    files = comfy.find_comfy_files(folder, required=True)
+def comfy_checkpoint(folder: Path, work_dir: Path) -> Checkpoint:
+    """The checkpoint a worker with WAN_S2V_CKPT_DIR=`folder` finds, its small parts written in the
+    official form under `work_dir` (standing for the network volume)."""
+    settings = Settings.from_env({}).replace(ckpt_dir=folder, network_volume_dir=work_dir)
+    return prepare_checkpoint(find_checkpoint(settings.model, settings.folders), settings.folders)
+
+
+def comfy_pipeline(folder: Path, work_dir: Path, **model: str) -> S2VPipeline:
+    """The worker's pipeline on the CPU from a ComfyUI set, loaded as the worker loads it
+    (loading.load_pipeline): T5 and the DiT from their files, the rest in the official form."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    t5_state = comfy.t5_state_dict(files.t5)
-    torch.save(t5_state, work_dir / "t5.pth")
-    with official_architecture(_official.t5, "umt5_xxl", **infer_t5_architecture(t5_state)):
-        text_encoder = _official.t5.T5EncoderModel(
-            text_len=_official.config.text_len, dtype=torch.float32, device=CPU,
-            checkpoint_path=str(work_dir / "t5.pth"),
-            tokenizer_path=str(comfy.write_t5_tokenizer(files.t5, work_dir / "tokenizer")))
-    vae_state = comfy.vae_state_dict(files.vae)
-    torch.save(vae_state, work_dir / "vae.pth")
-    with official_architecture(_official.vae, "_video_vae", dim=infer_vae_width(vae_state)):
-        vae = VideoVAE(vae_pth=str(work_dir / "vae.pth"), device=CPU)
-    dit = _official.model_s2v.WanModel_S2V(**comfy.dit_config(files.dit))
-    dit.load_state_dict({name: comfy.dequantize(tensor, scale, torch.float32)
-                         for name, tensor, scale in comfy.dit_tensors(files.dit)}, strict=True)
-    audio_encoder = _official.audio_encoder.AudioEncoder(
-        device="cpu", model_id=str(comfy.wav2vec2_folder(files.wav2vec2, work_dir / "wav2vec2")))
-    checkpoint = Checkpoint(path=folder, max_area={**tiny.MAX_AREA}, random_weights=True)
-    return S2VPipeline(checkpoint, CPU, text_encoder=text_encoder, vae=vae, audio_encoder=audio_encoder,
-                       denoiser=Denoiser(dit.eval().requires_grad_(False), CPU))
+    settings = Settings.from_env({}).replace(**model)
+    return load_pipeline(comfy_checkpoint(folder, work_dir), CPU, settings.model)
 
 
 def rounded_official(official_dir: Path, target: Path, dtype: torch.dtype | None) -> Path:
@@ -534,3 +522,108 @@ def test_a_whole_tiny_job_from_the_comfy_files(pipelines, portrait_png, speech_1
         assert torch.equal(got, expected)
     else:
         assert torch.isfinite(got).all() and got.std() > 0.01
+
+
+# --- the worker with a ComfyUI set -----------------------------------------------------------------
+
+def test_the_worker_finds_a_set_where_comfyui_users_keep_it(comfy_dir, tmp_path):
+    """Without WAN_S2V_CKPT_DIR and the official checkpoint anywhere, a set under the network
+    volume's ComfyUI/models (RunPod's ComfyUI workers' layout) is found."""
+    volume = tmp_path / "volume"
+    shutil.copytree(comfy_dir("fp8_scaled"), volume / "ComfyUI" / "models")
+    settings = Settings.from_env({}).replace(network_volume_dir=volume,
+                                             hf_cache_dir=tmp_path / "no-cache")
+    checkpoint = find_checkpoint(settings.model, settings.folders)
+    assert checkpoint.layout == "ComfyUI files" and checkpoint.random_weights
+    assert checkpoint.path == volume / "ComfyUI" / "models"
+    assert checkpoint.comfy.dit.name == file_names("fp8_scaled", "comfy")["dit"].split("/")[-1]
+    assert checkpoint.dit_heads == tiny.COMFY_SIZES.dit_heads
+
+
+def test_a_folder_that_is_neither_layout_is_a_clear_error(comfy_dir, tmp_path):
+    settings = Settings.from_env({}).replace(ckpt_dir=tmp_path)
+    with pytest.raises(CheckpointNotFound) as error:
+        find_checkpoint(settings.model, settings.folders)
+    message = str(error.value)
+    assert "missing: config.json" in message and "ComfyUI" in message and "wan_2.1_vae" in message
+
+    incomplete = Path(shutil.copytree(comfy_dir("bf16"), tmp_path / "incomplete"))
+    (incomplete / file_names("bf16", "comfy")["vae"]).unlink()
+    settings = Settings.from_env({}).replace(ckpt_dir=incomplete)
+    with pytest.raises(CheckpointNotFound, match="missing the Wan 2.1 VAE"):
+        find_checkpoint(settings.model, settings.folders)
+
+
+def test_the_small_parts_are_written_once_for_all_workers(comfy_dir, tmp_path):
+    first = comfy_checkpoint(comfy_dir("bf16"), tmp_path)
+    assert first.prepared.parent == tmp_path / "wan-s2v-comfyui"
+    written = {p: p.stat().st_mtime_ns for p in first.prepared.rglob("*") if p.is_file()}
+    assert first.vae_file in written and first.t5_tokenizer_dir / "spiece.model" in written
+    assert first.wav2vec_dir / "config.json" in written
+    second = comfy_checkpoint(comfy_dir("bf16"), tmp_path)  # a later worker on the same volume
+    assert second.prepared == first.prepared
+    assert {p: p.stat().st_mtime_ns for p in second.prepared.rglob("*") if p.is_file()} == written
+    assert [p.name for p in first.prepared.parent.iterdir()] == [first.prepared.name]  # no leftovers
+
+
+def test_memory_counts_a_set_as_the_official_layout(official_dir, comfy_dir, tmp_path):
+    """The tiers (memory.py) see the same model in either layout: the DiT and T5 to the byte;
+    wav2vec2 less its CTC head, which ComfyUI's file does not carry."""
+    from s2v_worker.checkpoint import read_checkpoint
+    from s2v_worker.memory import model_bytes
+
+    official = model_bytes(read_checkpoint(official_dir))
+    for weights in ("bf16", "fp8_scaled"):
+        ours = model_bytes(comfy_checkpoint(comfy_dir(weights), tmp_path / weights))
+        assert (ours.dit_bf16, ours.dit_float8, ours.dit_blocks, ours.num_blocks, ours.t5,
+                ours.t5_streamed) == (official.dit_bf16, official.dit_float8, official.dit_blocks,
+                                      official.num_blocks, official.t5, official.t5_streamed)
+        assert 0.9 * official.others < ours.others <= official.others
+
+
+def test_fp8_weights_keep_the_files_fp8_values(comfy_dir, tmp_path, portrait_png, speech_1s):
+    """WAN_S2V_WEIGHTS=fp8 with an fp8_scaled file: the DiT's FP8 Linear layers hold the file's
+    FP8 values and scales as they are (never dequantized and quantized again), the layers the file
+    keeps in bf16 are quantized as the official layout's are, and a job runs."""
+    from s2v_worker.float8 import Float8Linear
+
+    for layout in ("comfy", "kijai"):
+        folder = comfy_dir("fp8_scaled", layout)
+        pipeline = comfy_pipeline(folder, tmp_path / layout, weights="fp8")
+        stored = {name: (tensor, scale) for name, tensor, scale
+                  in comfy.dit_tensors(folder / file_names("fp8_scaled", layout)["dit"])}
+        layers = {name: m for name, m in pipeline.denoiser.model.named_modules()
+                  if isinstance(m, Float8Linear)}
+        assert layers
+        from_file = 0
+        for name, layer in layers.items():
+            tensor, scale = stored[f"{name}.weight"]
+            if scale is not None:
+                from_file += 1
+                assert torch.equal(layer.weight.view(torch.uint8), tensor.view(torch.uint8)), name
+                assert torch.equal(layer.scale.reshape(-1), scale.float().reshape(-1)), name
+            else:  # kijai keeps some in bf16: quantized here, per row
+                assert layer.scale.numel() == layer.out_features, name
+        assert from_file > 0
+    generation = parse_job({"input": {"image_url": "https://x/i.png", "audio_url": "https://x/a.wav",
+                                      "sample_steps": 2, "infer_frames": 16, "max_clips": 1}}).generation
+    plan = plan_job(pipeline, portrait_png, 1.0, generation)
+    video = generate_video(pipeline, portrait_png, speech_1s, plan, generation, 3)
+    assert torch.isfinite(video).all() and video.std() > 0.01
+
+
+def test_handler_serves_a_job_from_comfyui_files(comfy_dir, portrait_png, tmp_path):
+    """`python handler.py --test_input` with WAN_S2V_CKPT_DIR at a ComfyUI set: a video."""
+    from test_handler import run_cli, speech_job, with_image, worker_env
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    env = worker_env(comfy_dir("fp8_scaled"), NETWORK_VOLUME_DIR=str(volume),
+                     MAX_INLINE_VIDEO_BYTES="1")
+    # A small MP3: the job travels as one command-line argument.
+    speech = speech_excerpt(tmp_path / "speech.mp3", 1.0, "-c:a", "libmp3lame", "-b:a", "32k")
+    job = with_image(speech_job(speech, sample_steps=1, infer_frames=16, max_clips=1), portrait_png)
+    code, payload, log = run_cli(job, env, tmp_path)
+    assert code == 0, log[-3000:]
+    assert "ComfyUI files layout" in log
+    assert Path(payload["output"]["video_path"]).is_file()

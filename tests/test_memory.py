@@ -7,11 +7,11 @@ import torch
 
 from bench import fullsize
 from s2v_worker.checkpoint import read_checkpoint
-from s2v_worker.memory import (GiB, ModelBytes, activation_bytes, model_bytes, plan_memory,
-                               tokens_at)
+from s2v_worker.memory import (GiB, ModelBytes, activation_bytes, count_model_bytes, model_bytes,
+                               plan_memory, tokens_at)
 from s2v_worker.official import import_official
 from s2v_worker.resolutions import RESOLUTIONS
-from s2v_worker.weights import Float8Recipe, dit_bytes
+from s2v_worker.weights import ComponentShapes
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +21,14 @@ def full_size() -> ModelBytes:
     with torch.device("meta"):
         dit = official.model_s2v.WanModel_S2V(**fullsize.DIT_CONFIG)
         t5 = official.t5.T5Encoder(**fullsize.T5_CONFIG)
-    shapes = {name: (tuple(t.shape), "BF16") for name, t in dit.state_dict().items()}
-    dit_bf16, _ = dit_bytes(shapes, None)
-    dit_float8, dit_blocks = dit_bytes(shapes, Float8Recipe())
-    t5_modules = {}
-    for name, tensor in t5.state_dict().items():
-        t5_modules[name.split(".")[0]] = t5_modules.get(name.split(".")[0], 0) + 2 * tensor.numel()
-    t5_total = sum(t5_modules.values())
-    t5_streamed = t5_total - t5_modules["blocks"] - t5_modules["token_embedding"] + \
-        2 * t5_modules["blocks"] // 24
-    return ModelBytes(dit_bf16, dit_float8, dit_blocks, 40, t5_total, t5_streamed,
-                      others=int(1.7 * GiB))
+        vae = official.vae.WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                   attn_scales=[], temperal_downsample=[False, True, True])
+    shapes = ComponentShapes(
+        dit={name: tuple(t.shape) for name, t in dit.state_dict().items()},
+        t5={name: tuple(t.shape) for name, t in t5.state_dict().items()},
+        vae_values=sum(t.numel() for t in vae.state_dict().values()),
+        wav2vec_values=315_000_000)  # wav2vec2-large: about 315 M values
+    return count_model_bytes(shapes)
 
 
 def test_the_full_size_model_in_each_form(full_size):
@@ -39,6 +36,7 @@ def test_the_full_size_model_in_each_form(full_size):
     assert full_size.dit_float8 / GiB == pytest.approx(15.5, abs=0.1)  # 15.9 B of them in FP8
     assert full_size.t5 / GiB == pytest.approx(10.6, abs=0.1)
     assert full_size.t5_streamed < 1 * GiB
+    assert full_size.others / GiB == pytest.approx(1.65, abs=0.05)  # VAE and wav2vec2, float32
 
 
 @pytest.mark.parametrize("card_gib, weights, t5_streamed, streamed_blocks, serves", [

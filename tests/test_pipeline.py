@@ -365,6 +365,19 @@ def test_the_vae_decoded_in_pieces_is_the_whole_decode(pipeline):
     assert torch.equal(torch.cat(pieces, dim=1), whole)
 
 
+def test_the_vae_warm_up_leaves_no_state_behind(pipeline):
+    """The start-up's VAE warm-up (a small encode and decode, loading.load_vae) changes no later
+    encode or decode: the official VAE keeps a feature cache between its calls."""
+    from s2v_worker.pipeline import warm_up_vae
+
+    pixels = torch.rand(3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    before = pipeline.vae.encode([pixels])[0], torch.cat(list(pipeline.vae.decode_chunks(z)), dim=1)
+    assert warm_up_vae(pipeline.vae) > 0
+    after = pipeline.vae.encode([pixels])[0], torch.cat(list(pipeline.vae.decode_chunks(z)), dim=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def run_scheduler(pipeline, solver: str, steps: int, shift: float) -> torch.Tensor:
     """The worker's scheduler (the official classes) through every step, on random predictions."""
     scheduler, timesteps = make_scheduler(solver, steps, shift, pipeline.device)

@@ -188,3 +188,38 @@ def test_a_denoiser_on_fp8_weights_reports_them(checkpoint):
     assert denoiser.weights == "fp8"
     assert isinstance(denoiser.model.audio_injector.injector[0].q, Float8Linear)
     assert Denoiser.load(checkpoint, CPU, ModelSettings()).weights == "bf16"
+
+
+@pytest.mark.parametrize("part", ["t5", "vae", "wav2vec2"])
+def test_a_model_loaded_while_the_dit_is_built_empty_keeps_its_values(checkpoint, part):
+    """load_pipeline loads T5, the VAE and wav2vec2 in threads while the DiT is built empty
+    (accelerate's init_empty_weights, which patches torch.nn.Module for every thread): each waits
+    for weights.MODEL_CONSTRUCTION, so none of their parameters lands on the meta device."""
+    import threading
+
+    from accelerate import init_empty_weights
+
+    from s2v_worker.loading import load_t5, load_vae, load_warm_audio_encoder
+
+    loaders = {
+        "t5": lambda: load_t5(checkpoint, torch.device("cpu"), ModelSettings(), streamed=False).model,
+        "vae": lambda: load_vae(checkpoint.vae_file, torch.device("cpu")).model,
+        "wav2vec2": lambda: load_warm_audio_encoder(checkpoint.wav2vec_dir, torch.device("cpu"),
+                                                    ModelSettings(), warm=False).model}
+    building, loaded = threading.Event(), {}
+
+    def build_empty():  # as weights.build_dit holds it, for longer
+        with weights.MODEL_CONSTRUCTION, init_empty_weights():
+            building.set()
+            torch.nn.Linear(4, 4)
+            threading.Event().wait(1.0)  # the other thread tries to load meanwhile
+
+    builder = threading.Thread(target=build_empty)
+    builder.start()
+    building.wait()
+    loader = threading.Thread(target=lambda: loaded.update(model=loaders[part]()))
+    loader.start()
+    builder.join()
+    loader.join()
+    tensors = [*loaded["model"].parameters(), *loaded["model"].buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)

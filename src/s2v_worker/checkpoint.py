@@ -6,14 +6,26 @@ Search order (the first folder that holds a complete checkpoint wins):
    the revision `refs/main` names first, then the others.
 3. A network volume: `<NETWORK_VOLUME_DIR>/models/Wan2.2-S2V-14B`, `<NETWORK_VOLUME_DIR>/Wan2.2-S2V-14B`.
 4. Weights baked into the image: `/models/Wan2.2-S2V-14B` (Dockerfile's BAKE_WEIGHTS build).
+5. ComfyUI's files on a network volume: `<NETWORK_VOLUME_DIR>/ComfyUI/models`,
+   `<NETWORK_VOLUME_DIR>/models` (the layout of RunPod's ComfyUI workers), each searched as
+   comfy.find_comfy_files does.
+
+A folder is either the official repository's layout or a ComfyUI set (comfy.py): the S2V DiT,
+umt5-xxl, the Wan 2.1 VAE and wav2vec2 as single safetensors files, in bf16, fp16 or scaled FP8.
+Of a ComfyUI set the worker reads the DiT and T5 from their files; the VAE, the tokenizer and
+wav2vec2 are first written once in the official form (`prepare_checkpoint`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+import shutil
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import comfy
 from .resolutions import RESOLUTIONS
 from .settings import FolderSettings, ModelSettings
 
@@ -35,6 +47,9 @@ REQUIRED_ENTRIES = (DIT_CONFIG, T5_CHECKPOINT, VAE_CHECKPOINT, T5_TOKENIZER_DIR,
 
 
 DEFAULT_DIT_HEADS = 40  # WanModel_S2V's default, and Wan2.2-S2V-14B's
+COMFY_VOLUME_DIRS = ("ComfyUI/models", "models")  # under NETWORK_VOLUME_DIR
+COMFY_PREPARED_SUBDIR = "wan-s2v-comfyui"  # the official forms of a ComfyUI set's small parts
+PREPARED_MARKER = "prepared.json"  # written last: the folder is complete
 
 
 class CheckpointNotFound(RuntimeError):
@@ -48,13 +63,45 @@ class Checkpoint:
     # declares its own (its videos are a few latent patches wide).
     max_area: dict[str, int] = field(default_factory=lambda: dict(RESOLUTIONS))
     random_weights: bool = False
+    # A ComfyUI set: its four files, and the folder its VAE, tokenizer and wav2vec2 were written
+    # to in the official form (prepare_checkpoint). None: the official layout, all in `path`.
+    comfy: comfy.ComfyFiles | None = None
+    prepared: Path | None = None
+
+    @property
+    def layout(self) -> str:
+        return "official" if self.comfy is None else "ComfyUI files"
+
+    def dit_config(self) -> dict:
+        """WanModel_S2V's constructor arguments: config.json, or read from a ComfyUI DiT file."""
+        if self.comfy is not None:
+            return comfy.dit_config(self.comfy.dit)
+        return json.loads((self.path / DIT_CONFIG).read_text())
 
     @property
     def dit_heads(self) -> int:
-        """The DiT's attention heads (config.json), which bound how far its tokens can be split
-        over GPUs (parallel.py); the official default when the config does not say."""
-        config = json.loads((self.path / DIT_CONFIG).read_text())
-        return int(config.get("num_heads", DEFAULT_DIT_HEADS))
+        """The DiT's attention heads, which bound how far its tokens can be split over GPUs
+        (parallel.py); the official default when the config does not say."""
+        return int(self.dit_config().get("num_heads", DEFAULT_DIT_HEADS))
+
+    def _official_part(self, name: str) -> Path:
+        if self.comfy is None:
+            return self.path / name
+        if self.prepared is None:
+            raise RuntimeError("a ComfyUI set's parts are read after prepare_checkpoint")
+        return self.prepared / name
+
+    @property
+    def t5_tokenizer_dir(self) -> Path:
+        return self._official_part(T5_TOKENIZER_DIR)
+
+    @property
+    def vae_file(self) -> Path:
+        return self._official_part(VAE_CHECKPOINT)
+
+    @property
+    def wav2vec_dir(self) -> Path:
+        return self._official_part(WAV2VEC_DIR)
 
 
 def missing_entries(folder: Path) -> list[str]:
@@ -84,26 +131,38 @@ def candidate_dirs(model: ModelSettings, folders: FolderSettings) -> list[Path]:
             volume / "models" / "Wan2.2-S2V-14B", volume / "Wan2.2-S2V-14B", IMAGE_CHECKPOINT_DIR]
 
 
-def read_checkpoint(folder: Path) -> Checkpoint:
-    """Describe a complete checkpoint folder, applying a tiny test checkpoint's declarations."""
+def read_checkpoint(folder: Path, files: comfy.ComfyFiles | None = None) -> Checkpoint:
+    """Describe a complete checkpoint folder (official, or with `files` a ComfyUI set), applying a
+    tiny test checkpoint's declarations."""
     marker = folder / TINY_MARKER
     if not marker.is_file():
-        return Checkpoint(path=folder)
+        return Checkpoint(path=folder, comfy=files)
     declared = json.loads(marker.read_text())
     logger.warning("checkpoint %s holds random weights (%s): its videos are noise", folder, TINY_MARKER)
     return Checkpoint(path=folder, max_area={**RESOLUTIONS, **declared.get("max_area", {})},
-                      random_weights=bool(declared.get("random_weights", True)))
+                      random_weights=bool(declared.get("random_weights", True)), comfy=files)
+
+
+def _comfy_files(folder: Path, required: bool) -> comfy.ComfyFiles | None:
+    try:
+        return comfy.find_comfy_files(folder, required=required)
+    except comfy.ComfyFilesError as error:
+        raise CheckpointNotFound(str(error)) from None
 
 
 def find_checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint:
     if model.ckpt_dir:
         folder = model.ckpt_dir
         missing = missing_entries(folder)
-        if missing:
-            raise CheckpointNotFound(
-                f"WAN_S2V_CKPT_DIR={folder} is not a complete {REPO_ID} checkpoint; "
-                f"missing: {', '.join(missing)}")
-        return read_checkpoint(folder)
+        if not missing:
+            return read_checkpoint(folder)
+        files = _comfy_files(folder, required=False)
+        if files is not None:
+            return read_checkpoint(folder, files)
+        raise CheckpointNotFound(
+            f"WAN_S2V_CKPT_DIR={folder} is neither a complete {REPO_ID} checkpoint (missing: "
+            f"{', '.join(missing)}) nor a folder of ComfyUI's files (no Wan2.2-S2V diffusion "
+            f"model file in it or its diffusion_models/). {comfy.expected_files()}")
 
     looked = []
     for folder in candidate_dirs(model, folders):
@@ -112,6 +171,47 @@ def find_checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint
             logger.info("checkpoint found at %s", folder)
             return read_checkpoint(folder)
         looked.append(f"{folder} ({'absent' if not folder.exists() else 'missing ' + ', '.join(missing)})")
+    for folder in (folders.network_volume_dir / name for name in COMFY_VOLUME_DIRS):
+        files = _comfy_files(folder, required=False)
+        if files is not None:
+            logger.info("ComfyUI files found in %s", folder)
+            return read_checkpoint(folder, files)
+        looked.append(f"{folder} (no ComfyUI Wan2.2-S2V files)")
     raise CheckpointNotFound(
-        f"no {REPO_ID} checkpoint found. Set WAN_S2V_CKPT_DIR, or enable RunPod's cached model "
-        f"for {REPO_ID}, or put it on the network volume. Looked in: " + "; ".join(looked))
+        f"no {REPO_ID} checkpoint found. Set WAN_S2V_CKPT_DIR (the official folder or one with "
+        f"ComfyUI's files), or enable RunPod's cached model for {REPO_ID}, or put either on the "
+        f"network volume. Looked in: " + "; ".join(looked))
+
+
+def prepare_checkpoint(checkpoint: Checkpoint, folders: FolderSettings) -> Checkpoint:
+    """A ComfyUI set's VAE, T5 tokenizer and wav2vec2 written in the official form (the VAE as a
+    float32 .pth, the tokenizer and wav2vec2 as the folders transformers loads), once: in a folder
+    named by the files' identity, on the network volume when one is mounted, so that later
+    workers find them. The official layout is returned as it is."""
+    if checkpoint.comfy is None:
+        return checkpoint
+    files = checkpoint.comfy
+    sources = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+               for path in (files.t5, files.vae, files.wav2vec2)]
+    digest = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16]
+    folder = folders.lasting(None, COMFY_PREPARED_SUBDIR) / digest
+    if not (folder / PREPARED_MARKER).is_file():
+        import torch
+
+        logger.info("writing the VAE, tokenizer and wav2vec2 of the ComfyUI files to %s", folder)
+        # Written aside and renamed whole: other workers may share the volume.
+        partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+        partial.mkdir(parents=True)
+        try:
+            torch.save(comfy.vae_state_dict(files.vae), partial / VAE_CHECKPOINT)
+            comfy.write_t5_tokenizer(files.t5, partial / T5_TOKENIZER_DIR)
+            comfy.wav2vec2_folder(files.wav2vec2, partial / WAV2VEC_DIR)
+        except comfy.ComfyFilesError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointNotFound(str(error)) from None
+        (partial / PREPARED_MARKER).write_text(json.dumps({"sources": sources}, indent=1))
+        try:
+            partial.rename(folder)
+        except OSError:  # another worker was quicker: the folder is there, whole
+            shutil.rmtree(partial, ignore_errors=True)
+    return replace(checkpoint, prepared=folder)

@@ -35,7 +35,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -311,47 +311,91 @@ def _check_quantization(path: Path, file, names: set[str]) -> None:
                               f"read; use the bf16, fp16 or fp8_scaled file")
 
 
-def _stored_tensors(path: Path, prefix: str = "") -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+class _Layout:
+    """How one file stores its tensors: which to read (the prefix's, less the `scaled_fp8` marker,
+    the input scales and the weight scales), and the scale that goes with each weight. The scales
+    are a few floats: read with the header."""
+
+    def __init__(self, path: Path, prefix: str = "") -> None:
+        from safetensors import safe_open
+
+        self.path, self.prefix = path, prefix
+        with safe_open(str(path), "pt", device="cpu") as file:
+            self.names = list(file.keys())
+            _check_quantization(path, file, set(self.names))
+            self.scales = {name: file.get_tensor(name) for name in self.names
+                           if name.startswith(prefix) and name.endswith(SCALE_SUFFIXES)}
+        self.skipped = sum(not name.startswith(prefix) for name in self.names)
+
+    def wanted(self, name: str) -> bool:
+        return name.startswith(self.prefix) and _is_weight(name[len(self.prefix):])
+
+    def entry(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """(name less the prefix, tensor, its scale or None, on the tensor's device). An FP8
+        tensor without a scale gets 1 (plain FP8)."""
+        short = name[len(self.prefix):]
+        base = name[:-len(".weight")] if name.endswith(".weight") else name
+        scale = next((self.scales[base + suffix] for suffix in SCALE_SUFFIXES
+                      if base + suffix in self.scales), None)
+        if scale is None and tensor.dtype in FLOAT8:
+            scale = torch.ones((), dtype=torch.float32)
+        if not (tensor.is_floating_point() or short == "spiece_model"):
+            raise ComfyFilesError(f"{self.path}: tensor {name} is {tensor.dtype}, a quantized format "
+                                  f"the worker does not read; use the bf16, fp16 or fp8_scaled file")
+        return short, tensor, None if scale is None else scale.to(tensor.device)
+
+
+# A reader of a file's tensors: (wanted names) -> (name, tensor) of each, in any order, on the
+# device it reads onto (weights.read_safetensors reads with several threads).
+TensorReader = Callable[[Callable[[str], bool]], Iterator[tuple[str, torch.Tensor]]]
+
+
+def _stored_tensors(path: Path, prefix: str = "", read: TensorReader | None = None,
+                    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """(name less `prefix`, tensor, its scale or None), one tensor at a time, markers and input
-    scales dropped. An FP8 tensor without a scale gets 1 (plain FP8)."""
+    scales dropped; read by `read`, else one by one onto the CPU."""
     from safetensors import safe_open
 
+    layout = _Layout(path, prefix)
+    if layout.skipped:
+        logger.info("%s: %d tensors outside the prefix %r ignored", path, layout.skipped, prefix)
+    if read is not None:
+        for name, tensor in read(layout.wanted):
+            yield layout.entry(name, tensor)
+        return
     with safe_open(str(path), "pt", device="cpu") as file:
-        names = set(file.keys())
-        _check_quantization(path, file, names)
-        skipped = 0
-        for name in file.keys():
-            if not name.startswith(prefix):
-                skipped += 1  # ComfyUI drops what is outside the model's prefix too
-                continue
-            short = name[len(prefix):]
-            if short == MARKER or short.endswith(DROPPED_SUFFIXES + SCALE_SUFFIXES):
-                continue
-            tensor = file.get_tensor(name)
-            base = name[:-len(".weight")] if name.endswith(".weight") else name
-            scales = [base + suffix for suffix in SCALE_SUFFIXES if base + suffix in names]
-            scale = file.get_tensor(scales[0]) if scales else None
-            if scale is None and tensor.dtype in FLOAT8:
-                scale = torch.ones((), dtype=torch.float32)
-            if not (tensor.is_floating_point() or short == "spiece_model"):
-                raise ComfyFilesError(f"{path}: tensor {name} is {tensor.dtype}, a quantized format "
-                                      f"the worker does not read; use the bf16, fp16 or fp8_scaled file")
-            yield short, tensor, scale
-        if skipped:
-            logger.info("%s: %d tensors outside the prefix %r ignored", path, skipped, prefix)
+        for name in layout.names:
+            if layout.wanted(name):
+                yield layout.entry(name, file.get_tensor(name))
 
 
 # --- DiT -------------------------------------------------------------------------------------------
 
-def dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def dit_tensors(path: Path, read: TensorReader | None = None,
+                ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """The DiT file's tensors as (official WanModel_S2V name, stored tensor, scale or None), one at
     a time, so that the caller can dequantize (`dequantize`) or keep FP8 layer by layer without a
-    second copy of the model. The prefix is stripped, the `scaled_fp8` marker and the
-    `scale_input`s dropped; an FP8 weight comes with its `scale_weight` (or `weight_scale`)."""
+    second copy of the model; read by `read` (weights.read_safetensors: onto the GPU, by several
+    threads), else one by one onto the CPU. The prefix is stripped, the `scaled_fp8` marker and
+    the `scale_input`s dropped; an FP8 weight comes with its `scale_weight` (or `weight_scale`)."""
     prefix = dit_prefix(read_header(path).tensors.keys())
     if prefix is None:
         raise ComfyFilesError(f"{path} is not a Wan2.2-S2V diffusion model file. {expected_files()}")
-    yield from _stored_tensors(path, prefix)
+    yield from _stored_tensors(path, prefix, read)
+
+
+def dit_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The DiT's tensors' shapes under their official names, from the header: what it takes on
+    the GPU (memory.py)."""
+    header = read_header(path)
+    prefix = dit_prefix(header.tensors.keys()) or ""
+    return {name[len(prefix):]: shape for name, (_, shape) in header.tensors.items()
+            if name.startswith(prefix) and _is_weight(name[len(prefix):])}
+
+
+def _is_weight(short: str) -> bool:
+    """Whether a tensor (its name less the prefix) is part of the model, not a marker or scale."""
+    return short != MARKER and not short.endswith(DROPPED_SUFFIXES + SCALE_SUFFIXES)
 
 
 def dit_config(path: Path) -> dict:
@@ -468,11 +512,20 @@ def t5_official_name(name: str) -> str | None:
     return None
 
 
-def t5_state_dict(path: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def t5_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The T5 encoder's tensors' shapes under the official names, from the header."""
+    return {official: shape for name, (_, shape) in read_header(path).tensors.items()
+            if (official := t5_official_name(name)) is not None}
+
+
+def t5_state_dict(path: Path, dtype: torch.dtype = torch.bfloat16,
+                  read: TensorReader | None = None) -> dict[str, torch.Tensor]:
     """The T5 file as the state dict of the official `T5Encoder` (umt5_xxl, encoder only) in
-    `dtype`, FP8 weights dequantized: what T5EncoderModel loads from the official .pth file."""
+    `dtype`, FP8 weights dequantized (where `read` puts them: weights.read_safetensors reads onto
+    the GPU with several threads; else the CPU): what T5EncoderModel loads from the official .pth
+    file."""
     state, unknown = {}, []
-    for name, tensor, scale in _stored_tensors(path):
+    for name, tensor, scale in _stored_tensors(path, read=read):
         official = t5_official_name(name)
         if official is not None:
             state[official] = dequantize(tensor, scale, dtype)

@@ -16,19 +16,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (T5_CHECKPOINT, T5_TOKENIZER_DIR, VAE_CHECKPOINT, WAV2VEC_DIR, Checkpoint,
-                         find_checkpoint)
+from . import comfy
+from .checkpoint import T5_CHECKPOINT, Checkpoint, find_checkpoint, prepare_checkpoint
 from .denoiser import Denoiser
 from .device import choose_device, compute_dtypes
 from .memory import GiB, MemoryPlan, model_bytes, plan_memory
 from .offload import ModuleStream, embedding_on_host
 from .official import import_official, official_architecture
 from .parallel import ParallelGroup, resolve_world_size
-from .pipeline import S2VPipeline, warm_up_dit, warm_up_speech
+from .pipeline import S2VPipeline, warm_up_dit, warm_up_speech, warm_up_vae
 from .settings import (AudioEncoderDevice, FolderSettings, LoggingSettings, ModelSettings,
                        ParallelSettings, SettingsError, export_to_libraries)
 from .vae import VideoVAE
-from .weights import MODEL_CONSTRUCTION, infer_t5_architecture, infer_vae_width, peek_state_dict
+from .weights import (MODEL_CONSTRUCTION, infer_t5_architecture, infer_vae_width, peek_state_dict,
+                      read_safetensors)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
     log line says how long each stage took (`stages` may bring earlier ones, such as imports)."""
     started = time.perf_counter()
     stages = {} if stages is None else stages
-    checkpoint = find_checkpoint(model, folders)
+    checkpoint = _timed(stages, "checkpoint_s", _checkpoint, model, folders)
     device = choose_device(model.device)
     compiles = model.compile and device.type == "cuda"
     if compiles:
@@ -61,7 +62,8 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
     try:
         # The ranks compile as they get ready; alone, rank 0 compiles while T5 still loads.
         warmup = model.warmup if compiles and group is None else ()
-        pipeline = load_pipeline(checkpoint, device, model, plan, warmup, stages)
+        pipeline = load_pipeline(checkpoint, device, model, plan, warmup, stages,
+                                 warm_vae_and_speech=device.type == "cuda" and bool(model.warmup))
         if group is not None:
             _timed(stages, "ranks_s", group.wait_ready)
             pipeline.denoiser.attach(group)
@@ -75,6 +77,12 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
     logger.info("worker ready in %.1f s on %d %s device(s): %s", time.perf_counter() - started,
                 world_size, device.type, ", ".join(f"{k} {v:g}" for k, v in stages.items()))
     return pipeline
+
+
+def _checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint:
+    checkpoint = prepare_checkpoint(find_checkpoint(model, folders), folders)
+    logger.info("checkpoint: %s (%s layout)", checkpoint.path, checkpoint.layout)
+    return checkpoint
 
 
 def memory_plan(checkpoint: Checkpoint, device: torch.device,
@@ -113,23 +121,25 @@ def configure_compile_cache(folders: FolderSettings) -> Path:
 
 def load_pipeline(checkpoint: Checkpoint, device: torch.device, settings: ModelSettings,
                   plan: MemoryPlan | None = None, warmup: tuple[str, ...] = (),
-                  stages: dict[str, float] | None = None) -> S2VPipeline:
+                  stages: dict[str, float] | None = None,
+                  warm_vae_and_speech: bool = False) -> S2VPipeline:
     """Every component from a checkpoint folder (real or tiny) with the official classes, placed
-    as the memory plan says, and warmed up for `warmup`'s resolutions.
+    as the memory plan says; the DiT warmed up for `warmup`'s resolutions, and with `warm_vae_and_speech`
+    the VAE and wav2vec2.
 
     The four load at once, each read straight onto its device, so that the disk, not the loaders,
     sets the pace: T5, the VAE and wav2vec2 in threads, the DiT here. The one-time work runs while
     the rest still loads: the DiT's compilation as soon as the DiT is in, wav2vec2's first call (and
-    the audio stack's, librosa and numba) in wav2vec2's thread. `stages` gets each part's
-    seconds."""
+    the audio stack's, librosa and numba) in wav2vec2's thread, the VAE's first encode and decode
+    in the VAE's. `stages` gets each part's seconds (a thread's with its warm-up)."""
     stages = {} if stages is None else stages
-    folder = checkpoint.path
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         text_encoder = pool.submit(_timed, stages, "t5_s", load_t5, checkpoint, device, settings,
                                    plan is not None and plan.t5_streamed)
-        vae = pool.submit(_timed, stages, "vae_s", load_vae, folder / VAE_CHECKPOINT, device)
-        audio_encoder = pool.submit(_timed, stages, "wav2vec2_s", load_warm_audio_encoder, folder,
-                                    device, settings, bool(warmup))
+        vae = pool.submit(_timed, stages, "vae_s", load_vae, checkpoint.vae_file, device,
+                          warm_vae_and_speech)
+        audio_encoder = pool.submit(_timed, stages, "wav2vec2_s", load_warm_audio_encoder,
+                                    checkpoint.wav2vec_dir, device, settings, warm_vae_and_speech)
         denoiser = _timed(stages, "dit_s", Denoiser.load, checkpoint, device, settings, plan)
         if warmup:
             _timed(stages, "compile_s", warm_up_dit, denoiser, warmup, checkpoint.max_area)
@@ -166,24 +176,33 @@ def _timed(stages: dict[str, float], key: str, load, *args):
 def load_t5(checkpoint: Checkpoint, device: torch.device, settings: ModelSettings,
             streamed: bool) -> object:
     """The official `T5EncoderModel` around umt5-xxl built empty and filled from the `.pth` file's
-    tensors, read by several threads straight onto the device (the official constructor
-    initializes 5.7 B random values first, then reads the file into host memory whole). Streamed
-    (memory.py): into pinned host memory, its blocks visiting the GPU while they run."""
-    config, folder = _official.config, checkpoint.path
+    tensors (or a ComfyUI umt5 file's, renamed and dequantized), read by several threads straight
+    onto the device (the official constructor initializes 5.7 B random values first, then reads
+    the file into host memory whole). Streamed (memory.py): into pinned host memory, its blocks
+    visiting the GPU while they run."""
+    config = _official.config
     dtype = compute_dtypes(device)[1]
-    state = peek_state_dict(folder / T5_CHECKPOINT)
-    model = _official.t5.umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=dtype,
-                                  device="meta", **infer_t5_architecture(state))  # no values yet
     home = torch.device("cpu") if streamed or settings.offload else device
-    model.load_state_dict(tensors_to(state, home, dtype), assign=True)
+    if checkpoint.comfy is None:
+        source = checkpoint.path / T5_CHECKPOINT
+        state = tensors_to(peek_state_dict(source), home, dtype)
+    else:
+        source = checkpoint.comfy.t5
+        state = comfy.t5_state_dict(source, dtype, read=lambda wanted: read_safetensors(
+            [source], home, wanted=wanted))
+        if home.type == "cpu" and torch.cuda.is_available():
+            state = {name: tensor.pin_memory() for name, tensor in state.items()}
+    with MODEL_CONSTRUCTION:  # assign registers parameters: not while the DiT is built empty
+        model = _official.t5.umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=dtype,
+                                      device="meta", **infer_t5_architecture(state))
+        model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
     if streamed:
         stream_t5(model, device)
     encoder = _official.t5.T5EncoderModel.__new__(_official.t5.T5EncoderModel)
     # The attributes the official constructor sets (T5EncoderModel.__init__), its model ours.
     encoder.text_len, encoder.dtype, encoder.device = config.text_len, dtype, home
-    encoder.checkpoint_path, encoder.tokenizer_path = str(folder / T5_CHECKPOINT), \
-        str(folder / T5_TOKENIZER_DIR)
+    encoder.checkpoint_path, encoder.tokenizer_path = str(source), str(checkpoint.t5_tokenizer_dir)
     encoder.model = model
     encoder.tokenizer = _official.t5.HuggingfaceTokenizer(
         name=encoder.tokenizer_path, seq_len=config.text_len, clean="whitespace")
@@ -207,14 +226,19 @@ def tensors_to(state: dict[str, torch.Tensor], device: torch.device, dtype: torc
         return dict(pool.map(move, state.items()))
 
 
-def load_vae(path: Path, device: torch.device) -> VideoVAE:
+def load_vae(path: Path, device: torch.device, warm: bool = False) -> VideoVAE:
+    """The official VAE, and with `warm` its first encode and decode done (warm_up_vae)."""
     width = infer_vae_width(peek_state_dict(path))
     with MODEL_CONSTRUCTION, official_architecture(_official.vae, "_video_vae", dim=width):
-        return VideoVAE(vae_pth=str(path), device=device)
+        vae = VideoVAE(vae_pth=str(path), device=device)
+    if warm:
+        warm_up_vae(vae)
+    return vae
 
 
 def load_warm_audio_encoder(folder: Path, device: torch.device, settings: ModelSettings,
                             warm: bool):
+    """`folder`: wav2vec2 in transformers' layout (the official checkpoint's subfolder)."""
     """The official AudioEncoder (wav2vec2), and with `warm` its first call done: the first
     `librosa.load` compiles numba functions (15.5 s measured on the GPU machine without numba's
     cache) and wav2vec2's first GPU call sets itself up (14 s in a first job on an H200)."""
@@ -224,7 +248,7 @@ def load_warm_audio_encoder(folder: Path, device: torch.device, settings: ModelS
     on_cpu = settings.offload or settings.audio_encoder_device == AudioEncoderDevice.CPU
     with MODEL_CONSTRUCTION:
         encoder = _official.audio_encoder.AudioEncoder(device="cpu" if on_cpu else device,
-                                                       model_id=str(folder / WAV2VEC_DIR))
+                                                       model_id=str(folder))
     if warm:
         warm_up_speech(encoder)
     return encoder

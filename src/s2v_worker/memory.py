@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .checkpoint import T5_CHECKPOINT, VAE_CHECKPOINT, WAV2VEC_DIR, Checkpoint
+from .checkpoint import Checkpoint
 from .planning import WARM_UP_IMAGE_SIZE, dit_tokens, video_size
 from .resolutions import RESOLUTIONS
-from .weights import Float8Recipe, dit_bytes, dit_files, dit_tensor_shapes, state_dict_bytes
+from .weights import ComponentShapes, Float8Recipe, component_shapes, dit_bytes, module_bytes
 
 GiB = 2**30
 # A job's peak of activations (and the VAE decode) over the resident weights, per DiT token of
@@ -152,19 +152,22 @@ def plan_memory(limit_bytes: int, sizes: ModelBytes, weights_setting: str,
 
 def model_bytes(checkpoint: Checkpoint) -> ModelBytes:
     """Each component's bytes on the GPU, read from the checkpoint's headers (no tensor loaded)."""
-    shapes = dit_tensor_shapes(dit_files(checkpoint.path))
-    dit_bf16, _ = dit_bytes(shapes, None)
-    dit_float8, dit_blocks = dit_bytes(shapes, Float8Recipe())
-    num_blocks = len({name.split(".")[1] for name in shapes if name.startswith("blocks.")})
-    t5_modules, t5_layers = state_dict_bytes(checkpoint.path / T5_CHECKPOINT, 2)  # bfloat16
+    return count_model_bytes(component_shapes(checkpoint))
+
+
+def count_model_bytes(shapes: ComponentShapes) -> ModelBytes:
+    """Each component's bytes on the GPU in the forms the worker keeps them: the DiT in bfloat16
+    or FP8, T5 in bfloat16, the VAE and wav2vec2 in float32."""
+    dit_bf16, _ = dit_bytes(shapes.dit, None)
+    dit_float8, dit_blocks = dit_bytes(shapes.dit, Float8Recipe())
+    num_blocks = len({name.split(".")[1] for name in shapes.dit if name.startswith("blocks.")})
+    t5_modules, t5_layers = module_bytes(shapes.t5, 2)
     t5 = sum(t5_modules.values())
     # Streamed, T5 keeps its small parts and two blocks' buffers on the GPU; its embedding table
     # stays in host memory (offload.embedding_on_host).
     t5_blocks = t5_modules.get("blocks", 0)
     t5_streamed = t5 - t5_blocks - t5_modules.get("token_embedding", 0) + \
         2 * t5_blocks // max(1, t5_layers)
-    vae = sum(state_dict_bytes(checkpoint.path / VAE_CHECKPOINT, 4)[0].values())  # float32
-    wav2vec = sum(4 * math.prod(shape) for shape, _ in dit_tensor_shapes(
-        sorted((checkpoint.path / WAV2VEC_DIR).glob("*.safetensors"))).values())
     return ModelBytes(dit_bf16=dit_bf16, dit_float8=dit_float8, dit_blocks=dit_blocks,
-                      num_blocks=num_blocks, t5=t5, t5_streamed=t5_streamed, others=vae + wav2vec)
+                      num_blocks=num_blocks, t5=t5, t5_streamed=t5_streamed,
+                      others=4 * (shapes.vae_values + shapes.wav2vec_values))

@@ -15,11 +15,13 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import DIT_CONFIG, DIT_INDEX, DIT_SINGLE_FILE, Checkpoint
+from . import comfy
+from .checkpoint import (DIT_INDEX, DIT_SINGLE_FILE, T5_CHECKPOINT, VAE_CHECKPOINT, WAV2VEC_DIR,
+                         Checkpoint)
 from .float8 import Float8Linear, Float8Weight
 from .official import import_official
 
@@ -28,10 +30,11 @@ from .official import import_official
 # parameters. Embeddings, norms, modulations, convolutions and the small heads stay in bfloat16.
 FLOAT8_MODULE_PREFIXES = ("blocks.", "audio_injector.")
 
-# Held while a model is constructed. accelerate's `init_empty_weights` (the DiT's empty build)
-# patches `torch.nn.Module` for every thread, so a model built in another thread meanwhile (the
-# VAE, wav2vec2: loading.load_pipeline builds them at once) would get parameters on the meta
-# device and silently keep them: its weights never loaded.
+# Held while a model is constructed or given its tensors (load_state_dict with assign=True
+# registers new parameters). accelerate's `init_empty_weights` (the DiT's empty build) patches
+# `torch.nn.Module` for every thread, so a parameter registered in another thread meanwhile (T5,
+# the VAE, wav2vec2: loading.load_pipeline loads them at once) would land on the meta device and
+# keep no values.
 MODEL_CONSTRUCTION = threading.Lock()
 
 
@@ -140,15 +143,18 @@ class _Reader:
         return out, self.done[1 - turn]
 
 
-def read_safetensors(files: list[Path], device: torch.device,
-                     readers: int = READERS) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the files, read straight onto `device` by `readers` threads at once (each a
-    run of one file's bytes), yielded as each is complete."""
+def read_safetensors(files: list[Path], device: torch.device, readers: int = READERS,
+                     wanted: Callable[[str], bool] | None = None,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the files (or those `wanted` names), read straight onto `device` by
+    `readers` threads at once (each a run of one file's bytes), yielded as each is complete."""
     import queue
-    import threading
+
+    def spans(path: Path) -> list[_TensorSpan]:
+        return [span for span in _safetensors_spans(path) if wanted is None or wanted(span.name)]
 
     runs = [(path, run) for path in files
-            for run in _split_by_bytes(_safetensors_spans(path), max(1, readers // len(files)))]
+            for run in _split_by_bytes(spans(path), max(1, readers // len(files))) if run]
     ready: queue.Queue = queue.Queue(maxsize=4 * readers)
     failures: list[BaseException] = []
 
@@ -184,13 +190,18 @@ def read_safetensors(files: list[Path], device: torch.device,
 
 def load_dit(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
              float8: Float8Recipe | None = None) -> torch.nn.Module:
-    """The DiT (`WanModel_S2V`) from the checkpoint's config.json and sharded safetensors, onto
-    `device`: every tensor in `dtype` (float tensors), or with `float8`, the large Linear weights in
-    FP8 (`Float8Linear`), quantized on the device as each arrives."""
-    config = json.loads((checkpoint.path / DIT_CONFIG).read_text())
-    tensors = ((name, tensor, None) for name, tensor in read_safetensors(
-        dit_files(checkpoint.path), device))
-    return build_dit(config, tensors, dtype, float8)
+    """The DiT (`WanModel_S2V`) from the checkpoint's config.json and sharded safetensors (or a
+    ComfyUI DiT file), onto `device`: every tensor in `dtype` (float tensors), or with `float8`,
+    the large Linear weights in FP8 (`Float8Linear`), quantized on the device as each arrives (a
+    scaled-FP8 file's weights kept as they are, with their scales)."""
+    if checkpoint.comfy is not None:  # one file, FP8 weights with their scales
+        path = checkpoint.comfy.dit
+        tensors = comfy.dit_tensors(path, read=lambda wanted: read_safetensors([path], device,
+                                                                                wanted=wanted))
+    else:
+        tensors = ((name, tensor, None) for name, tensor in read_safetensors(
+            dit_files(checkpoint.path), device))
+    return build_dit(checkpoint.dit_config(), tensors, dtype, float8)
 
 
 def build_dit(config: dict, tensors: Iterator[tuple[str, torch.Tensor, torch.Tensor | None]],
@@ -210,13 +221,17 @@ def build_dit(config: dict, tensors: Iterator[tuple[str, torch.Tensor, torch.Ten
         if name not in expected:
             raise ValueError(f"the DiT has no tensor {name!r} (a checkpoint of another model?)")
         module_name, _, leaf = name.rpartition(".")
+        if scale is not None and tensor.dtype != torch.float8_e4m3fn:  # e5m2: requantized here
+            tensor, scale = comfy.dequantize(tensor, scale, dtype), None
         if leaf == "weight" and module_name in quantized and float8 is not None:
+            # A file's scale is per tensor ([1, 1]: the activation scaled per tensor too) or per
+            # output channel ([1, N], as ours).
             stored = (Float8Weight(tensor, scale.float().reshape(1, -1)) if scale is not None
                       else Float8Weight.quantize(tensor, float8.rowwise))
             _replace_linear(model, module_name, stored, float8.gemm)
         else:
             if scale is not None:  # FP8 in the file, bfloat16 (or float32 on the CPU) here
-                tensor = Float8Weight(tensor, scale.float().reshape(1, -1)).dequantize(dtype)
+                tensor = comfy.dequantize(tensor, scale, dtype)
             elif tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             _set_tensor(model, module_name, leaf, tensor)
@@ -247,7 +262,38 @@ def _set_tensor(model: torch.nn.Module, module_name: str, leaf: str, tensor: tor
         module._buffers[leaf] = tensor
 
 
-def dit_tensor_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+@dataclass(frozen=True)
+class ComponentShapes:
+    """The shapes of each model's tensors under the official names, read from the files' headers
+    (no tensor loaded): what memory.py counts."""
+
+    dit: dict[str, tuple[int, ...]]
+    t5: dict[str, tuple[int, ...]]
+    vae_values: int
+    wav2vec_values: int
+
+
+def component_shapes(checkpoint: Checkpoint) -> ComponentShapes:
+    files = checkpoint.comfy
+    if files is not None:
+        return ComponentShapes(
+            dit=comfy.dit_shapes(files.dit), t5=comfy.t5_shapes(files.t5),
+            vae_values=_values(comfy.read_header(files.vae).tensors.values()),
+            wav2vec_values=_values(comfy.read_header(files.wav2vec2).tensors.values()))
+    wav2vec_files = sorted((checkpoint.path / WAV2VEC_DIR).glob("*.safetensors"))
+    return ComponentShapes(
+        dit={name: shape for name, (shape, _) in safetensors_shapes(dit_files(checkpoint.path)).items()},
+        t5={name: tuple(t.shape) for name, t in peek_state_dict(checkpoint.path / T5_CHECKPOINT).items()},
+        vae_values=sum(t.numel() for t in peek_state_dict(checkpoint.path / VAE_CHECKPOINT).values()),
+        wav2vec_values=sum(math.prod(shape) for shape, _ in safetensors_shapes(wav2vec_files).values()))
+
+
+def _values(header_entries) -> int:
+    """The values of a comfy.Header's tensors ((dtype, shape) each)."""
+    return sum(math.prod(shape) for _, shape in header_entries)
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype) of every tensor of the files, from their headers."""
     from safetensors import safe_open
 
@@ -265,11 +311,10 @@ def is_float8_linear(name: str, shape: tuple[int, ...]) -> bool:
     return name.startswith(FLOAT8_MODULE_PREFIXES) and name.endswith(".weight") and len(shape) == 2
 
 
-def dit_bytes(shapes: dict[str, tuple[tuple[int, ...], str]],
-              float8: Float8Recipe | None) -> tuple[int, int]:
+def dit_bytes(shapes: dict[str, tuple[int, ...]], float8: Float8Recipe | None) -> tuple[int, int]:
     """(the whole DiT's bytes, its blocks' bytes) on the GPU, in bfloat16 or FP8 form."""
     total = blocks = 0
-    for name, (shape, _) in shapes.items():
+    for name, shape in shapes.items():
         numel = math.prod(shape)
         if float8 is not None and is_float8_linear(name, shape):
             size = numel + 4 * (shape[0] if float8.rowwise else 1)
@@ -280,17 +325,13 @@ def dit_bytes(shapes: dict[str, tuple[tuple[int, ...], str]],
     return total, blocks
 
 
-def state_dict_bytes(path: Path, element_size: int) -> tuple[dict[str, int], int]:
-    """(bytes by top-level module of a `.pth` state dict at `element_size` per value, the number
-    of its `blocks.N`), from the memory-mapped file (no tensor is read)."""
+def module_bytes(shapes: dict[str, tuple[int, ...]], element_size: int) -> tuple[dict[str, int], int]:
+    """(bytes by top-level module at `element_size` per value, the number of `blocks.N`)."""
     by_module: dict[str, int] = {}
-    blocks = set()
-    for name, tensor in peek_state_dict(path).items():
+    for name, shape in shapes.items():
         top = name.split(".")[0]
-        by_module[top] = by_module.get(top, 0) + tensor.numel() * element_size
-        if top == "blocks":
-            blocks.add(name.split(".")[1])
-    return by_module, len(blocks)
+        by_module[top] = by_module.get(top, 0) + math.prod(shape) * element_size
+    return by_module, len({name.split(".")[1] for name in shapes if name.startswith("blocks.")})
 
 
 def dit_memory_bytes(model: torch.nn.Module) -> int:
