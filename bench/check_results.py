@@ -49,7 +49,9 @@ def page_from_newest(newest: Path) -> list[str]:
 
 def harness_promises(newest: Path) -> list[str]:
     """The newest result holds a DiT-call row per resolution (official, exact within its bound,
-    fast), the 30-step job for both paths and a passing full-size check."""
+    fast), the 30-step job for both paths, a passing full-size check, and the reach figures:
+    each memory tier's jobs, FP8 weights' deviation, the cold starts with their floor and the
+    first job's ratio, and the streaming job's items."""
     result, problems = json.loads(newest.read_text()), []
     for key in ("device", "torch", "date", "commits", "dit_forward_s", "job_s", "faithfulness"):
         if key not in result:
@@ -63,6 +65,22 @@ def harness_promises(newest: Path) -> list[str]:
             problems.append(f"{newest.name}: dit_forward_s {resolution} worker_rel_l2 over 1e-2")
     if not {"official", "worker"} <= set(result.get("job_s", {}).get("480p_1clip_30steps", {})):
         problems.append(f"{newest.name}: job_s 480p_1clip_30steps lacks official or worker")
+    # The reach issues (19-21): tiers, FP8 weights, cold start against the disk, streaming.
+    tiers = result.get("memory_tiers", {})
+    for cap in ("none", "44GiB", "22GiB"):
+        for resolution in ("480p", "720p"):
+            if "job_s" not in tiers.get(cap, {}).get(resolution, {}):
+                problems.append(f"{newest.name}: memory_tiers {cap} {resolution} has no job_s")
+    if not {"bf16_gemm", "fp8_gemm"} <= set(result.get("fp8_weights_deviation", {})):
+        problems.append(f"{newest.name}: no fp8_weights_deviation")
+    cold = result.get("cold_start_s", {})
+    for key in ("worker", "worker_cached_compile", "worker_fp8", "disk_read_floor_s",
+                "first_job_ratio"):
+        if key not in cold:
+            problems.append(f"{newest.name}: cold_start_s has no {key}")
+    stream = result.get("stream", {}).get("480p_3clips_4steps", {})
+    if not {"first_item_s", "between_items_s", "one_clip_job_s"} <= set(stream):
+        problems.append(f"{newest.name}: no stream 480p_3clips_4steps")
     checks = result.get("faithfulness", {})
     if not checks or not all(check.get("passed") for check in checks.values()):
         problems.append(f"{newest.name}: a faithfulness check is missing or did not pass")

@@ -262,3 +262,38 @@ def write_checkpoint(folder: Path, device: torch.device) -> dict[str, float]:
             path.chmod(0o644)
             sizes[str(path.relative_to(folder))] = path.stat().st_size / 2**30
     return sizes
+
+
+def convert_to_comfy_fp8(official: Path, out: Path) -> dict[str, float]:
+    """The full-size checkpoint in `official` rewritten as ComfyUI's fp8_scaled set in `out`
+    (builder/make_tiny_comfy.py's converters: the DiT's and T5's Linear weights in FP8 with
+    per-tensor scales, the VAE in bf16, wav2vec2 in fp16). Each official file is deleted once it
+    is read, so that the disk holds one checkpoint at a time (the GPU machine's 64 GB holds the
+    official 43 GB or the FP8 23 GB, not both). GiB of each file written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from builder import make_tiny_comfy as comfy_files
+    from s2v_worker.weights import dit_files
+
+    names = comfy_files.file_names("fp8_scaled", "comfy")
+    converters = {
+        "vae": (lambda: comfy_files.convert_vae(official, "fp8_scaled"), [official / VAE_CHECKPOINT]),
+        "wav2vec2": (lambda: comfy_files.convert_wav2vec2(official, "fp8_scaled", "comfy"),
+                     [official / WAV2VEC_DIR]),
+        "t5": (lambda: comfy_files.convert_t5(official, "fp8_scaled"), [official / T5_CHECKPOINT]),
+        "dit": (lambda: comfy_files.convert_dit(official, "fp8_scaled", "comfy"),
+                dit_files(official)),
+    }
+    sizes = {}
+    for role, (convert, sources) in converters.items():
+        state = convert()
+        for source in sources:  # read: its space is needed for the FP8 file
+            shutil.rmtree(source) if source.is_dir() else source.unlink()
+        path = out / names[role]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        del state
+        sizes[names[role]] = path.stat().st_size / 2**30
+    return sizes

@@ -328,9 +328,12 @@ def section_vae(args) -> dict:
 
 
 def _speech(seconds: float, folder: Path) -> Path:
+    """`seconds` of the 7.3 s speech fixture, repeated when longer."""
+    import numpy as np
     import soundfile
 
     data, rate = soundfile.read(str(ROOT / "tests" / "fixtures" / "speech_7s3.flac"), dtype="float32")
+    data = np.concatenate([data] * (1 + int(seconds * rate) // len(data)))
     path = folder / f"speech_{seconds}s.wav"
     soundfile.write(str(path), data[: int(seconds * rate)], rate, subtype="FLOAT")
     return path
@@ -512,33 +515,114 @@ def section_job(args) -> dict:
 
 
 def section_coldstart(args) -> dict:
-    """Process start to ready, loading a full-size random checkpoint from local disk. The worker
-    starts as in production (Worker.start: load, then the warm-up compilation), twice: with an
-    empty compile cache (first worker on a volume) and with the cache the first one left."""
+    """Process start to ready on one GPU, page cache dropped before each start, from a full-size
+    random checkpoint on local disk, against the disk's own time to read the same files (the
+    floor). The worker starts as handler.py starts it (Worker.start: load, warm-up compilation).
+
+    1. The official layout: the worker with an empty compile cache (then its first job against a
+       warm one, and a streaming 3-clip job: bench/coldstart_child.py), again with the cache the
+       first start left; the official loader with --paths official.
+    2. The same checkpoint rewritten as ComfyUI's fp8_scaled files (fullsize.convert_to_comfy_fp8,
+       which deletes the official files as it goes: the disk holds one of them): the worker with
+       WAN_S2V_WEIGHTS=fp8, with an empty compile cache and with the one it left, then capped at
+       22 GiB as a 24 GB card (its tier: T5 and DiT blocks streamed) with one job.
+    --coldstart-parts 1,2 picks the parts (a run of the whole may not fit one device command).
+    Every run's figures are also written to <out>.partial as they come."""
     folder = Path(args.ckpt_dir)
-    out = {}
-    if not (folder / "config.json").is_file():
-        start = time.perf_counter()
-        sizes = fullsize.write_checkpoint(folder, DEVICE)
-        out["checkpoint_written_s"] = round(time.perf_counter() - start, 1)
-        out["checkpoint_gb"] = round(sum(sizes.values()), 2)
-        torch.cuda.empty_cache()
-    cache = Path(tempfile.mkdtemp(prefix="compile-cache-"))
-    runs = {"official": "official", "worker": "worker", "worker_cached_compile": "worker"}
-    for name, path in runs.items():
-        if path not in args.paths:
-            continue
+    comfy_folder = folder.parent / (folder.name + "-comfyui-fp8")
+    media = Path(tempfile.mkdtemp(prefix="coldstart-media-"))
+    _image_16x9(media)
+    _speech(4.5, media)
+    _speech(14.0, media)
+    out: dict = {}
+    partial = Path(args.out + ".partial")
+
+    def start(name: str, checkpoint: Path, cache: Path, env: tuple[str, ...] = (),
+              jobs: tuple[str, ...] = (), path: str = "worker") -> None:
         dropped = _drop_page_cache()
-        start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "bench.coldstart_child", path,
-                               str(folder), str(start), str(cache)], capture_output=True, text=True)
+        began = time.time()
+        command = [sys.executable, "-m", "bench.coldstart_child", path, str(checkpoint),
+                   str(began), str(cache), "--media-dir", str(media)]
+        command += [f"--env={item}" for item in env] + (["--jobs", *jobs] if jobs else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {}
         if proc.returncode != 0 or not lines:
-            out[name] = {"error": (proc.stdout + proc.stderr)[-1500:]}
-        else:
-            out[name] = {**json.loads(lines[-1]), "page_cache_dropped": dropped}
+            row["error"] = (proc.stdout + proc.stderr)[-2000:]
+        out[name] = {**row, "page_cache_dropped": dropped, "env": list(env)}
         print("coldstart", name, out[name], flush=True)
-    return {"cold_start_s": out}
+        partial.write_text(json.dumps({"cold_start_s": out}, indent=1))
+
+    if "1" in args.coldstart_parts:
+        if not (folder / "config.json").is_file():
+            began = time.perf_counter()
+            sizes = fullsize.write_checkpoint(folder, DEVICE)
+            out["checkpoint_written_s"] = round(time.perf_counter() - began, 1)
+            torch.cuda.empty_cache()
+        out["disk_read_floor"] = _read_floor(_large_files(folder))
+        out["disk_read_floor_s"] = out["disk_read_floor"]["seconds"]
+        cache = Path(tempfile.mkdtemp(prefix="compile-cache-"))
+        if "official" in args.paths:
+            start("official", folder, cache, path="official")
+        start("worker", folder, cache, jobs=("first_job", "stream"))
+        start("worker_cached_compile", folder, cache)
+        first = out["worker"].get("first_job", {})
+        if first:
+            out["first_job_ratio"] = first["first_job_ratio"]
+    if "2" in args.coldstart_parts:
+        if not comfy_folder.is_dir():
+            if not (folder / "config.json").is_file():
+                fullsize.write_checkpoint(folder, DEVICE)
+                torch.cuda.empty_cache()
+            began = time.perf_counter()
+            sizes = fullsize.convert_to_comfy_fp8(folder, comfy_folder)
+            out["comfyui_fp8_written_s"] = round(time.perf_counter() - began, 1)
+            out["comfyui_fp8_files_gib"] = {k: round(v, 2) for k, v in sizes.items()}
+        out["disk_read_floor_fp8"] = _read_floor(_large_files(comfy_folder))
+        out["disk_read_floor_fp8_s"] = out["disk_read_floor_fp8"]["seconds"]
+        cache = Path(tempfile.mkdtemp(prefix="compile-cache-fp8-"))
+        fp8 = ("WAN_S2V_WEIGHTS=fp8",)
+        start("worker_fp8_empty_compile_cache", comfy_folder, cache, env=fp8)
+        start("worker_fp8", comfy_folder, cache, env=fp8)
+        start("worker_comfyui_fp8_22GiB", comfy_folder, cache, env=("WAN_S2V_GPU_MEMORY_GB=22",),
+              jobs=("one_job",))
+    result = {"cold_start_s": out}
+    stream = out.get("worker", {}).pop("stream", None)
+    if stream:
+        result["stream"] = {"480p_3clips_4steps": stream}
+    return result
+
+
+def _large_files(folder: Path) -> list[Path]:
+    """The checkpoint's files of 100 MB or more: what a cold start reads."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_size >= 100 * 2**20)
+
+
+def _read_floor(files: list[Path], readers: int = 8) -> dict:
+    """The seconds the disk takes to give back `files` whole (page cache dropped first), read by
+    `readers` threads at once in 64 MiB pieces: the floor under any loader's time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pieces = [(path, offset) for path in files
+              for offset in range(0, path.stat().st_size, 64 * 2**20)]
+
+    def read(assigned: list) -> int:
+        buffer = bytearray(64 * 2**20)
+        done = 0
+        for path, offset in assigned:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset)
+                done += f.readinto(buffer)
+        return done
+
+    dropped = _drop_page_cache()
+    began = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        total = sum(pool.map(read, [pieces[i::readers] for i in range(readers)]))
+    seconds = time.perf_counter() - began
+    return {"seconds": round(seconds, 1), "gb": round(total / 1e9, 2),
+            "gb_per_s": round(total / 1e9 / seconds, 2), "readers": readers, "files": len(files),
+            "page_cache_dropped": dropped}
 
 
 def _drop_page_cache() -> bool:
@@ -688,6 +772,8 @@ def main() -> None:
                              "ratios are against it)")
     parser.add_argument("--tier-steps", type=int, default=10,
                         help="memory: guided steps of each tier's 1-clip jobs")
+    parser.add_argument("--coldstart-parts", default="1,2",
+                        help="coldstart: 1 (the official layout), 2 (ComfyUI's FP8 files)")
     parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-"))
     parser.add_argument("--ckpt-dir", default="/root/wan-s2v-fullsize")
     parser.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
@@ -699,6 +785,7 @@ def main() -> None:
     args.world_sizes = [int(n) for n in args.world_sizes.split(",") if n]
     args.parallel_parts = args.parallel_parts.split(",")
     args.tiers = args.tiers.split(",")
+    args.coldstart_parts = args.coldstart_parts.split(",")
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

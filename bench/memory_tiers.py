@@ -48,20 +48,16 @@ def _job(worker, image: Path, audio: Path, resolution: str, steps: int) -> dict:
 
 def _model_bytes(pipeline):
     """memory.ModelBytes of the built components, counted as model_bytes counts a checkpoint."""
-    from s2v_worker.memory import ModelBytes
-    from s2v_worker.weights import Float8Recipe, dit_bytes
+    from s2v_worker.memory import count_model_bytes
+    from s2v_worker.weights import ComponentShapes
 
-    shapes = {name: (tuple(t.shape), "BF16") for name, t in pipeline.denoiser.model.state_dict().items()}
-    dit_bf16, _ = dit_bytes(shapes, None)
-    dit_float8, dit_blocks = dit_bytes(shapes, Float8Recipe())
-    t5 = pipeline.text_encoder.model
-    t5_total = sum(p.numel() * 2 for p in t5.parameters())
-    block = sum(p.numel() * 2 for p in t5.blocks[0].parameters())
-    others = sum(p.numel() * p.element_size() for p in (*pipeline.vae.model.parameters(),
-                                                        *pipeline.audio_encoder.model.parameters()))
-    return ModelBytes(dit_bf16, dit_float8, dit_blocks, len(pipeline.denoiser.model.blocks),
-                      t5_total, t5_total - block * len(t5.blocks)
-                      - t5.token_embedding.weight.numel() * 2 + 2 * block, others)
+    def shapes(module):
+        return {name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+    return count_model_bytes(ComponentShapes(
+        dit=shapes(pipeline.denoiser.model), t5=shapes(pipeline.text_encoder.model),
+        vae_values=sum(t.numel() for t in pipeline.vae.model.state_dict().values()),
+        wav2vec_values=sum(t.numel() for t in pipeline.audio_encoder.model.state_dict().values())))
 
 
 def _fp8_deviation(dit: torch.nn.Module, device: torch.device) -> dict:
@@ -143,7 +139,7 @@ def section_memory(args) -> dict:
     settings = Settings.from_env({}).replace(network_volume_dir=str(work),
                                              max_inline_video_bytes=1)
     sizes = _model_bytes(pipeline)
-    out: dict = {}
+    out: dict = {"steps": args.tier_steps}
     try:
         out["fp8_weights_deviation"] = _fp8_deviation(pipeline.denoiser.model, device)
     except Exception as exc:  # the tiers are measured anyway

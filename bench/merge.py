@@ -18,7 +18,8 @@ PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"  # its measurements section 
 SECTION_KEYS = ("faithfulness", "dit_forward_s", "vae_s", "job_s", "cold_start_s", "fast_mode_480p")
 FAITHFULNESS_KEYS = ("tiny_whole_job", "fullsize_forward_480p", "fullsize_forward_720p",
                      "fullsize_three_steps_480p")
-COLD_START_RUNS = ("official", "worker", "worker_cached_compile")
+COLD_START_RUNS = ("official", "worker", "worker_cached_compile", "worker_fp8",
+                   "worker_fp8_empty_compile_cache", "worker_comfyui_fp8_22GiB")
 
 
 def merge(parts: list[dict]) -> dict:
@@ -26,7 +27,8 @@ def merge(parts: list[dict]) -> dict:
     if len(devices) != 1:
         raise SystemExit(f"parts come from different devices: {sorted(devices)}")
     first = parts[0]["env"]
-    merged = {"device": first["device"], "torch": first["torch"], "date": first["date"],
+    merged = {"device": first["device"], "torch": first["torch"],
+              "date": ", ".join(sorted({part["env"]["date"] for part in parts})),
               "commits": sorted({part["env"]["commit"] for part in parts})}
     for part in parts:  # in file order: a later part's check or row replaces an earlier one
         commit = part["env"]["commit"]
@@ -47,8 +49,15 @@ def merge(parts: list[dict]) -> dict:
             if path in COLD_START_RUNS and "ready_s" in row:
                 cold[path] = row["ready_s"]
                 cold[f"{path}_detail"] = {**row, "commit": commit}
-            elif path.startswith("checkpoint_"):
-                cold[path] = row
+            elif path.startswith(("checkpoint_", "comfyui_fp8_", "disk_read_floor")) \
+                    or path == "first_job_ratio":
+                cold[path] = {**row, "commit": commit} if isinstance(row, dict) else row
+        for key in ("memory_tiers", "stream"):
+            if key in part:
+                merged[key] = {**part[key], "commit": commit}
+        if "fp8_weights_deviation" in part.get("memory_tiers", {}):
+            merged["fp8_weights_deviation"] = {**part["memory_tiers"]["fp8_weights_deviation"],
+                                               "commit": commit}
         if "job_s" in part:  # official and worker ran as separate processes on the same machine
             job = merged.setdefault("job_s", {})
             for name, row in part["job_s"].items():
@@ -151,6 +160,7 @@ def measurements_section(result: dict, result_path: Path) -> str:
         lines.append(f"| cold start, process start to ready (worker: load + warm-up compilation), "
                      f"full checkpoint on local disk (page cache dropped: {'yes' if dropped else 'no'}) "
                      f"| {cold['official']:.0f} s | {cold['worker']:.0f} s{cached} | - | - |")
+    lines += reach_lines(result)
     lines += ["", "Faithfulness (tests/gpu; the bounds are bench/faithfulness.py's):", ""]
     labels = {"tiny_whole_job": "tiny checkpoint, whole job (2 clips, 4 guided steps), official "
                                 "generate vs the worker with WAN_S2V_COMPILE=false and "
@@ -186,6 +196,77 @@ def measurements_section(result: dict, result_path: Path) -> str:
             lines.append(f"- {speed} against exact mode at 480p (FP8 set `{fast_loop['float8']}`): "
                          f"one forward {row['forward_rel_l2_vs_exact']:.2e}{after} (relative L2)")
     return "\n".join(lines)
+
+
+def _s(value, digits: int = 1) -> str:
+    return f"{value:.{digits}f} s" if isinstance(value, (int, float)) else "-"
+
+
+def reach_lines(result: dict) -> list[str]:
+    """Cold start against the disk, the memory tiers, streaming, FP8 weights (issues 19-21)."""
+    lines: list[str] = []
+    cold = result.get("cold_start_s", {})
+    if "disk_read_floor_s" in cold:
+        floor, detail = cold["disk_read_floor"], cold.get("worker_detail", {})
+        first = detail.get("first_job", {})
+        lines += ["", f"Cold start, process start to ready (Worker.start: load and warm-up), page "
+                      f"cache dropped before each, at {detail.get('commit', '?')}; the floor is the "
+                      f"same files read whole by {floor['readers']} threads in the same run:", "",
+                  "| checkpoint | disk read (floor) | ready, empty compile cache | ready, compile "
+                  "cache of a first worker | first job / the next |", "| --- | --- | --- | --- | --- |"]
+        ratio = (f"{first['first']['job_s']:.1f} s / {first['warm']['job_s']:.1f} s = "
+                 f"{first['first_job_ratio']:.2f}x" if first else "-")
+        lines.append(f"| official layout ({floor['gb']:.1f} GB of large files) | "
+                     f"{floor['seconds']:.1f} s ({floor['gb_per_s']:.2f} GB/s) | "
+                     f"{_s(cold.get('worker'))} | {_s(cold.get('worker_cached_compile'))} | {ratio} |")
+        if "disk_read_floor_fp8" in cold:
+            fp8 = cold["disk_read_floor_fp8"]
+            lines.append(f"| ComfyUI's fp8_scaled files ({fp8['gb']:.1f} GB), WAN_S2V_WEIGHTS=fp8 | "
+                         f"{fp8['seconds']:.1f} s ({fp8['gb_per_s']:.2f} GB/s) | "
+                         f"{_s(cold.get('worker_fp8_empty_compile_cache'))} | "
+                         f"{_s(cold.get('worker_fp8'))} | - |")
+        capped = cold.get("worker_comfyui_fp8_22GiB_detail", {})
+        if capped:
+            job = capped.get("one_job", {})
+            lines.append(f"| the same files, WAN_S2V_GPU_MEMORY_GB=22 (a 24 GB card) | - | - | "
+                         f"{_s(capped.get('ready_s'))} | one 1-clip 480p job of 4 guided steps: "
+                         f"{_s(job.get('job_s'))}, peak {job.get('peak_gb', '-')} GiB |")
+    tiers = result.get("memory_tiers", {})
+    caps = [cap for cap, row in tiers.items() if isinstance(row, dict) and "plan" in row]
+    if caps:
+        resolutions = [r for r in ("480p", "720p") if any(r in tiers[c] for c in caps)]
+        lines += ["", f"Memory tiers (WAN_S2V_GPU_MEMORY_GB caps the worker's GPU memory as a smaller "
+                      f"card's would; 1-clip jobs of {tiers.get('steps', '?')} guided steps through "
+                      f"Worker.run, to the delivered MP4; ratio = job time / the uncapped bfloat16 "
+                      f"job's), at {tiers.get('commit', '?')}:", "",
+                  "| cap | tier | " + " | ".join(f"{r}: job, x uncapped, peak" for r in resolutions)
+                  + " |", "| --- | --- |" + " --- |" * len(resolutions)]
+        for cap in caps:
+            row = tiers[cap]
+            cells = []
+            for r in resolutions:
+                job = row.get(r, {})
+                if "job_s" in job:
+                    cells.append(f"{job['job_s']:.1f} s, {job.get('ratio_vs_exact', 1.0):.2f}x, "
+                                 f"{job['peak_gb']:.1f} GiB")
+                else:
+                    cells.append(str(job.get("refused", job.get("error", "-")))[:80])
+            lines.append(f"| {cap} | {row['plan']} | " + " | ".join(cells) + " |")
+    deviation = result.get("fp8_weights_deviation", {})
+    if "fp8_gemm" in deviation:
+        lines += ["", f"FP8 weights (per-row scales) against the same weights in bfloat16, one 480p "
+                      f"DiT forward, relative L2: {deviation['bf16_gemm']:.2e} multiplied in "
+                      f"bfloat16 (Ampere), {deviation['fp8_gemm']:.2e} with FP8 GEMMs (Ada, "
+                      f"Hopper), at {deviation['commit']}."]
+    stream = result.get("stream", {}).get("480p_3clips_4steps")
+    if stream:
+        lines += ["", f"Streaming (WAN_S2V_STREAM; 480p, 3 clips, 4 steps without guidance, as "
+                      f"with a 4-step LoRA): the first clip's item {stream['first_item_s']:.1f} s "
+                      f"after the job started, {stream['first_item_s'] / stream['one_clip_job_s']:.2f}x "
+                      f"a whole 1-clip job's {stream['one_clip_job_s']:.1f} s; then one every "
+                      f"{stream['between_items_s']:.1f} s; the whole 3-clip job "
+                      f"{stream['three_clip_job_s']:.1f} s, at {result['stream']['commit']}."]
+    return lines
 
 
 def update_performance_page(result: dict, result_path: Path) -> None:

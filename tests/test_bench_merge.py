@@ -70,3 +70,43 @@ def test_the_measurements_are_written_between_the_markers_from_the_result(tmp_pa
     page.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="no bench:start/bench:end markers"):
         merge.update_performance_page(result, result_path)
+
+
+REACH = part("ccc3333",
+             memory_tiers={"steps": 3, "fp8_weights_deviation": {"bf16_gemm": 1e-2, "fp8_gemm": 3e-2},
+                           "none": {"plan": "bf16, everything resident", "480p": {
+                               "job_s": 20.0, "peak_gb": 50.0}},
+                           "22GiB": {"plan": "fp8, T5 streamed, 20 of 40 blocks streamed", "480p": {
+                               "job_s": 30.0, "peak_gb": 21.0, "ratio_vs_exact": 1.5},
+                               "720p": {"refused": "this job needs about 30 GiB"}}},
+             cold_start_s={"disk_read_floor": {"seconds": 25.0, "gb": 45.7, "gb_per_s": 1.83,
+                                               "readers": 8},
+                           "disk_read_floor_s": 25.0, "first_job_ratio": 1.04,
+                           "worker": {"ready_s": 34.0, "first_job": {
+                               "first": {"job_s": 26.0}, "warm": {"job_s": 25.0},
+                               "first_job_ratio": 1.04}},
+                           "worker_cached_compile": {"ready_s": 28.0},
+                           "disk_read_floor_fp8": {"seconds": 13.0, "gb": 23.0, "gb_per_s": 1.77,
+                                                   "readers": 8},
+                           "worker_fp8": {"ready_s": 18.0},
+                           "worker_fp8_empty_compile_cache": {"ready_s": 40.0}},
+             stream={"480p_3clips_4steps": {"first_item_s": 22.0, "between_items_s": 15.0,
+                                            "one_clip_job_s": 20.0, "three_clip_job_s": 55.0}})
+
+
+def test_the_reach_sections_merge_with_their_commit_and_reach_the_page():
+    result = merge.merge([FIRST, SECOND, REACH])
+    assert result["fp8_weights_deviation"] == {"bf16_gemm": 1e-2, "fp8_gemm": 3e-2, "commit": "ccc3333"}
+    assert result["memory_tiers"]["commit"] == result["stream"]["commit"] == "ccc3333"
+    cold = result["cold_start_s"]
+    assert (cold["worker"], cold["worker_fp8"], cold["disk_read_floor_s"], cold["first_job_ratio"]) \
+        == (34.0, 18.0, 25.0, 1.04)
+    section = merge.measurements_section(result, merge.ROOT / "bench" / "results" / "x-nvidia-h100.json")
+    assert ("| official layout (45.7 GB of large files) | 25.0 s (1.83 GB/s) | 34.0 s | 28.0 s | "
+            "26.0 s / 25.0 s = 1.04x |") in section
+    assert "| ComfyUI's fp8_scaled files (23.0 GB), WAN_S2V_WEIGHTS=fp8 | 13.0 s (1.77 GB/s) | 40.0 s | 18.0 s | - |" in section
+    assert ("| 22GiB | fp8, T5 streamed, 20 of 40 blocks streamed | 30.0 s, 1.50x, 21.0 GiB | "
+            "this job needs about 30 GiB |") in section
+    assert "1-clip jobs of 3 guided steps" in section
+    assert "the first clip's item 22.0 s after the job started, 1.10x a whole 1-clip job's 20.0 s" in section
+    assert "relative L2: 1.00e-02 multiplied in bfloat16 (Ampere), 3.00e-02 with FP8 GEMMs" in section
