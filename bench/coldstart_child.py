@@ -47,7 +47,9 @@ else:  # as handler.py starts it: load, then the warm-up compilation (WAN_S2V_WA
     from s2v_worker.runner import Worker
     from s2v_worker.settings import Settings
 
+    # Videos go to a folder standing for the network volume (they are too large to inline).
     environ = {"WAN_S2V_CKPT_DIR": str(args.folder), "TORCH_COMPILE_CACHE_DIR": args.cache,
+               "NETWORK_VOLUME_DIR": str(args.media_dir or args.folder.parent),
                **dict(item.split("=", 1) for item in args.env)}
     worker = Worker.start(Settings.from_env(environ))
 GPU = torch.cuda.is_available()  # (without one: a dry run of this script on the tiny checkpoint)

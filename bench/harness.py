@@ -547,6 +547,9 @@ def section_coldstart(args) -> dict:
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         row = json.loads(lines[-1]) if lines else {}
+        # The worker's own account of its start-up: one log line with each stage's seconds.
+        row["log"] = [l[-600:] for l in proc.stderr.splitlines()
+                      if "worker ready in" in l or "memory plan" in l or "warm-up at" in l]
         if proc.returncode != 0 or not lines:
             row["error"] = (proc.stdout + proc.stderr)[-2000:]
         out[name] = {**row, "page_cache_dropped": dropped, "env": list(env)}
