@@ -44,6 +44,7 @@ if args.path == "official":
     model = official.speech2video.WanS2V(config=official.config, checkpoint_dir=str(args.folder),
                                          device_id=0)
 else:  # as handler.py starts it: load, then the warm-up compilation (WAN_S2V_WARMUP=480p)
+    from s2v_worker.logs import configure_logging
     from s2v_worker.runner import Worker
     from s2v_worker.settings import Settings
 
@@ -51,7 +52,9 @@ else:  # as handler.py starts it: load, then the warm-up compilation (WAN_S2V_WA
     environ = {"WAN_S2V_CKPT_DIR": str(args.folder), "TORCH_COMPILE_CACHE_DIR": args.cache,
                "NETWORK_VOLUME_DIR": str(args.media_dir or args.folder.parent),
                **dict(item.split("=", 1) for item in args.env)}
-    worker = Worker.start(Settings.from_env(environ))
+    settings = Settings.from_env(environ)
+    configure_logging(settings.logging.log_level)  # as handler.py: the start-up's log line
+    worker = Worker.start(settings)
 GPU = torch.cuda.is_available()  # (without one: a dry run of this script on the tiny checkpoint)
 if GPU:
     torch.cuda.synchronize()
