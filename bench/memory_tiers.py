@@ -129,7 +129,7 @@ def section_memory(args) -> dict:
     from s2v_worker.runner import Worker
     from s2v_worker.settings import Settings
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     work = Path(args.work_dir)
     pipeline = fullsize.build_pipeline(device, work / "components")

@@ -96,8 +96,10 @@ def memory_plan(checkpoint: Checkpoint, device: torch.device,
     limit = total - CUDA_CONTEXT_BYTES
     if settings.gpu_memory_gb is not None:
         limit = min(limit, int(settings.gpu_memory_gb * GiB))
-        # The caching allocator refuses to hold more, as a smaller card's memory would.
-        torch.cuda.set_per_process_memory_fraction(limit / total, device)
+        # The caching allocator refuses to hold more, as a smaller card's memory would (it wants
+        # the device's index: "cuda" alone is refused).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(limit / total, index)
     try:
         plan = plan_memory(limit, model_bytes(checkpoint), settings.weights, checkpoint.max_area)
     except ValueError as exc:
