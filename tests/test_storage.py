@@ -6,7 +6,6 @@ import base64
 import re
 import socket
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -42,11 +41,13 @@ def admin(s3_endpoint: str):
 
 @pytest.fixture
 def base_settings(tmp_path: Path) -> Settings:
-    """No bucket, no network volume, quick to fail: each test adds what it needs. The S3 server is
-    on loopback, which the address policy admits only when told to (as a private MinIO would be)."""
+    """No bucket, no network volume, one attempt: each test adds what it needs. The S3 server is
+    on loopback, which the address policy admits only when told to (as a private MinIO would be).
+    The timeout is what moto must answer within on a loaded CI machine, so not a tight one; no
+    test here waits for it (refused endpoints fail before or at the connection)."""
     return Settings.from_env({}).replace(network_volume_dir=str(tmp_path / "no-volume"),
                                          undelivered_dir=str(tmp_path / "undelivered"),
-                                         bucket_timeout_s=2.0, bucket_max_attempts=1,
+                                         bucket_timeout_s=30.0, bucket_max_attempts=1,
                                          allowed_private_networks="127.0.0.0/8")
 
 
@@ -265,11 +266,22 @@ class Listener:
             conn.close()
 
     def close(self) -> None:
+        """Stop, and count what the thread had not accepted yet. A connect() to loopback returns
+        once the kernel has completed the handshake and queued the connection on this socket, so
+        every connection the code under test made is counted here however slow the machine (no
+        sleep that a loaded machine could outlast)."""
         if not self.running:
             return
-        time.sleep(0.2)  # a connection in flight is counted before the count is read
         self.running = False
         self.thread.join()
+        self.sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                break
+            self.accepted += 1
+            conn.close()
         self.sock.close()
 
 
