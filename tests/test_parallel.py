@@ -227,19 +227,22 @@ class TestTwoRanks:
                                                                   tmp_path, monkeypatch):
         """A clip's preparation and the ranks' hand-off are measured apart from its steps (at
         world size 2 estimates ran 2x high after 2-step jobs): after a 2-step job, a 16-step
-        job's estimate is its time within a factor of 2. Sleeps in rank 0's preparation and
-        calls make both costly enough to measure on a loaded machine."""
+        job's estimate is its time within a factor of 2 (with preparation passing for calls it
+        would be over 3x). Sleeps in rank 0's preparation and calls make both costly, and several
+        times the tiny model's own compute (30 to 80 ms a step, the first steps of a job the
+        slowest), so that a loaded machine, which slows that compute unevenly between the two
+        jobs, cannot move the ratio much."""
         from s2v_worker.estimate import DiTSpeed
 
         engine = tiny_pipeline.denoiser.engine
         prepare, forward = engine.prepare, engine.forward
 
         def slow_prepare(*args, **kwargs):
-            time.sleep(0.2)
+            time.sleep(1.0)
             return prepare(*args, **kwargs)
 
         def slow_forward(*args, **kwargs):
-            time.sleep(0.03)
+            time.sleep(0.1)
             return forward(*args, **kwargs)
 
         monkeypatch.setattr(engine, "prepare", slow_prepare)
