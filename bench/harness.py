@@ -775,6 +775,9 @@ def main() -> None:
                              "ratios are against it)")
     parser.add_argument("--tier-steps", type=int, default=10,
                         help="memory: guided steps of each tier's 1-clip jobs")
+    parser.add_argument("--fp8-variants", default="",
+                        help="memory: also the deviation of these FP8 weight variants "
+                             "(memory_tiers.FP8_VARIANTS)")
     parser.add_argument("--coldstart-parts", default="1,2",
                         help="coldstart: 1 (the official layout), 2 (ComfyUI's FP8 files)")
     parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-"))
@@ -789,6 +792,7 @@ def main() -> None:
     args.parallel_parts = args.parallel_parts.split(",")
     args.tiers = args.tiers.split(",")
     args.coldstart_parts = args.coldstart_parts.split(",")
+    args.fp8_variants = [v for v in args.fp8_variants.split(",") if v]
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

@@ -60,9 +60,40 @@ def _model_bytes(pipeline):
         wav2vec_values=sum(t.numel() for t in pipeline.audio_encoder.model.state_dict().values())))
 
 
-def _fp8_deviation(dit: torch.nn.Module, device: torch.device) -> dict:
+# Variants of the FP8 weights, for the deviation only (--fp8-variants): which Linears stay in
+# bfloat16 ("bf16") or multiply after dequantizing although the others run FP8 GEMMs ("upcast").
+# The text (cross_attn k/v) and audio (injector k/v) projections see few tokens: their GEMMs cost
+# next to nothing whichever way they run.
+_CROSS_KV = r"^blocks\.\d+\.cross_attn\.(k|v)$"
+_INJECTOR = r"^audio_injector\."
+_INJECTOR_KV = r"^audio_injector\.injector\.\d+\.(k|v)$"
+FP8_VARIANTS = {
+    "context_upcast": {"upcast": (_CROSS_KV, _INJECTOR_KV)},
+    "cross_kv_bf16": {"bf16": (_CROSS_KV,)},
+    "injector_bf16": {"bf16": (_INJECTOR,)},
+    "cross_kv_injector_bf16": {"bf16": (_CROSS_KV, _INJECTOR)},
+}
+
+
+def _apply_variant(fp8: torch.nn.Module, dit: torch.nn.Module, variant: dict) -> None:
+    import re
+
+    from s2v_worker.float8 import Float8Linear
+
+    for name, module in list(fp8.named_modules()):
+        if not isinstance(module, Float8Linear):
+            continue
+        if any(re.search(p, name) for p in variant.get("upcast", ())):
+            module.gemm = "upcast"
+        if any(re.search(p, name) for p in variant.get("bf16", ())):
+            parent, _, child = name.rpartition(".")
+            setattr(fp8.get_submodule(parent), child, dit.get_submodule(name))
+
+
+def _fp8_deviation(dit: torch.nn.Module, device: torch.device, variants=()) -> dict:
     """One 480p forward's relative L2 deviation from the bfloat16 one, for the same weights in FP8
-    (per-row scales): dequantized for a bfloat16 GEMM (the Ampere path), FP8 GEMMs (Hopper)."""
+    (per-row scales): dequantized for a bfloat16 GEMM (the Ampere path), FP8 GEMMs (Hopper); and
+    for each of `variants` (FP8_VARIANTS), under "<variant>.<gemm>"."""
     from bench.faithfulness import rel_l2
     from s2v_worker.dit import DiTEngine
     from s2v_worker.weights import Float8Recipe, build_dit
@@ -72,12 +103,18 @@ def _fp8_deviation(dit: torch.nn.Module, device: torch.device) -> dict:
     x, t = inputs.pop("x"), inputs.pop("t")
     config = dict(dit.config)
     out = {}
+    runs = [(name, gemm, None) for name, gemm in (("bf16_gemm", "upcast"), ("fp8_gemm", "fp8"))]
+    runs += [(f"{v}.{name}", gemm, FP8_VARIANTS[v]) for v in variants
+             for name, gemm in (("bf16_gemm", "upcast"), ("fp8_gemm", "fp8"))
+             if not (gemm == "upcast" and "upcast" in FP8_VARIANTS[v])]
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         engine = DiTEngine(dit)
         exact = engine.forward(x, t, engine.prepare(**inputs))[0]
-        for name, gemm in (("bf16_gemm", "upcast"), ("fp8_gemm", "fp8")):
+        for name, gemm, variant in runs:
             tensors = ((n, p.detach(), None) for n, p in dit.state_dict().items())
             fp8 = build_dit(config, tensors, torch.bfloat16, Float8Recipe(rowwise=True, gemm=gemm))
+            if variant is not None:
+                _apply_variant(fp8, dit, variant)
             engine = DiTEngine(fp8)
             out[name] = rel_l2(engine.forward(x, t, engine.prepare(**inputs))[0], exact)
             print(f"memory: fp8 weights, {name}: rel_l2 {out[name]:.3e}", flush=True)
@@ -141,7 +178,8 @@ def section_memory(args) -> dict:
     sizes = _model_bytes(pipeline)
     out: dict = {"steps": args.tier_steps}
     try:
-        out["fp8_weights_deviation"] = _fp8_deviation(pipeline.denoiser.model, device)
+        out["fp8_weights_deviation"] = _fp8_deviation(pipeline.denoiser.model, device,
+                                                        args.fp8_variants)
     except Exception as exc:  # the tiers are measured anyway
         out["fp8_weights_deviation_error"] = f"{type(exc).__name__}: {exc}"[:500]
     for cap, gib in CAPS.items():
