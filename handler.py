@@ -9,18 +9,25 @@ result), except in the SDK's local test mode, which never runs a generator handl
 items are collected and printed as one list, as /runsync returns them (docs/job.md, "Streaming
 endpoints").
 """
+from __future__ import annotations
+
 import sys
 import time
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 STARTED = time.monotonic()  # before the imports: the start-up's log line counts them
 
 import runpod  # noqa: E402
 from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
 
+# These three import the standard library only; the worker's runner (torch, the official model
+# code: 20 to 30 s of a cold start) is imported in main(), once the read-ahead is reading.
 from s2v_worker.logs import configure_logging  # noqa: E402
-from s2v_worker.runner import Worker, exit_through_hooks_on_sigterm  # noqa: E402
+from s2v_worker.read_ahead import ReadAhead  # noqa: E402
 from s2v_worker.settings import Settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from s2v_worker.runner import Worker
 
 
 def sdk_runs_one_local_test(argv: list[str], on_runpod: bool) -> bool:
@@ -62,15 +69,19 @@ def handler_config(worker: Worker, stream: bool, local_test: bool) -> dict[str, 
 
 
 def main() -> None:
-    exit_through_hooks_on_sigterm()
     settings = Settings.from_env()
     configure_logging(settings.logging.log_level)
+    read_ahead = (ReadAhead.of_checkpoint(settings.model, settings.folders)
+                  if settings.model.read_ahead else None)
+    from s2v_worker.runner import Worker, exit_through_hooks_on_sigterm
+
+    exit_through_hooks_on_sigterm()
     RunPodLogger().set_level(str(settings.logging.runpod_log_level))
     on_runpod = settings.logging.runpod_webhook_post_output is not None
     # Progress updates go to RunPod's job API, which only exists on RunPod's workers.
     send_progress = runpod.serverless.progress_update if on_runpod else None
     worker = Worker.start(settings, send_progress=send_progress,
-                          imports_s=time.monotonic() - STARTED)
+                          imports_s=time.monotonic() - STARTED, read_ahead=read_ahead)
     runpod.serverless.start(handler_config(worker, settings.storage.stream,
                                            sdk_runs_one_local_test(sys.argv[1:], on_runpod)))
 

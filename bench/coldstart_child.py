@@ -16,7 +16,6 @@ process, so interpreter start and imports are included. The worker starts as han
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,19 @@ parser.add_argument("--env", action="append", default=[])
 parser.add_argument("--jobs", nargs="*", default=[])
 parser.add_argument("--media-dir", type=Path)
 args = parser.parse_args()
+
+settings = read_ahead = None
+if args.path == "worker":  # as handler.py: the read-ahead starts before the heavy imports
+    from s2v_worker.read_ahead import ReadAhead
+    from s2v_worker.settings import Settings
+
+    # Videos go to a folder standing for the network volume (they are too large to inline).
+    environ = {"WAN_S2V_CKPT_DIR": str(args.folder), "TORCH_COMPILE_CACHE_DIR": args.cache,
+               "NETWORK_VOLUME_DIR": str(args.media_dir or args.folder.parent),
+               **dict(item.split("=", 1) for item in args.env)}
+    settings = Settings.from_env(environ)
+    if settings.model.read_ahead:
+        read_ahead = ReadAhead.of_checkpoint(settings.model, settings.folders)
 
 import torch  # noqa: E402  (after the clock reading above: imports count)
 
@@ -46,15 +58,10 @@ if args.path == "official":
 else:  # as handler.py starts it: load, then the warm-up compilation (WAN_S2V_WARMUP=480p)
     from s2v_worker.logs import configure_logging
     from s2v_worker.runner import Worker
-    from s2v_worker.settings import Settings
 
-    # Videos go to a folder standing for the network volume (they are too large to inline).
-    environ = {"WAN_S2V_CKPT_DIR": str(args.folder), "TORCH_COMPILE_CACHE_DIR": args.cache,
-               "NETWORK_VOLUME_DIR": str(args.media_dir or args.folder.parent),
-               **dict(item.split("=", 1) for item in args.env)}
-    settings = Settings.from_env(environ)
     configure_logging(settings.logging.log_level)  # as handler.py: the start-up's log line
-    worker = Worker.start(settings)
+    worker = Worker.start(settings, imports_s=time.time() - args.parent_start,
+                          read_ahead=read_ahead)
 GPU = torch.cuda.is_available()  # (without one: a dry run of this script on the tiny checkpoint)
 if GPU:
     torch.cuda.synchronize()

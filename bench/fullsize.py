@@ -275,7 +275,7 @@ def convert_to_comfy_fp8(official: Path, out: Path) -> dict[str, float]:
     from safetensors.torch import save_file
 
     from builder import make_tiny_comfy as comfy_files
-    from s2v_worker.weights import dit_files
+    from s2v_worker.checkpoint import dit_files
 
     names = comfy_files.file_names("fp8_scaled", "comfy")
     converters = {

@@ -567,7 +567,7 @@ def section_coldstart(args) -> dict:
         cache = Path(tempfile.mkdtemp(prefix="compile-cache-"))
         if "official" in args.paths:
             start("official", folder, cache, path="official")
-        start("worker", folder, cache, jobs=("first_job", "stream"))
+        start("worker", folder, cache, jobs=tuple(args.coldstart_jobs))
         start("worker_cached_compile", folder, cache)
         first = out["worker"].get("first_job", {})
         if first:
@@ -778,6 +778,9 @@ def main() -> None:
     parser.add_argument("--fp8-variants", default="",
                         help="memory: also the deviation of these FP8 weight variants "
                              "(memory_tiers.FP8_VARIANTS)")
+    parser.add_argument("--coldstart-jobs", default="first_job,stream",
+                        help="coldstart: the jobs the first worker of part 1 runs once ready "
+                             "(bench/coldstart_child.py --jobs)")
     parser.add_argument("--coldstart-parts", default="1,2",
                         help="coldstart: 1 (the official layout), 2 (ComfyUI's FP8 files)")
     parser.add_argument("--work-dir", default=tempfile.mkdtemp(prefix="bench-"))
@@ -793,6 +796,7 @@ def main() -> None:
     args.tiers = args.tiers.split(",")
     args.coldstart_parts = args.coldstart_parts.split(",")
     args.fp8_variants = [v for v in args.fp8_variants.split(",") if v]
+    args.coldstart_jobs = [j for j in args.coldstart_jobs.split(",") if j]
 
     result = {"env": section_env(args)}
     for name in args.sections.split(","):

@@ -130,14 +130,14 @@ def _to_tier(pipeline, plan, device: torch.device) -> None:
     from s2v_worker.denoiser import Denoiser, float8_gemm
     from s2v_worker.float8 import Float8Linear, Float8Weight
     from s2v_worker.loading import stream_t5
-    from s2v_worker.weights import FLOAT8_MODULE_PREFIXES
+    from s2v_worker.weights import keeps_float8
 
     model = pipeline.denoiser.model
     if plan.weights == "fp8" and pipeline.denoiser.weights != "fp8":
         gemm = float8_gemm(device)
         for name, module in list(model.named_modules()):
             if isinstance(module, torch.nn.Linear) and not isinstance(module, Float8Linear) \
-                    and name.startswith(FLOAT8_MODULE_PREFIXES):
+                    and keeps_float8(name):
                 parent, _, child = name.rpartition(".")
                 stored = Float8Weight.quantize(module.weight.data, rowwise=True)
                 setattr(model.get_submodule(parent), child,

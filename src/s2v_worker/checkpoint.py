@@ -24,10 +24,16 @@ import shutil
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import comfy
 from .resolutions import RESOLUTIONS
 from .settings import FolderSettings, ModelSettings
+
+if TYPE_CHECKING:
+    from .comfy import ComfyFiles
+
+# comfy.py (and torch with it) is imported where a ComfyUI set is looked at, not here: the
+# read-ahead (read_ahead.py) finds an official checkpoint before the worker imports torch.
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class Checkpoint:
     random_weights: bool = False
     # A ComfyUI set: its four files, and the folder its VAE, tokenizer and wav2vec2 were written
     # to in the official form (prepare_checkpoint). None: the official layout, all in `path`.
-    comfy: comfy.ComfyFiles | None = None
+    comfy: ComfyFiles | None = None
     prepared: Path | None = None
 
     @property
@@ -75,6 +81,8 @@ class Checkpoint:
     def dit_config(self) -> dict:
         """WanModel_S2V's constructor arguments: config.json, or read from a ComfyUI DiT file."""
         if self.comfy is not None:
+            from . import comfy
+
             return comfy.dit_config(self.comfy.dit)
         return json.loads((self.path / DIT_CONFIG).read_text())
 
@@ -111,6 +119,28 @@ def missing_entries(folder: Path) -> list[str]:
     return missing
 
 
+def dit_files(folder: Path) -> list[Path]:
+    """The DiT's safetensors files, as the checkpoint's index lists them."""
+    index = folder / DIT_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return [folder / DIT_SINGLE_FILE]
+
+
+def large_files(checkpoint: Checkpoint) -> list[Path]:
+    """The files the loaders read, in the order the start-up needs them: the DiT (its compilation
+    follows it), T5, the VAE, wav2vec2."""
+    if checkpoint.comfy is not None:
+        files = checkpoint.comfy
+        return [files.dit, files.t5, files.vae, files.wav2vec2]
+    wav2vec = checkpoint.path / WAV2VEC_DIR
+    # transformers reads model.safetensors where there is one, else pytorch_model.bin
+    weights = sorted(wav2vec.glob("*.safetensors")) or sorted(wav2vec.glob("*.bin"))
+    return [*dit_files(checkpoint.path), checkpoint.path / T5_CHECKPOINT,
+            checkpoint.path / VAE_CHECKPOINT, *weights]
+
+
 def _hf_cache_snapshots(hf_cache_dir: Path) -> list[Path]:
     repo_dir = hf_cache_dir / f"models--{REPO_ID.replace('/', '--')}"
     snapshots = repo_dir / "snapshots"
@@ -131,7 +161,7 @@ def candidate_dirs(model: ModelSettings, folders: FolderSettings) -> list[Path]:
             volume / "models" / "Wan2.2-S2V-14B", volume / "Wan2.2-S2V-14B", IMAGE_CHECKPOINT_DIR]
 
 
-def read_checkpoint(folder: Path, files: comfy.ComfyFiles | None = None) -> Checkpoint:
+def read_checkpoint(folder: Path, files: ComfyFiles | None = None) -> Checkpoint:
     """Describe a complete checkpoint folder (official, or with `files` a ComfyUI set), applying a
     tiny test checkpoint's declarations."""
     marker = folder / TINY_MARKER
@@ -143,7 +173,9 @@ def read_checkpoint(folder: Path, files: comfy.ComfyFiles | None = None) -> Chec
                       random_weights=bool(declared.get("random_weights", True)), comfy=files)
 
 
-def _comfy_files(folder: Path, required: bool) -> comfy.ComfyFiles | None:
+def _comfy_files(folder: Path, required: bool) -> ComfyFiles | None:
+    from . import comfy
+
     try:
         return comfy.find_comfy_files(folder, required=required)
     except comfy.ComfyFilesError as error:
@@ -159,6 +191,8 @@ def find_checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint
         files = _comfy_files(folder, required=False)
         if files is not None:
             return read_checkpoint(folder, files)
+        from . import comfy
+
         raise CheckpointNotFound(
             f"WAN_S2V_CKPT_DIR={folder} is neither a complete {REPO_ID} checkpoint (missing: "
             f"{', '.join(missing)}) nor a folder of ComfyUI's files (no Wan2.2-S2V diffusion "
@@ -197,6 +231,8 @@ def prepare_checkpoint(checkpoint: Checkpoint, folders: FolderSettings) -> Check
     folder = folders.lasting(None, COMFY_PREPARED_SUBDIR) / digest
     if not (folder / PREPARED_MARKER).is_file():
         import torch
+
+        from . import comfy
 
         logger.info("writing the VAE, tokenizer and wav2vec2 of the ComfyUI files to %s", folder)
         # Written aside and renamed whole: other workers may share the volume.

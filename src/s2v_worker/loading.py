@@ -25,6 +25,7 @@ from .offload import ModuleStream, embedding_on_host
 from .official import import_official, official_architecture
 from .parallel import ParallelGroup, resolve_world_size
 from .pipeline import S2VPipeline, warm_up_dit, warm_up_speech, warm_up_vae
+from .read_ahead import ReadAhead
 from .settings import (AudioEncoderDevice, FolderSettings, LoggingSettings, ModelSettings,
                        ParallelSettings, SettingsError, export_to_libraries)
 from .vae import VideoVAE
@@ -41,10 +42,11 @@ CUDA_CONTEXT_BYTES = 1 * 2**30
 
 
 def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: FolderSettings,
-                   logging_settings: LoggingSettings,
-                   stages: dict[str, float] | None = None) -> S2VPipeline:
+                   logging_settings: LoggingSettings, stages: dict[str, float] | None = None,
+                   read_ahead: ReadAhead | None = None) -> S2VPipeline:
     """The worker's pipeline, loaded and warmed up, with its ranks when it has several GPUs; one
-    log line says how long each stage took (`stages` may bring earlier ones, such as imports)."""
+    log line says how long each stage took (`stages` may bring earlier ones, such as imports)
+    and what the read-ahead (read_ahead.py, stopped here) read."""
     started = time.perf_counter()
     stages = {} if stages is None else stages
     checkpoint = _timed(stages, "checkpoint_s", _checkpoint, model, folders)
@@ -74,6 +76,9 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
         if group is not None:
             group.close()
         raise
+    finally:
+        if read_ahead is not None:
+            stages.update(read_ahead.stop())
     logger.info("worker ready in %.1f s on %d %s device(s): %s", time.perf_counter() - started,
                 world_size, device.type, ", ".join(f"{k} {v:g}" for k, v in stages.items()))
     return pipeline

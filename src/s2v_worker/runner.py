@@ -36,6 +36,7 @@ from .media import AudioInput, load_audio, load_image, load_pose_video
 from .parallel import RankFailure
 from .settings import Settings
 from .planning import ClipPlan, plan_clips, video_size
+from .read_ahead import ReadAhead
 from .storage import ClipDelivery, deliver_video
 from .video import ClipEncoding, EncodedVideo, Mp4Stream, VideoEncodingError
 
@@ -238,15 +239,16 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings, send_progress: ProgressSender | None = None,
-              imports_s: float | None = None) -> "Worker":
+              imports_s: float | None = None, read_ahead: ReadAhead | None = None) -> "Worker":
         """Load the pipeline onto the device (and, with several GPUs, start the other ranks,
         which load their DiTs meanwhile): once per worker process. imports_s: how long the
-        process took to get here, for the start-up's log line."""
+        process took to get here, for the start-up's log line; read_ahead: the checkpoint's
+        read-ahead started meanwhile, stopped once the worker is loaded."""
         from .loading import start_pipeline  # imports the official models: not for validation
 
         stages = {} if imports_s is None else {"imports_s": round(imports_s, 1)}
         pipeline = start_pipeline(settings.model, settings.parallel, settings.folders,
-                                  settings.logging, stages)
+                                  settings.logging, stages, read_ahead)
         return cls(settings, pipeline, send_progress)
 
     async def handle(self, job: dict) -> dict:

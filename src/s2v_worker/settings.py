@@ -212,7 +212,7 @@ class ModelSettings:
         "WAN_S2V_WEIGHTS", WeightFormat.AUTO, _choice(WeightFormat),
         help="How the DiT's weights are kept on the GPU. 'bf16': as the official checkpoint has "
              "them (30.4 GiB). 'fp8': its large Linear weights in FP8 e4m3 with per-row scales "
-             "(15.5 GiB), quantized at load (or taken as they are from a scaled-FP8 file); the "
+             "(19.2 GiB), quantized at load (or taken as they are from a scaled-FP8 file); the "
              "GEMMs run in FP8 on GPUs with FP8 tensor cores (Ada, Hopper), else each weight is "
              "upcast to bfloat16 for its GEMM. 'auto': bf16 where the GPU (or "
              "WAN_S2V_GPU_MEMORY_GB) holds it with 720p jobs, else fp8 (docs/deploying.md, "
@@ -246,6 +246,12 @@ class ModelSettings:
         help="Where wav2vec2 encodes the speech: 'gpu' (the pipeline's device; 21 s faster for "
              "4.5 s of speech) or 'cpu' (as the official code). With 'cpu' and "
              "WAN_S2V_COMPILE=false the output is bit-identical to the official code's.")
+    read_ahead: bool = setting(
+        "WAN_S2V_READ_AHEAD", True, _bool,
+        help="While the worker imports its code (20 to 30 s of a cold start), read the "
+             "checkpoint's files into the page cache with 8 threads, as far as the host's free "
+             "memory allows less 16 GiB, so that the loaders find them there. Off: the loaders "
+             "read the disk themselves.")
     warmup: tuple[Resolution, ...] = setting(
         "WAN_S2V_WARMUP", ("480p",), _resolutions, shown_default="480p",
         help="Resolutions run once on blank inputs while the worker starts, so the compilation "
