@@ -67,8 +67,10 @@ def harness_promises(newest: Path) -> list[str]:
         problems.append(f"{newest.name}: job_s 480p_1clip_30steps lacks official or worker")
     # The reach issues (19-21): tiers, FP8 weights, cold start against the disk, streaming.
     tiers = result.get("memory_tiers", {})
-    for cap in ("none", "44GiB", "22GiB"):
-        for resolution in ("480p", "720p"):
+    # A 24 GB card serves 480p only (its tier refuses 720p up front).
+    for cap, resolutions in (("none", ("480p", "720p")), ("44GiB", ("480p", "720p")),
+                             ("22GiB", ("480p",))):
+        for resolution in resolutions:
             if "job_s" not in tiers.get(cap, {}).get(resolution, {}):
                 problems.append(f"{newest.name}: memory_tiers {cap} {resolution} has no job_s")
     if not {"bf16_gemm", "fp8_gemm"} <= set(result.get("fp8_weights_deviation", {})):

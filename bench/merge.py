@@ -52,9 +52,11 @@ def merge(parts: list[dict]) -> dict:
             elif path.startswith(("checkpoint_", "comfyui_fp8_", "disk_read_floor")) \
                     or path == "first_job_ratio":
                 cold[path] = {**row, "commit": commit} if isinstance(row, dict) else row
-        for key in ("memory_tiers", "stream"):
-            if key in part:
-                merged[key] = {**part[key], "commit": commit}
+        if "stream" in part:
+            merged["stream"] = {**part["stream"], "commit": commit}
+        if "memory_tiers" in part:
+            merged["memory_tiers"] = _merge_tiers(merged.get("memory_tiers", {}),
+                                                  part["memory_tiers"], commit)
         if "fp8_weights_deviation" in part.get("memory_tiers", {}):
             merged["fp8_weights_deviation"] = {**part["memory_tiers"]["fp8_weights_deviation"],
                                                "commit": commit}
@@ -70,6 +72,22 @@ def merge(parts: list[dict]) -> dict:
                         entry[path] = row[path].get("job_s", row[path].get("generate_s"))
                         entry[f"{path}_detail"] = {**row[path], "commit": commit}
     return merged
+
+
+def _merge_tiers(merged: dict, part: dict, commit: str) -> dict:
+    """Memory tiers measured over several runs (a run measures what one device command holds: the
+    720p jobs in one, the 480p ones in another): a tier's rows are kept per resolution, each with
+    the commit that measured it, its ratio against the uncapped job of its own run."""
+    out = {**merged, **{k: v for k, v in part.items() if not _is_tier(v)}, "commit": commit}
+    for cap, row in part.items():
+        if _is_tier(row):
+            rows = {r: {**job, "commit": commit} for r, job in row.items() if r in ("480p", "720p")}
+            out[cap] = {**merged.get(cap, {}), **row, **rows}
+    return out
+
+
+def _is_tier(row) -> bool:
+    return isinstance(row, dict) and "plan" in row
 
 
 def _ratio(official: float, worker: float) -> str:

@@ -110,3 +110,26 @@ def test_the_reach_sections_merge_with_their_commit_and_reach_the_page():
     assert "1-clip jobs of 3 guided steps" in section
     assert "the first clip's item 22.0 s after the job started, 1.10x a whole 1-clip job's 20.0 s" in section
     assert "relative L2: 1.00e-02 multiplied in bfloat16 (Ampere), 3.00e-02 with FP8 GEMMs" in section
+
+
+def test_a_tiers_rows_from_two_runs_are_kept_each_with_its_commit():
+    """The 720p jobs of the tiers and the 480p ones take a device command each: the merge keeps
+    both runs' rows of a tier, each naming its run's commit, the later run's plan and steps."""
+    at_720p = part("ddd4444", memory_tiers={
+        "steps": 10, "fp8_weights_deviation": {"bf16_gemm": 4e-2, "fp8_gemm": 5e-2},
+        "none": {"plan": "bf16", "720p": {"job_s": 140.0, "peak_gb": 57.0}},
+        "44GiB": {"plan": "fp8", "720p": {"job_s": 124.0, "peak_gb": 37.0, "ratio_vs_exact": 0.88}}})
+    at_480p = part("eee5555", memory_tiers={
+        "steps": 10, "fp8_weights_deviation": {"bf16_gemm": 4e-2, "fp8_gemm": 5e-2},
+        "none": {"plan": "bf16", "480p": {"job_s": 55.0, "peak_gb": 50.0}},
+        "44GiB": {"plan": "fp8", "480p": {"job_s": 47.0, "peak_gb": 30.0, "ratio_vs_exact": 0.84}},
+        "22GiB": {"plan": "fp8, 27 of 40 blocks streamed",
+                  "480p": {"job_s": 48.0, "peak_gb": 21.0, "ratio_vs_exact": 0.87}}})
+    tiers = merge.merge([at_720p, at_480p])["memory_tiers"]
+    assert tiers["44GiB"]["720p"] == {"job_s": 124.0, "peak_gb": 37.0, "ratio_vs_exact": 0.88,
+                                      "commit": "ddd4444"}
+    assert tiers["44GiB"]["480p"]["commit"] == "eee5555" and tiers["none"]["720p"]["job_s"] == 140.0
+    assert set(tiers["22GiB"]) == {"plan", "480p"} and tiers["commit"] == "eee5555"
+    section = merge.measurements_section(merge.merge([at_720p, at_480p]),
+                                         merge.ROOT / "bench" / "results" / "x-nvidia-h200.json")
+    assert "| 44GiB | fp8 | 47.0 s, 0.84x, 30.0 GiB | 124.0 s, 0.88x, 37.0 GiB |" in section
