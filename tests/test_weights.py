@@ -4,6 +4,8 @@ the large Linear layers only), served by FP8 GEMMs or upcast to the GEMM's dtype
 (and giving the exact FP8 values back), streamed from host memory block by block, and the T5
 streamed too; a whole job on FP8 weights. The GPU measures the same on the full-size model
 (bench/harness.py, section memory)."""
+import re
+
 import pytest
 import torch
 
@@ -46,8 +48,11 @@ def test_in_fp8_the_large_linears_are_quantized_as_they_arrive(checkpoint):
     model = weights.load_dit(checkpoint, CPU, torch.float32, weights.Float8Recipe(gemm="upcast"))
     fp8 = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     linears = {name for name, m in reference.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert fp8 == {n for n in linears if n.startswith(("blocks.", "audio_injector."))}
-    assert fp8 and fp8 != linears  # the embeddings and the head stay as they were
+    # The blocks' self-attention, cross-attention query and output, feed-forward; the text's key
+    # and value, the audio injectors, the embeddings and the head stay as they were.
+    assert fp8 == {n for n in linears
+                   if re.fullmatch(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qo]|ffn\.\d+)", n)}
+    assert fp8 and "blocks.0.cross_attn.k" in linears and "audio_injector.injector.0.q" in linears
     for name in sorted(fp8)[:5]:
         layer, dense = model.get_submodule(name), reference.get_submodule(name)
         assert layer.weight.dtype == torch.float8_e4m3fn and layer.scale.shape == (1, layer.out_features)
@@ -186,7 +191,8 @@ def test_a_whole_job_on_fp8_weights_says_so_and_stays_near_the_bf16_one(tiny_che
 def test_a_denoiser_on_fp8_weights_reports_them(checkpoint):
     denoiser = Denoiser.load(checkpoint, CPU, ModelSettings(weights="fp8"))
     assert denoiser.weights == "fp8"
-    assert isinstance(denoiser.model.audio_injector.injector[0].q, Float8Linear)
+    assert isinstance(denoiser.model.blocks[0].self_attn.q, Float8Linear)
+    assert not isinstance(denoiser.model.audio_injector.injector[0].q, Float8Linear)
     assert Denoiser.load(checkpoint, CPU, ModelSettings()).weights == "bf16"
 
 
