@@ -23,6 +23,10 @@ Scaled FP8 (ComfyUI's `scaled_fp8` format; `weight_scale` is its newer spelling 
 a weight stored in float8 with a float32 scale beside it, per tensor (per output channel is read
 too); the real weight is `weight.float() * scale`. The `scaled_fp8` marker and the `scale_input`s,
 which only ComfyUI's FP8 matmuls use, are dropped. Other quantized formats are refused by name.
+
+Over 500 lines on purpose: it is the one place that knows the foreign layouts (finding a set
+and reading each of its four files share the same key maps and header reader); the worker's
+own modules only see the official names it gives back.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ generated from them (`python -m s2v_worker.reference`), and tests keep both in s
 network, the disk or the GPU, so every rule is tested directly (and by property-based tests)
 without a model. A job that breaks a rule raises `JobInputError`, whose message names the field and
 the rule in the worker's own words (never pydantic's); the runner returns it as `{"error": ...}`.
+
+Over 500 lines on purpose: it is the whole job contract in one place, each field with its
+description and its rule (which generate the published schema and docs); split, a reader
+would have to assemble one job from several files.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ its own error type with a message that is safe for the client; the runner turns 
 Two RunPod handlers run the same jobs: `Worker.handle` returns the result; `Worker.handle_stream`
 (a streaming endpoint, WAN_S2V_STREAM) yields an item for each clip as soon as its MP4 is delivered
 (`ClipItems`), then the same result, last.
+
+Just over 500 lines on purpose: the stages of one job read in order here, each a short method;
+the stages themselves live in their own modules.
 """
 from __future__ import annotations
 

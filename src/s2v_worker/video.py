@@ -10,6 +10,10 @@ counter and the MP4's movie header, never from a second tool.
 A streaming job also gets one MP4 per clip (`ClipEncoding`), cut from the very frames the whole
 video's encoder takes: the same bytes go to a clip's encoder, so the clips played one after
 another show the video's frames at the video's instants.
+
+Over 500 lines on purpose: the whole video's encoder, its interpolating feeders and the
+per-clip encoders share one frame clock and one set of ffmpeg processes; apart, the clips'
+frame-for-frame match with the whole video would rest on two copies of that clock.
 """
 from __future__ import annotations
 
