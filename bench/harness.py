@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import fullsize
+from bench.job_media import image_16x9, speech
 from s2v_worker.official import install_attention  # noqa: E402
 
 ROOT = fullsize.ROOT
@@ -287,7 +288,7 @@ def section_tinyjob(args) -> dict:
 
     work = Path(tempfile.mkdtemp())
     checkpoint = make_tiny_checkpoint(work / "Wan2.2-S2V-14B")
-    image, audio = _image_16x9(work), _speech(7.3, work)
+    image, audio = image_16x9(work), speech(7.3, work)
     expected = faithfulness.official_tiny_video(checkpoint, image, audio)
     out = {}
     for compile_dit in (True, False):
@@ -325,28 +326,6 @@ def section_vae(args) -> dict:
             print(f"vae {resolution} {path}: encode {encode:.2f} s, decode {decode:.2f} s", flush=True)
         out[resolution] = row
     return {"vae_s": out}
-
-
-def _speech(seconds: float, folder: Path) -> Path:
-    """`seconds` of the 7.3 s speech fixture, repeated when longer."""
-    import numpy as np
-    import soundfile
-
-    data, rate = soundfile.read(str(ROOT / "tests" / "fixtures" / "speech_7s3.flac"), dtype="float32")
-    data = np.concatenate([data] * (1 + int(seconds * rate) // len(data)))
-    path = folder / f"speech_{seconds}s.wav"
-    soundfile.write(str(path), data[: int(seconds * rate)], rate, subtype="FLOAT")
-    return path
-
-
-def _image_16x9(folder: Path) -> Path:
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (1280, 720), (70, 110, 160))
-    ImageDraw.Draw(image).ellipse([540, 160, 740, 440], fill=(232, 190, 160))
-    path = folder / "portrait_16x9.png"
-    image.save(path)
-    return path
 
 
 def _timed_methods(obj, names: list[str], timings: dict[str, float]) -> None:
@@ -441,7 +420,7 @@ def section_job(args) -> dict:
     start = time.perf_counter()
     pipeline = fullsize.build_pipeline(DEVICE, work / "components")
     build_s = time.perf_counter() - start
-    image, audio = _image_16x9(work), _speech(4.5, work)
+    image, audio = image_16x9(work), speech(4.5, work)
     steps, guidance, seed = args.job_steps, args.job_guidance, 42
     key = f"480p_1clip_{steps}steps" + ("_lora" if args.job_lora_rank else "")
     out = {"build_components_s": round(build_s, 1), "guidance_scale": guidance}
@@ -531,9 +510,9 @@ def section_coldstart(args) -> dict:
     folder = Path(args.ckpt_dir)
     comfy_folder = folder.parent / (folder.name + "-comfyui-fp8")
     media = Path(tempfile.mkdtemp(prefix="coldstart-media-"))
-    _image_16x9(media)
-    _speech(4.5, media)
-    _speech(14.0, media)
+    image_16x9(media)
+    speech(4.5, media)
+    speech(14.0, media)
     out: dict = {}
     partial = Path(args.out + ".partial")
 
@@ -669,7 +648,7 @@ def section_parallel(args) -> dict:
     work = Path(tempfile.mkdtemp())
     pipeline = fullsize.build_pipeline(DEVICE, work / "components")
     pipeline.audio_encoder.model.to(DEVICE)
-    image, audio = _image_16x9(work), _speech(4.5, work)
+    image, audio = image_16x9(work), speech(4.5, work)
     request = _job_request(args.job_steps, 4.5, 42)
     out: dict = {}
     for world_size in _world_sizes(args):

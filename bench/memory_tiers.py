@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench import fullsize
+from bench.job_media import image_16x9, speech
 
 GiB = 2**30
 CAPS = {"none": None, "44GiB": 44, "22GiB": 22}
@@ -160,7 +161,6 @@ def _to_tier(pipeline, plan, device: torch.device) -> None:
 
 
 def section_memory(args) -> dict:
-    from bench.harness import _image_16x9, _speech
     from s2v_worker.memory import MemoryPlan, plan_memory
     from s2v_worker.pipeline import warm_up_dit, warm_up_speech
     from s2v_worker.runner import Worker
@@ -172,7 +172,7 @@ def section_memory(args) -> dict:
     pipeline = fullsize.build_pipeline(device, work / "components")
     pipeline.audio_encoder.model.to(device)  # as load_pipeline places it
     warm_up_speech(pipeline.audio_encoder)
-    image, audio = _image_16x9(work), _speech(4.5, work)
+    image, audio = image_16x9(work), speech(4.5, work)
     settings = Settings.from_env({}).replace(network_volume_dir=str(work),
                                              max_inline_video_bytes=1)
     sizes = _model_bytes(pipeline)
