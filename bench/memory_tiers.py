@@ -161,7 +161,7 @@ def _to_tier(pipeline, plan, device: torch.device) -> None:
 
 
 def section_memory(args) -> dict:
-    from s2v_worker.memory import MemoryPlan, plan_memory
+    from s2v_worker.memory import plan_memory
     from s2v_worker.pipeline import warm_up_dit, warm_up_speech
     from s2v_worker.runner import Worker
     from s2v_worker.settings import Settings
@@ -187,7 +187,7 @@ def section_memory(args) -> dict:
             continue
         start = time.perf_counter()
         if gib is None:
-            plan = MemoryPlan(total - GiB, "bf16", False, 0, 0, ("720p", "480p"))
+            plan = plan_memory(total - GiB, sizes, "bf16")  # the uncapped worker's own plan
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         else:
             plan = plan_memory(gib * GiB, sizes, "auto")

@@ -46,9 +46,22 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
                    read_ahead: ReadAhead | None = None) -> S2VPipeline:
     """The worker's pipeline, loaded and warmed up, with its ranks when it has several GPUs; one
     log line says how long each stage took (`stages` may bring earlier ones, such as imports)
-    and what the read-ahead (read_ahead.py, stopped here) read."""
+    and what the read-ahead (read_ahead.py, stopped here however the start-up ends) read."""
     started = time.perf_counter()
     stages = {} if stages is None else stages
+    try:
+        pipeline, world_size = _start(model, parallel, folders, logging_settings, stages)
+    finally:
+        if read_ahead is not None:
+            stages.update(read_ahead.stop())
+    logger.info("worker ready in %.1f s on %d %s device(s): %s", time.perf_counter() - started,
+                world_size, pipeline.device.type,
+                ", ".join(f"{k} {v:g}" for k, v in stages.items()))
+    return pipeline
+
+
+def _start(model: ModelSettings, parallel: ParallelSettings, folders: FolderSettings,
+           logging_settings: LoggingSettings, stages: dict[str, float]) -> tuple[S2VPipeline, int]:
     checkpoint = _timed(stages, "checkpoint_s", _checkpoint, model, folders)
     device = choose_device(model.device)
     compiles = model.compile and device.type == "cuda"
@@ -76,12 +89,7 @@ def start_pipeline(model: ModelSettings, parallel: ParallelSettings, folders: Fo
         if group is not None:
             group.close()
         raise
-    finally:
-        if read_ahead is not None:
-            stages.update(read_ahead.stop())
-    logger.info("worker ready in %.1f s on %d %s device(s): %s", time.perf_counter() - started,
-                world_size, device.type, ", ".join(f"{k} {v:g}" for k, v in stages.items()))
-    return pipeline
+    return pipeline, world_size
 
 
 def _checkpoint(model: ModelSettings, folders: FolderSettings) -> Checkpoint:

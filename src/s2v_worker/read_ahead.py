@@ -1,16 +1,22 @@
 """Cold start: the checkpoint's large files read into the page cache while the worker imports.
 
-A worker's first 20 to 30 s go to importing torch and the official model code (diffusers,
-transformers, the compiler: Python's own work, measured on the GPU machine with the page cache
-dropped), while the disk, which sets the pace of the loading that follows, sits idle. `ReadAhead`
-reads the files the loaders will read, in the order the start-up needs them (the DiT first: its
-compilation follows it), with several threads (the disk gives its full speed to about 8 readers),
-into the page cache, from the moment handler.py has its settings. The loaders then find their
-bytes in memory. It reads no more than the host memory has free beside a reserve, so that what it
-reads is not evicted before it is used, and stops once the worker is loaded.
+A worker's first 22 s (on the GPU machine, page cache dropped) go to importing torch and the
+official model code (diffusers, transformers, the compiler), while the disk, which sets the pace
+of the loading that follows, has the checkpoint still to give. `ReadAhead` reads the files the
+loaders will read, in the order the start-up needs them (the DiT first: its compilation follows
+it), with several threads (the disk gives its full speed to about 8 readers), into the page
+cache, from the moment handler.py has its settings. The loaders then find their bytes in memory.
+It reads no more than the memory the process may still use (the host's free memory, or the
+container's limit when lower) less a reserve for what the loaders keep in host memory, so that
+what it reads is not evicted before it is used, and stops once the worker is loaded.
+
+Measured on an H200 machine (docs/deploying.md, "Start-up"): the load after it takes 9 s instead
+of 39 s, but the imports, which read their own files from the same disk, take about twice as
+long beside it.
 
 Standard library only, and the checkpoint found in the read-ahead's own thread: it starts before
-the imports it overlaps.
+the imports it overlaps. (A ComfyUI set is told apart by reading its headers with comfy.py, which
+imports torch: for one, the reading starts once torch is imported.)
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 READERS = 8
 CHUNK_BYTES = 32 * 2**20
-# Host memory left to the loaders (pinned buffers, T5 or DiT blocks kept on the host by the memory
-# tiers) and everything else: the read-ahead stops before the page cache would take it.
-HOST_RESERVE_BYTES = 16 * 2**30
+# Host memory left to the loaders and the process: the read-ahead stops before the page cache
+# would take it. The most the worker keeps in host memory is the 24 GB tier's (memory.py): T5 and
+# 27 of the DiT's blocks pinned, about 21 GiB.
+HOST_RESERVE_BYTES = 24 * 2**30
 
 
 class ReadAhead:
@@ -132,12 +139,31 @@ def _chunks(files: list[Path], budget: int) -> list[tuple[Path, int, int]]:
 
 
 def _free_host_memory() -> int:
-    """MemAvailable of /proc/meminfo (0 where there is none: no read-ahead)."""
+    """What the process may still fill: MemAvailable of /proc/meminfo, or less where the
+    container's memory limit (cgroup v2) leaves less; 0 where neither can be read (no read-ahead)."""
+    free = _meminfo_available()
+    limit = _cgroup_room()
+    return free if limit is None else min(free, limit)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int:
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(path) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _cgroup_room(folder: str = "/sys/fs/cgroup") -> int | None:
+    """memory.max less memory.current of this process's cgroup (v2), None without a limit. The
+    page cache counts against a container's limit: past it, what was read first is evicted."""
+    try:
+        limit = Path(folder, "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path(folder, "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None

@@ -212,11 +212,11 @@ class ModelSettings:
         "WAN_S2V_WEIGHTS", WeightFormat.AUTO, _choice(WeightFormat),
         help="How the DiT's weights are kept on the GPU. 'bf16': as the official checkpoint has "
              "them (30.4 GiB). 'fp8': its large Linear weights in FP8 e4m3 with per-row scales "
-             "(19.2 GiB), quantized at load (or taken as they are from a scaled-FP8 file); the "
+             "(19.2 GiB), quantized at load (a scaled-FP8 file's taken as they are); the "
              "GEMMs run in FP8 on GPUs with FP8 tensor cores (Ada, Hopper), else each weight is "
              "upcast to bfloat16 for its GEMM. 'auto': bf16 where the GPU (or "
-             "WAN_S2V_GPU_MEMORY_GB) holds it with 720p jobs, else fp8 (docs/deploying.md, "
-             "'Which GPU'). A job's result says which weights served it.")
+             "WAN_S2V_GPU_MEMORY_GB) holds it with 720p jobs, else fp8 (README, 'Which "
+             "GPU'). A job's result says which weights served it.")
     gpu_memory_gb: float | None = setting(
         "WAN_S2V_GPU_MEMORY_GB", None, _optional_positive_float, shown_default="the card's",
         help="GPU memory the worker may use, in GiB (default: the card's). Every placement "
@@ -248,10 +248,11 @@ class ModelSettings:
              "WAN_S2V_COMPILE=false the output is bit-identical to the official code's.")
     read_ahead: bool = setting(
         "WAN_S2V_READ_AHEAD", True, _bool,
-        help="While the worker imports its code (20 to 30 s of a cold start), read the "
+        help="While the worker imports its code (about 22 s of a cold start), read the "
              "checkpoint's files into the page cache with 8 threads, as far as the host's free "
-             "memory allows less 16 GiB, so that the loaders find them there. Off: the loaders "
-             "read the disk themselves.")
+             "memory (or the container's limit) allows less 24 GiB, so that the loaders find "
+             "them there. Off: the loaders read the disk themselves (docs/deploying.md, "
+             "'Start-up', says what each costs).")
     warmup: tuple[Resolution, ...] = setting(
         "WAN_S2V_WARMUP", ("480p",), _resolutions, shown_default="480p",
         help="Resolutions run once on blank inputs while the worker starts, so the compilation "
