@@ -35,7 +35,8 @@ class WorkerProcess:
 
     def __init__(self, checkpoint, tmp_path) -> None:
         self.port = free_port()
-        env = worker_env(checkpoint, WAN_S2V_WORLD_SIZE="2", WORK_DIR=str(tmp_path))
+        env = worker_env(checkpoint, WAN_S2V_WORLD_SIZE="2", WORK_DIR=str(tmp_path),
+                         PYTHONFAULTHANDLER="1")
         self.log = open(tmp_path / "worker.log", "wb")
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "handler.py"), "--rp_serve_api", "--rp_api_host",
@@ -81,15 +82,22 @@ class WorkerProcess:
 
     def assert_all_gone(self) -> None:
         deadline = time.monotonic() + DEADLINE_S
-        self.process.wait(timeout=DEADLINE_S)
+        try:
+            self.process.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            # Where it waits: faulthandler (PYTHONFAULTHANDLER) writes every thread's stack to
+            # the log on SIGABRT.
+            self.process.send_signal(signal.SIGABRT)
+            time.sleep(5)
+            pytest.fail(f"the worker did not end within {DEADLINE_S:.0f} s:\n{self.tail(12000)}")
         while alive := [p for p in self.seen.values() if running(p)]:
             assert time.monotonic() < deadline, (
                 f"left behind: {[(p.pid, p.cmdline()) for p in alive]}\n{self.tail()}")
             time.sleep(0.1)
 
-    def tail(self) -> str:
+    def tail(self, chars: int = 3000) -> str:
         with open(self.log.name, "rb") as log:
-            return log.read()[-3000:].decode(errors="replace")
+            return log.read()[-chars:].decode(errors="replace")
 
     def kill_all(self) -> None:
         for process in [*self.seen.values(), self.handle]:

@@ -121,21 +121,22 @@ class ParallelGroup:
                         device_type=device.type, model=model, parallel=parallel,
                         log_level=log_level, plan=plan, parent_pid=os.getpid())
         context = mp.get_context("spawn")
-        processes, conns = [], []
+        group = cls(spec, [], [])
+        # The ranks are not daemons (they start processes of their own: compile workers, pose
+        # decoding), and multiprocessing joins such children when this process exits: stop them
+        # first, or `python handler.py --test_input ...` never ends. Hooks run last-in first-out,
+        # so this one runs before multiprocessing's. Registered, and each rank listed, before the
+        # rank starts: a signal at any moment after leaves no rank that this hook does not stop
+        # (multiprocessing would wait on it for ever).
+        atexit.register(group.close)
         for rank in range(1, world_size):
             parent_end, child_end = context.Pipe()
             process = context.Process(target=entry, name=f"wan-s2v-rank{rank}",
                                       args=(replace(spec, rank=rank), child_end))
+            group.processes.append(process)
+            group.conns.append(parent_end)
             process.start()
             child_end.close()
-            processes.append(process)
-            conns.append(parent_end)
-        group = cls(spec, processes, conns)
-        # The ranks are not daemons (they start processes of their own: compile workers, pose
-        # decoding), and multiprocessing joins such children when this process exits: stop them
-        # first, or `python handler.py --test_input ...` never ends. Hooks run last-in first-out,
-        # so this one runs before multiprocessing's.
-        atexit.register(group.close)
         logger.info("started %d rank process(es) for %d %s devices", world_size - 1, world_size,
                     device.type)
         group._join()
@@ -335,12 +336,17 @@ class ParallelGroup:
                 except (OSError, ValueError):
                     pass
             deadline = time.monotonic() + STOP_GRACE_S
-            for process in self.processes:
+            for process in self.started():
                 process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
+        for process in self.started():
             if process.is_alive():
                 process.kill()  # SIGKILL: also ends a rank stopped or stuck in a collective
             process.join(STOP_GRACE_S)
+
+    def started(self) -> list:
+        """The rank processes that exist (a signal may end the start-up between listing a rank
+        and starting it)."""
+        return [process for process in self.processes if process.pid is not None]
 
 
 
