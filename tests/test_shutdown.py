@@ -38,10 +38,14 @@ class WorkerProcess:
         env = worker_env(checkpoint, WAN_S2V_WORLD_SIZE="2", WORK_DIR=str(tmp_path),
                          PYTHONFAULTHANDLER="1")
         self.log = open(tmp_path / "worker.log", "wb")
+        # SIGINT as a worker gets it: a test run started in the background of a shell without job
+        # control inherits SIGINT ignored, and so would the worker (Python keeps an inherited
+        # ignore), which then never sees the SIGINT the tests send.
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "handler.py"), "--rp_serve_api", "--rp_api_host",
              "127.0.0.1", "--rp_api_port", str(self.port)],
-            env=env, cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT)
+            env=env, cwd=tmp_path, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.handle = psutil.Process(self.process.pid)
         self.seen: dict[int, psutil.Process] = {}
 
